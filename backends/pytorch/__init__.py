@@ -1,0 +1,5 @@
+"""PyTorch backend: generated, readable nn.Module source."""
+
+from .emit import emit
+
+__all__ = ["emit"]

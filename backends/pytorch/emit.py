@@ -1,0 +1,2 @@
+def emit(*a, **k):
+    raise NotImplementedError

@@ -1,0 +1,37 @@
+"""ModelSpec -> IR graph: the residual wiring of every layer, one op per sublayer."""
+
+from __future__ import annotations
+
+from moec import ops as O
+from moec.dsl.elaborate import ModelSpec
+from moec.ir import Graph, Value
+
+
+def build_graph(spec: ModelSpec) -> Graph:
+    g = Graph(spec.name)
+    inp = g.add(O.InputOp(name="input", dim=spec.dim, modalities=spec.modalities,
+                          input_modalities=spec.input_modalities, loc=spec.loc), num_outputs=2)
+    x, modality = g.outputs(inp)
+    extras: list[Value] = []  # aux losses and expert counts, gathered by the output op
+    for i, block in enumerate(spec.layers):
+        prefix = f"layers.{i}"
+
+        def at(op: O.OpBase) -> O.OpBase:
+            return op.model_copy(update={"name": f"{prefix}.{op.name}", "layer": i, "block": block.key})
+
+        for sub in block.sublayers:
+            pre = block.residual == "pre_norm"
+            h = Value(g.add(at(sub.norm), [x])) if pre else x
+            if isinstance(sub.op, O.MoEOp):
+                node = g.add(at(sub.op), [h, modality], num_outputs=3)
+                out, aux, counts = g.outputs(node)
+                extras += [aux, counts]
+            else:
+                out = Value(g.add(at(sub.op), [h]))
+            x = Value(g.add(at(O.AddOp(name=f"{sub.op.name}_residual", loc=sub.op.loc)), [x, out]))
+            if not pre:
+                x = Value(g.add(at(sub.norm), [x]))
+    if spec.final_norm is not None:
+        x = Value(g.add(spec.final_norm, [x]))
+    g.add(O.OutputOp(name="output", loc=spec.loc), [x, *extras], num_outputs=0)
+    return g

@@ -1,0 +1,119 @@
+"""The `moec` command line: check, ir, report, compile."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from moec import __version__
+from moec.diagnostics import CompileError, Diagnostics, did_you_mean
+
+
+def _fail(diags: Diagnostics) -> int:
+    print(diags.render(), file=sys.stderr)
+    n = sum(1 for d in diags.items if d.severity == "error")
+    print(f"moec: {n} error{'s' if n != 1 else ''}", file=sys.stderr)
+    return 1
+
+
+def cmd_check(args) -> int:
+    from moec.driver import check
+
+    status = 0
+    for path in args.files:
+        diags = check(path)
+        if diags.has_errors:
+            status = _fail(diags)
+        elif not args.quiet:
+            print(f"{path}: ok")
+    return status
+
+
+def cmd_ir(args) -> int:
+    from moec.driver import compile_model
+
+    comp = compile_model(args.file, stop_after=args.after)
+    sys.stdout.write(comp.graph.print())
+    return 0
+
+
+def cmd_report(args) -> int:
+    from moec.driver import compile_model
+    from moec.report import format_report
+
+    comp = compile_model(args.file)
+    analysis = comp.results["analysis"]
+    if args.json:
+        print(json.dumps(analysis, indent=2))
+    else:
+        print(format_report(analysis))
+    return 0
+
+
+def cmd_compile(args) -> int:
+    from moec.backends import targets
+    from moec.driver import compile_model
+
+    available = targets()
+    if args.target not in available:
+        diags = Diagnostics()
+        diags.error("E0401", f"unknown target `{args.target}`", None,
+                    did_you_mean(args.target, available) or f"targets: {', '.join(sorted(available))}")
+        return _fail(diags)
+    comp = compile_model(args.file)
+    files = available[args.target](comp, args.out, static=args.static)
+    for f in files:
+        print(os.path.join(args.out, f))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moec", description="Compile Mixture-of-Experts model descriptions (.moe).")
+    p.add_argument("--version", action="version", version=f"moec {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("check", help="validate .moe files; exit 1 on any error")
+    c.add_argument("files", nargs="+")
+    c.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
+    c.set_defaults(func=cmd_check)
+
+    c = sub.add_parser("ir", help="print the IR after the default pipeline or after one pass")
+    c.add_argument("file")
+    c.add_argument("--after", metavar="PASS", help="stop after this pass (e.g. infer-shapes, lower-moe)")
+    c.set_defaults(func=cmd_ir)
+
+    c = sub.add_parser("report", help="parameters, FLOPs and activation bytes per token and modality")
+    c.add_argument("file")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.set_defaults(func=cmd_report)
+
+    c = sub.add_parser("compile", help="generate code for a target")
+    c.add_argument("file")
+    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default)")
+    c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
+    c.add_argument("--static", action="store_true", help="static-shape (capacity-padded) export form")
+    c.set_defaults(func=cmd_compile)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CompileError as exc:
+        return _fail(exc.diagnostics)
+    except KeyboardInterrupt:
+        print("moec: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # never show a traceback for a user's input; say what broke
+        if os.environ.get("MOEC_TRACEBACK"):
+            raise
+        print(f"moec: internal error: {type(exc).__name__}: {exc}\n"
+              "moec: this is a bug in moec; set MOEC_TRACEBACK=1 to see where it happened", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""IR op attributes: one frozen pydantic model per op kind, discriminated on `kind`.
+
+Specs shared by several ops (an expert's shape, a router's semantics, loss coefficients) are
+small models of their own. Every op keeps the SourceLoc of the `.moe` text it came from.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moec.diagnostics import SourceLoc
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExpertSpec(Spec):
+    """One feed-forward expert: `mlp` is act(x W_up) W_down, `glu` is (act(x W_gate) * x W_up) W_down."""
+
+    form: Literal["mlp", "glu"]
+    dim: int
+    hidden: int
+    act: Literal["silu", "gelu", "gelu_tanh", "relu", "identity"]
+    bias: bool = False
+
+    @property
+    def params(self) -> int:
+        mats = 3 if self.form == "glu" else 2
+        biases = (self.hidden * (mats - 1) + self.dim) if self.bias else 0
+        return mats * self.dim * self.hidden + biases
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs for one token (2 per multiply-accumulate)."""
+        mats = 3 if self.form == "glu" else 2
+        return 2 * mats * self.dim * self.hidden
+
+
+class RouterSpec(Spec):
+    kind: Literal["top_k"] = "top_k"
+    k: int
+    score: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = False
+    scale: float = 1.0
+
+
+class LossSpec(Spec):
+    load_balance: float = 0.0
+    z_loss: float = 0.0
+
+
+class GroupSpec(Spec):
+    """Experts routed among the tokens of some modalities (all declared ones when ungrouped)."""
+
+    name: str
+    modalities: tuple[int, ...]
+    num_experts: int
+    expert: ExpertSpec
+    router: RouterSpec
+    shared: ExpertSpec | None = None  # always-on experts of the group, fused into one wide FFN
+    num_shared: int = 0
+
+
+class OpBase(Spec):
+    name: str  # dotted module path in generated code, e.g. "layers.3.moe"
+    layer: int | None = None  # index of the layer this op belongs to
+    block: str | None = None  # block kind key of that layer
+    loc: SourceLoc | None = None
+
+
+class InputOp(OpBase):
+    kind: Literal["input"] = "input"
+    dim: int
+    modalities: tuple[str, ...]
+    input_modalities: tuple[str, ...]
+
+
+class OutputOp(OpBase):
+    kind: Literal["output"] = "output"
+
+
+class NormOp(OpBase):
+    kind: Literal["norm"] = "norm"
+    norm: Literal["rms", "layer"]
+    dim: int
+    eps: float
+
+
+class AttentionOp(OpBase):
+    kind: Literal["attention"] = "attention"
+    dim: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    bias: bool = False
+    causal: bool = True
+
+
+class FFNOp(OpBase):
+    kind: Literal["ffn"] = "ffn"
+    expert: ExpertSpec
+
+
+class AddOp(OpBase):
+    kind: Literal["add"] = "add"
+
+
+class MoEOp(OpBase):
+    kind: Literal["moe"] = "moe"
+    dim: int
+    groups: tuple[GroupSpec, ...]
+    shared: ExpertSpec | None = None  # always-on experts over all tokens, fused into one FFN
+    num_shared: int = 0
+    losses: LossSpec = LossSpec()
+
+
+# ---- primitives produced by lower-moe ------------------------------------------------------
+class SelectTokensOp(OpBase):
+    kind: Literal["select_tokens"] = "select_tokens"
+    modalities: tuple[int, ...]  # indices into the declared modalities
+    modality_names: tuple[str, ...]
+
+
+class RouterGateOp(OpBase):
+    kind: Literal["router_gate"] = "router_gate"
+    dim: int
+    num_experts: int
+
+
+class TopKOp(OpBase):
+    kind: Literal["top_k"] = "top_k"
+    router: RouterSpec
+    num_experts: int
+
+
+class PermuteOp(OpBase):
+    kind: Literal["permute"] = "permute"
+    num_experts: int
+
+
+class ExpertGemmOp(OpBase):
+    kind: Literal["expert_gemm"] = "expert_gemm"
+    num_experts: int
+    projection: Literal["up", "gate", "down"]
+    in_dim: int
+    out_dim: int
+    bias: bool = False
+
+
+class ActivationOp(OpBase):
+    kind: Literal["activation"] = "activation"
+    act: Literal["silu", "gelu", "gelu_tanh", "relu", "identity"]
+    glu: bool
+
+
+class CombineOp(OpBase):
+    kind: Literal["combine"] = "combine"
+    dim: int
+
+
+class ScatterTokensOp(OpBase):
+    kind: Literal["scatter_tokens"] = "scatter_tokens"
+
+
+class AuxLossOp(OpBase):
+    kind: Literal["aux_loss"] = "aux_loss"
+    losses: LossSpec
+    num_experts: int
+
+
+Op = Annotated[
+    Union[InputOp, OutputOp, NormOp, AttentionOp, FFNOp, AddOp, MoEOp, SelectTokensOp, RouterGateOp,
+          TopKOp, PermuteOp, ExpertGemmOp, ActivationOp, CombineOp, ScatterTokensOp, AuxLossOp],
+    Field(discriminator="kind"),
+]

@@ -1,0 +1,41 @@
+"""Human-readable tables for `moec report`."""
+
+from __future__ import annotations
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def format_report(a: dict) -> str:
+    mods = a["modalities"]
+    lines = [f"model {a['model']}", ""]
+    head = f"{'layer':>5}  {'block':<16} {'kind':<5} {'params':>10}"
+    for m in mods:
+        head += f"  {'active/' + m:>14} {'GFLOP/' + m:>12}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for layer in a["layers"]:
+        row = f"{layer['index']:>5}  {layer['block'][:16]:<16} {layer['kind']:<5} {_human(layer['params']):>10}"
+        for m in mods:
+            row += (f"  {_human(layer['active_params_per_token'][m]):>14}"
+                    f" {layer['flops_per_token'][m] / 1e9:>12.6f}")
+        lines.append(row)
+    lines.append("-" * len(head))
+    total = f"{'total':>5}  {'':<16} {'':<5} {_human(a['params']['total']):>10}"
+    for m in mods:
+        total += f"  {_human(a['params']['active_per_token'][m]):>14} {a['flops_per_token'][m] / 1e9:>12.6f}"
+    lines.append(total)
+    lines.append("")
+    lines.append(f"parameters: {a['params']['total']:,}")
+    for m in mods:
+        lines.append(f"  {m}: {a['params']['active_per_token'][m]:,} active per token, "
+                     f"{a['flops_per_token'][m]:,} FLOPs per token, "
+                     f"{a['activation_bytes_per_token'][m]:,} activation bytes per token")
+    lines.append("")
+    lines.append("FLOPs = 2 x multiply-accumulates of weight GEMMs per token (forward); attention's "
+                 "context-length terms, norms and activations are not counted.")
+    return "\n".join(lines)

@@ -1,0 +1,722 @@
+"""AST -> a checked, fully evaluated model description (`ModelSpec`).
+
+Evaluates constants, instantiates parametric experts and blocks, expands the layer stack, and
+runs every semantic check. All errors are collected in the Diagnostics; nothing is raised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moec import ops as O
+from moec.diagnostics import Diagnostics, SourceLoc, did_you_mean
+
+from . import ast
+from . import kinds as K
+from .loader import Program
+
+MAX_LAYERS = 100_000
+MAX_DEF_DEPTH = 32
+
+
+class _Bad:
+    """The value of an expression that already produced an error (suppresses cascades)."""
+
+    def __repr__(self) -> str:
+        return "<error>"
+
+
+BAD = _Bad()
+
+
+@dataclass(frozen=True)
+class Symbol:
+    """A bare name used as an enumeration value, e.g. `act = silu`."""
+
+    name: str
+
+
+@dataclass
+class Sublayer:
+    norm: O.NormOp | None
+    op: O.AttentionOp | O.FFNOp | O.MoEOp
+
+
+@dataclass
+class BlockSpec:
+    key: str  # unique per (block, arguments): one generated class each
+    name: str
+    residual: str
+    sublayers: list[Sublayer]
+    loc: SourceLoc
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    path: str
+    dim: int
+    modalities: tuple[str, ...]
+    input_modalities: tuple[str, ...]
+    layers: list[BlockSpec]
+    final_norm: O.NormOp | None
+    targets: dict[str, dict] = field(default_factory=dict)
+    placement: dict = field(default_factory=dict)
+    loc: SourceLoc | None = None
+
+
+@dataclass
+class Scope:
+    consts: dict[str, object] = field(default_factory=dict)
+    const_defs: dict[str, ast.ConstDef] = field(default_factory=dict)
+    experts: dict[str, tuple[ast.ExpertDef, Scope]] = field(default_factory=dict)
+    blocks: dict[str, tuple[ast.BlockDef, Scope]] = field(default_factory=dict)
+    parent: Scope | None = None
+
+    def lookup(self, table: str, name: str):
+        scope = self
+        while scope is not None:
+            found = getattr(scope, table).get(name)
+            if found is not None:
+                return found
+            scope = scope.parent
+        return None
+
+    def names(self, table: str) -> set[str]:
+        out, scope = set(), self
+        while scope is not None:
+            out |= set(getattr(scope, table))
+            scope = scope.parent
+        return out
+
+    def child(self, consts: dict) -> Scope:
+        return Scope(consts=dict(consts), parent=self)
+
+
+def _loc_str(loc: SourceLoc | None) -> str:
+    return f"{loc.path}:{loc.line}:{loc.col}" if loc else "?"
+
+
+class Elaborator:
+    def __init__(self, diags: Diagnostics):
+        self.d = diags
+        self.global_scope = Scope()
+        self._block_cache: dict[tuple, BlockSpec | None] = {}
+        self._def_depth = 0
+        self.dim = 0
+        self.modalities: tuple[str, ...] = ()
+        self.input_modalities: tuple[str, ...] = ()
+
+    # ---- definitions ----------------------------------------------------------------------
+    def declare(self, scope: Scope, item) -> None:
+        if isinstance(item, ast.ConstDef):
+            self._check_dup(scope, item.name, "const_defs", "constant")
+            scope.const_defs[item.name.name] = item
+            scope.consts[item.name.name] = self.eval(item.value, scope)
+        elif isinstance(item, ast.ExpertDef):
+            self._check_dup(scope, item.name, "experts", "expert")
+            scope.experts[item.name.name] = (item, scope)
+        elif isinstance(item, ast.BlockDef):
+            self._check_dup(scope, item.name, "blocks", "block")
+            scope.blocks[item.name.name] = (item, scope)
+
+    def _check_dup(self, scope: Scope, name: ast.Name, table: str, what: str) -> None:
+        prev = scope.lookup(table, name.name)
+        if prev is not None:
+            prev_loc = prev[0].name.loc if isinstance(prev, tuple) else prev.name.loc
+            self.d.error("E0203", f"{what} `{name.name}` is already defined", name.loc,
+                         f"first defined at {_loc_str(prev_loc)}")
+
+    # ---- expressions ----------------------------------------------------------------------
+    def eval(self, e: ast.Expr, scope: Scope, symbols: bool = False):
+        if isinstance(e, ast.Number | ast.Bool):
+            return e.value
+        if isinstance(e, ast.String):
+            return e.value
+        if isinstance(e, ast.Ref):
+            value = scope.lookup("consts", e.name)
+            if value is not None:
+                return value
+            if symbols:
+                return Symbol(e.name)
+            self.d.error("E0201", f"`{e.name}` is not defined", e.loc, did_you_mean(e.name, scope.names("consts")))
+            return BAD
+        if isinstance(e, ast.Neg):
+            v = self.eval(e.operand, scope)
+            if v is BAD:
+                return BAD
+            if not _is_number(v):
+                self.d.error("E0205", "`-` needs a number", e.loc)
+                return BAD
+            return -v
+        if isinstance(e, ast.BinOp):
+            return self._binop(e, scope)
+        if isinstance(e, ast.ListExpr):
+            return [self.eval(x, scope, symbols=True) for x in e.items]
+        if isinstance(e, ast.Call):
+            return e  # calls are bound where their kind is known
+        raise AssertionError(type(e))  # pragma: no cover
+
+    def _binop(self, e: ast.BinOp, scope: Scope):
+        a, b = self.eval(e.left, scope), self.eval(e.right, scope)
+        if a is BAD or b is BAD:
+            return BAD
+        if not (_is_number(a) and _is_number(b)):
+            self.d.error("E0205", f"`{e.op}` needs numbers", e.loc)
+            return BAD
+        try:
+            if e.op == "+":
+                return a + b
+            if e.op == "-":
+                return a - b
+            if e.op == "*":
+                r = a * b
+                if isinstance(r, float) and r != r:  # nan
+                    raise ArithmeticError
+                return r
+            if e.op == "/":
+                if isinstance(a, int) and isinstance(b, int) and b != 0 and a % b == 0:
+                    return a // b
+                return a / b
+            if e.op == "//":
+                return a // b
+            if e.op == "%":
+                return a % b
+        except ZeroDivisionError:
+            self.d.error("E0212", "division by zero", e.loc)
+            return BAD
+        except (ArithmeticError, OverflowError):
+            self.d.error("E0212", "arithmetic overflow", e.loc)
+            return BAD
+        raise AssertionError(e.op)  # pragma: no cover
+
+    # ---- binding calls to kinds -------------------------------------------------------------
+    def bind(self, call: ast.Call, kind: K.Kind, scope: Scope, what: str) -> dict | None:
+        values: dict[str, object] = {}
+        locs: dict[str, SourceLoc] = {}
+        ok = True
+        positional = [a for a in call.args if a.name is None]
+        if len(positional) > len(kind.params):
+            self.d.error("E0205", f"{what} `{kind.name}` takes at most {len(kind.params)} arguments, "
+                                  f"got {len(positional)}", positional[len(kind.params)].loc,
+                         _signature(kind))
+            ok = False
+        for param, arg in zip(kind.params, positional):
+            values[param.name], locs[param.name] = arg.value, arg.loc
+        for arg in call.args:
+            if arg.name is None:
+                continue
+            if kind.param(arg.name) is None:
+                self.d.error("E0204", f"{what} `{kind.name}` has no parameter `{arg.name}`", arg.loc,
+                             did_you_mean(arg.name, [p.name for p in kind.params]) or _signature(kind))
+                ok = False
+                continue
+            if arg.name in values:
+                self.d.error("E0205", f"parameter `{arg.name}` given twice", arg.loc)
+                ok = False
+            values[arg.name], locs[arg.name] = arg.value, arg.loc
+        out: dict[str, object] = {}
+        for p in kind.params:
+            if p.name not in values:
+                if p.default is K.REQUIRED:
+                    self.d.error("E0205", f"{what} `{kind.name}` needs `{p.name}`", call.loc, _signature(kind))
+                    ok = False
+                else:
+                    out[p.name] = p.default
+                continue
+            v = self._check_param(p, values[p.name], locs[p.name], scope, kind)
+            ok = ok and v is not BAD
+            out[p.name] = v
+        return out if ok else None
+
+    def _check_param(self, p: K.Param, expr, loc: SourceLoc, scope: Scope, kind: K.Kind):
+        v = self.eval(expr, scope, symbols=p.type in ("symbol", "list"))
+        if v is BAD:
+            return BAD
+        if p.type == "int":
+            if isinstance(v, float) and v.is_integer() and not isinstance(v, bool):
+                v = int(v)
+            if not isinstance(v, int) or isinstance(v, bool):
+                self.d.error("E0205", f"`{p.name}` must be an integer, got {_show(v)}", loc)
+                return BAD
+        elif p.type == "float":
+            if not _is_number(v):
+                self.d.error("E0205", f"`{p.name}` must be a number, got {_show(v)}", loc)
+                return BAD
+            v = float(v)
+        elif p.type == "bool":
+            if not isinstance(v, bool):
+                self.d.error("E0205", f"`{p.name}` must be true or false, got {_show(v)}", loc)
+                return BAD
+        elif p.type == "symbol":
+            name = v.name if isinstance(v, Symbol) else v if isinstance(v, str) else None
+            if name not in p.choices:
+                self.d.error("E0206", f"`{p.name}` must be one of {', '.join(p.choices)}; got {_show(v)}", loc,
+                             did_you_mean(str(name), p.choices) if name else None)
+                return BAD
+            v = name
+        elif p.type == "list":
+            if not isinstance(v, list):
+                v = [v]
+        if p.positive and _is_number(v) and v <= 0:
+            self.d.error("E0207", f"`{p.name}` must be positive, got {_show(v)}", loc)
+            return BAD
+        if p.nonnegative and _is_number(v) and v < 0:
+            self.d.error("E0206", f"`{p.name}` must not be negative, got {_show(v)}", loc)
+            return BAD
+        return v
+
+    # ---- experts --------------------------------------------------------------------------
+    def expert(self, call: ast.Call, scope: Scope) -> O.ExpertSpec | None:
+        found = scope.lookup("experts", call.name)
+        if found is not None:
+            definition, def_scope = found
+            params = K.Kind(call.name, tuple(K.Param(p.name, "any") for p in definition.params))
+            bound = self._bind_def_args(call, params, scope, "expert")
+            if bound is None:
+                return None
+            if self._def_depth >= MAX_DEF_DEPTH:
+                self.d.error("E0104", "expert definitions nest too deeply (recursive definition?)", call.loc)
+                return None
+            self._def_depth += 1
+            try:
+                return self.expert(definition.body, def_scope.child(bound))
+            finally:
+                self._def_depth -= 1
+        kind = K.EXPERTS.get(call.name)
+        if kind is None:
+            names = scope.names("experts") | set(K.EXPERTS)
+            self.d.error("E0201", f"expert `{call.name}` is not defined", call.name_loc or call.loc,
+                         did_you_mean(call.name, names) or f"built-in expert kinds: {', '.join(K.EXPERTS)}")
+            return None
+        args = self.bind(call, kind, scope, "expert")
+        if args is None:
+            return None
+        spec = O.ExpertSpec(form=call.name, **args)
+        if self.dim and spec.dim != self.dim:
+            self.d.error("E0210", f"expert input dimension {spec.dim} does not match the model dimension "
+                                  f"{self.dim}", call.loc, "the first argument of an expert is its input width")
+            return None
+        return spec
+
+    def _bind_def_args(self, call: ast.Call, params: K.Kind, scope: Scope, what: str) -> dict | None:
+        """Arguments of a user definition: any value, all required."""
+        out: dict[str, object] = {}
+        positional = [a for a in call.args if a.name is None]
+        names = [p.name for p in params.params]
+        ok = True
+        if len(positional) > len(names):
+            self.d.error("E0205", f"{what} `{call.name}` takes {len(names)} arguments, got {len(positional)}",
+                         call.loc, f"{call.name}({', '.join(names)})")
+            return None
+        for name, arg in zip(names, positional):
+            out[name] = self.eval(arg.value, scope)
+        for arg in call.args:
+            if arg.name is None:
+                continue
+            if arg.name not in names:
+                self.d.error("E0204", f"{what} `{call.name}` has no parameter `{arg.name}`", arg.loc,
+                             did_you_mean(arg.name, names) or f"{call.name}({', '.join(names)})")
+                ok = False
+                continue
+            out[arg.name] = self.eval(arg.value, scope)
+        missing = [n for n in names if n not in out]
+        if missing:
+            self.d.error("E0205", f"{what} `{call.name}` needs {', '.join(f'`{m}`' for m in missing)}", call.loc,
+                         f"{call.name}({', '.join(names)})")
+            ok = False
+        if any(v is BAD for v in out.values()):
+            ok = False
+        return out if ok else None
+
+    # ---- blocks ---------------------------------------------------------------------------
+    def block(self, call: ast.Call, scope: Scope) -> BlockSpec | None:
+        found = scope.lookup("blocks", call.name)
+        if found is None:
+            self.d.error("E0201", f"block `{call.name}` is not defined", call.name_loc or call.loc,
+                         did_you_mean(call.name, scope.names("blocks")))
+            return None
+        definition, def_scope = found
+        params = K.Kind(call.name, tuple(K.Param(p.name, "any") for p in definition.params))
+        bound = self._bind_def_args(call, params, scope, "block")
+        if bound is None:
+            return None
+        cache_key = (call.name, tuple(sorted((k, repr(v)) for k, v in bound.items())))
+        if cache_key not in self._block_cache:
+            self._block_cache[cache_key] = self._elaborate_block(definition, def_scope.child(bound), bound)
+        return self._block_cache[cache_key]
+
+    def _elaborate_block(self, b: ast.BlockDef, scope: Scope, bound: dict) -> BlockSpec | None:
+        before = len(self.d.items)
+        norm_kind, norm_args, residual = "rms", {"eps": 1e-6}, "pre_norm"
+        for st in b.stmts:
+            if not isinstance(st, ast.Setting):
+                continue
+            if st.name.name == "norm":
+                value = st.value
+                call = value if isinstance(value, ast.Call) else (
+                    ast.Call(value.loc, value.name, [], False, value.loc) if isinstance(value, ast.Ref) else None)
+                if call is None or call.name not in K.NORMS:
+                    self.d.error("E0206", "`norm` must be one of: " + ", ".join(K.NORMS), st.value.loc,
+                                 did_you_mean(getattr(call, "name", ""), K.NORMS))
+                    continue
+                args = self.bind(call, K.NORMS[call.name], scope, "norm")
+                if args is not None:
+                    norm_kind, norm_args = call.name, args
+            elif st.name.name == "residual":
+                v = self.eval(st.value, scope, symbols=True)
+                name = v.name if isinstance(v, Symbol) else None
+                if name not in K.RESIDUALS:
+                    self.d.error("E0206", f"`residual` must be one of {', '.join(K.RESIDUALS)}", st.value.loc,
+                                 did_you_mean(str(name), K.RESIDUALS))
+                else:
+                    residual = name
+            else:
+                self.d.error("E0204", f"unknown block setting `{st.name.name}`", st.name.loc,
+                             did_you_mean(st.name.name, K.BLOCK_SETTINGS)
+                             or "block settings: " + ", ".join(K.BLOCK_SETTINGS))
+        sublayers: list[Sublayer] = []
+        counters: dict[str, int] = {}
+        for st in b.stmts:
+            if isinstance(st, ast.Setting):
+                continue
+            op = self._sublayer(st, scope)
+            if op is None:
+                continue
+            base = op.kind
+            n = counters.get(base, 0)
+            counters[base] = n + 1
+            name = base if n == 0 else f"{base}_{n}"
+            op = op.model_copy(update={"name": name})
+            norm = O.NormOp(name=f"{name}_norm", norm=norm_kind, dim=self.dim, eps=norm_args["eps"], loc=st.loc)
+            sublayers.append(Sublayer(norm, op))
+        if not sublayers and len(self.d.items) == before:
+            self.d.error("E0211", f"block `{b.name.name}` has no sublayers", b.name.loc,
+                         "add attention(...), an expert or moe { ... }")
+        if len(self.d.items) != before:
+            return None
+        args = "".join(f"_{v}" for v in bound.values())
+        return BlockSpec(key=f"{b.name.name}{args}", name=b.name.name, residual=residual,
+                         sublayers=sublayers, loc=b.loc)
+
+    def _sublayer(self, st, scope: Scope):
+        if isinstance(st, ast.MoE):
+            return self.moe(st, scope)
+        call: ast.Call = st
+        if call.name in K.SUBLAYERS:
+            args = self.bind(call, K.SUBLAYERS[call.name], scope, "sublayer")
+            return None if args is None else self.attention(call, args)
+        if scope.lookup("experts", call.name) is not None or call.name in K.EXPERTS:
+            spec = self.expert(call, scope)
+            return None if spec is None else O.FFNOp(name="ffn", expert=spec, loc=call.loc)
+        names = set(K.SUBLAYERS) | set(K.EXPERTS) | scope.names("experts")
+        self.d.error("E0201", f"`{call.name}` is not a sublayer, expert or built-in kind", call.name_loc or call.loc,
+                     did_you_mean(call.name, names) or "a block holds attention(...), experts and moe { ... }")
+        return None
+
+    def attention(self, call: ast.Call, a: dict) -> O.AttentionOp | None:
+        heads = a["heads"]
+        kv = a["kv_heads"] or heads
+        head_dim = a["head_dim"]
+        if head_dim is None:
+            if self.dim % heads:
+                self.d.error("E0210", f"model dimension {self.dim} is not divisible by heads = {heads}", call.loc,
+                             "give head_dim explicitly or choose heads dividing the model dimension")
+                return None
+            head_dim = self.dim // heads
+        if heads % kv:
+            self.d.error("E0210", f"heads = {heads} is not a multiple of kv_heads = {kv}", call.loc,
+                         "grouped-query attention shares each kv head among heads / kv_heads query heads")
+            return None
+        return O.AttentionOp(name="attention", dim=self.dim, heads=heads, kv_heads=kv, head_dim=head_dim,
+                             bias=a["bias"], causal=a["causal"], loc=call.loc)
+
+    # ---- moe ------------------------------------------------------------------------------
+    def moe(self, m: ast.MoE, scope: Scope) -> O.MoEOp | None:
+        before = len(self.d.items)
+        groups_ast = [s for s in m.stmts if isinstance(s, ast.Group)]
+        top = [s for s in m.stmts if not isinstance(s, ast.Group | ast.LossDecl)]
+        default_router = None
+        routed_top = [s for s in top if isinstance(s, ast.ExpertsDecl) and not s.shared]
+        shared_top = [s for s in top if isinstance(s, ast.ExpertsDecl) and s.shared]
+        for s in top:
+            if isinstance(s, ast.Setting):
+                self.d.error("E0204", f"unknown moe setting `{s.name.name}`", s.name.loc)
+        routers_top = [s for s in top if isinstance(s, ast.RouterDecl)]
+        for extra in routers_top[1:]:
+            self.d.error("E0203", "router is already given for this moe", extra.loc)
+        if routers_top:
+            default_router = routers_top[0]
+        groups: list[O.GroupSpec] = []
+        if groups_ast and routed_top:
+            self.d.error("E0206", "routed experts beside modality groups (a shared inter-modality pool) are not "
+                                  "supported yet", routed_top[0].loc,
+                         "move the experts into a `group` or use `shared N x expert` for always-on experts")
+        if not groups_ast:
+            stmts = routed_top + ([default_router] if default_router else [])
+            mods = tuple(range(len(self.modalities)))
+            carried = tuple(i for i in mods if self.modalities[i] in self.input_modalities)
+            g = self._group("all", carried, stmts, None, m.loc, scope)
+            if g is not None:
+                groups.append(g)
+        seen: dict[str, SourceLoc] = {}
+        for gst in groups_ast:
+            idx = []
+            for name in gst.modalities:
+                if name.name not in self.modalities:
+                    self.d.error("E0202", f"modality `{name.name}` is not declared", name.loc,
+                                 (did_you_mean(name.name, self.modalities) or "") +
+                                 f" declared: {', '.join(self.modalities)}")
+                    continue
+                if name.name not in self.input_modalities:
+                    self.d.error("E0209", f"no input carries modality `{name.name}`", name.loc,
+                                 f"the input carries: {', '.join(self.input_modalities)}")
+                    continue
+                if name.name in seen:
+                    self.d.error("E0203", f"modality `{name.name}` already has a group", name.loc,
+                                 f"first at {_loc_str(seen[name.name])}")
+                    continue
+                seen[name.name] = name.loc
+                idx.append(self.modalities.index(name.name))
+            label = "_".join(n.name for n in gst.modalities)
+            g = self._group(label, tuple(idx), gst.stmts, default_router, gst.loc, scope)
+            if g is not None:
+                groups.append(g)
+        if groups_ast:
+            missing = [x for x in self.input_modalities if x not in seen]
+            if missing and len(self.d.items) == before:
+                self.d.error("E0211", f"this moe has no group for modality {', '.join(f'`{x}`' for x in missing)}",
+                             m.loc, "add a `group` for it; its tokens would otherwise get no expert")
+        shared, num_shared = self._shared(shared_top, scope)
+        losses = self._losses([s for s in m.stmts if isinstance(s, ast.LossDecl)], scope)
+        if len(self.d.items) != before or losses is None:
+            return None
+        return O.MoEOp(name="moe", dim=self.dim, groups=tuple(groups), shared=shared, num_shared=num_shared,
+                       losses=losses, loc=m.loc)
+
+    def _shared(self, decls: list[ast.ExpertsDecl], scope: Scope) -> tuple[O.ExpertSpec | None, int]:
+        for extra in decls[1:]:
+            self.d.error("E0203", "shared experts are already given here", extra.loc,
+                         "write one `shared N x expert` statement")
+        if not decls:
+            return None, 0
+        n = self._count(decls[0].count, scope)
+        spec = self.expert(decls[0].expert, scope)
+        if n is None or spec is None:
+            return None, 0
+        return spec, n
+
+    def _count(self, expr: ast.Expr, scope: Scope, what: str = "expert count") -> int | None:
+        v = self.eval(expr, scope)
+        if v is BAD:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            self.d.error("E0205", f"{what} must be an integer, got {_show(v)}", expr.loc)
+            return None
+        if v <= 0:
+            self.d.error("E0207", f"{what} must be positive, got {v}", expr.loc)
+            return None
+        return v
+
+    def _group(self, name, modalities, stmts, default_router, loc, scope) -> O.GroupSpec | None:
+        routed = [s for s in stmts if isinstance(s, ast.ExpertsDecl) and not s.shared]
+        shared = [s for s in stmts if isinstance(s, ast.ExpertsDecl) and s.shared]
+        routers = [s for s in stmts if isinstance(s, ast.RouterDecl)]
+        for s in stmts:
+            if isinstance(s, ast.Setting):
+                self.d.error("E0204", f"unknown group setting `{s.name.name}`", s.name.loc)
+        for extra in routed[1:]:
+            self.d.error("E0203", "routed experts are already given for this group", extra.loc,
+                         "write one `experts N x expert` statement per group")
+        for extra in routers[1:]:
+            self.d.error("E0203", "router is already given for this group", extra.loc)
+        if not routed:
+            self.d.error("E0211", "no routed experts here", loc, "add `experts N x <expert>`")
+            return None
+        router_decl = routers[0] if routers else default_router
+        if router_decl is None:
+            self.d.error("E0211", "no router for these experts", loc, "add e.g. `router top_k(k = 2)`")
+            return None
+        n = self._count(routed[0].count, scope)
+        spec = self.expert(routed[0].expert, scope)
+        router = self.router(router_decl.router, scope, n)
+        shared_spec, num_shared = self._shared(shared, scope)
+        if n is None or spec is None or router is None:
+            return None
+        return O.GroupSpec(name=name, modalities=modalities, num_experts=n, expert=spec, router=router,
+                           shared=shared_spec, num_shared=num_shared)
+
+    def router(self, call: ast.Call, scope: Scope, num_experts: int | None) -> O.RouterSpec | None:
+        kind = K.ROUTERS.get(call.name)
+        if kind is None:
+            self.d.error("E0204", f"unknown router `{call.name}`", call.name_loc or call.loc,
+                         did_you_mean(call.name, K.ROUTERS) or f"routers: {', '.join(K.ROUTERS)}")
+            return None
+        args = self.bind(call, kind, scope, "router")
+        if args is None:
+            return None
+        if num_experts is not None and args["k"] > num_experts:
+            k_arg = next((a for a in call.args if a.name == "k"), call.args[0] if call.args else None)
+            self.d.error("E0208", f"k = {args['k']} exceeds the {num_experts} experts it routes among",
+                         k_arg.loc if k_arg else call.loc, f"use k <= {num_experts}")
+            return None
+        return O.RouterSpec(kind=call.name, **args)
+
+    def _losses(self, decls: list[ast.LossDecl], scope: Scope) -> O.LossSpec | None:
+        values: dict[str, float] = {}
+        ok = True
+        for decl in decls:
+            for term in decl.terms:
+                kind = K.LOSSES.get(term.name)
+                if kind is None:
+                    self.d.error("E0204", f"unknown loss `{term.name}`", term.name_loc or term.loc,
+                                 did_you_mean(term.name, K.LOSSES) or f"losses: {', '.join(K.LOSSES)}")
+                    ok = False
+                    continue
+                if term.name in values:
+                    self.d.error("E0203", f"loss `{term.name}` is already given", term.loc)
+                    ok = False
+                    continue
+                args = self.bind(term, kind, scope, "loss")
+                if args is None:
+                    ok = False
+                    continue
+                values[term.name] = args["coef"]
+        return O.LossSpec(**values) if ok else None
+
+    # ---- model ----------------------------------------------------------------------------
+    def model(self, m: ast.Model) -> ModelSpec | None:
+        scope = Scope(parent=self.global_scope)
+        modality_decls: list[ast.Name] = []
+        inputs, layers, targets, placement = [], [], [], []
+        for st in m.stmts:
+            if isinstance(st, ast.ModalityDecl):
+                for name in st.names:
+                    prev = next((x for x in modality_decls if x.name == name.name), None)
+                    if prev:
+                        self.d.error("E0203", f"modality `{name.name}` is already declared", name.loc,
+                                     f"first declared at {_loc_str(prev.loc)}")
+                    else:
+                        modality_decls.append(name)
+            elif isinstance(st, ast.InputDecl):
+                inputs.append(st)
+            elif isinstance(st, ast.Layers):
+                layers.append(st)
+            elif isinstance(st, ast.TargetDecl):
+                targets.append(st)
+            elif isinstance(st, ast.PlacementDecl):
+                placement.append(st)
+            else:
+                self.declare(scope, st)
+        self.modalities = tuple(n.name for n in modality_decls) or ("default",)
+        self.input_modalities = self.modalities
+        if not inputs:
+            self.d.error("E0211", f"model `{m.name.name}` has no input", m.name.loc,
+                         "declare the model width, e.g. `input(dim = 512)`")
+            return None
+        for extra in inputs[1:]:
+            self.d.error("E0203", "input is already declared", extra.loc)
+        args = self.bind(ast.Call(inputs[0].loc, "input", inputs[0].args, True), K.INPUT, scope, "")
+        if args is None:
+            return None
+        self.dim = args["dim"]
+        if args["modalities"] is not None:
+            carried = []
+            for v, e in zip(args["modalities"], _list_items(inputs[0])):
+                if not isinstance(v, Symbol) or v.name not in self.modalities:
+                    self.d.error("E0202", f"modality `{getattr(v, 'name', v)}` is not declared", e.loc,
+                                 f"declared: {', '.join(self.modalities)}")
+                else:
+                    carried.append(v.name)
+            self.input_modalities = tuple(carried)
+        if not layers:
+            self.d.error("E0211", f"model `{m.name.name}` has no layers", m.name.loc,
+                         "add e.g. `layers { repeat 4 { my_block } }`")
+            return None
+        for extra in layers[1:]:
+            self.d.error("E0203", "layers are already given", extra.loc)
+        stack: list[BlockSpec] = []
+        self._expand(layers[0].items, scope, stack)
+        if self.d.has_errors:
+            return None
+        if not stack:
+            self.d.error("E0211", "the layer stack is empty", layers[0].loc)
+            return None
+        last = stack[-1].sublayers[-1].norm
+        final = (O.NormOp(name="final_norm", norm=last.norm, dim=self.dim, eps=last.eps, loc=layers[0].loc)
+                 if stack[-1].residual == "pre_norm" else None)
+        return ModelSpec(
+            name=m.name.name, path=m.loc.path, dim=self.dim, modalities=self.modalities,
+            input_modalities=self.input_modalities, layers=stack, final_norm=final, loc=m.loc,
+            targets={t.name.name: {s.name.name: self.eval(s.value, scope, symbols=True) for s in t.settings}
+                     for t in targets},
+            placement={s.name.name: self.eval(s.value, scope, symbols=True) for p in placement for s in p.settings},
+        )
+
+    def _expand(self, items, scope: Scope, out: list[BlockSpec]) -> bool:
+        """Append the blocks of `items` to `out`; False once the stack grew past MAX_LAYERS."""
+        for item in items:
+            if isinstance(item, ast.Repeat):
+                n = self._count(item.count, scope, "repeat count")
+                body: list[BlockSpec] = []
+                if not self._expand(item.items, scope, body):
+                    return False
+                if n is None:
+                    continue
+                if len(body) * n + len(out) > MAX_LAYERS:
+                    self.d.error("E0206", f"the layer stack would have more than {MAX_LAYERS} layers", item.loc)
+                    return False
+                out.extend(body * n)
+            else:
+                spec = self.block(item.call, scope)
+                if spec is not None:
+                    out.append(spec)
+        return True
+
+
+def _list_items(decl: ast.InputDecl) -> list[ast.Expr]:
+    for a in decl.args:
+        if a.name == "modalities" or (a.name is None and decl.args.index(a) == 1):
+            return a.value.items if isinstance(a.value, ast.ListExpr) else [a.value]
+    return []
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _show(v) -> str:
+    if isinstance(v, Symbol):
+        return f"`{v.name}`"
+    if isinstance(v, ast.Call):
+        return f"a call `{v.name}(...)`"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def _signature(kind: K.Kind) -> str:
+    parts = []
+    for p in kind.params:
+        parts.append(p.name if p.default is K.REQUIRED else f"{p.name} = {_show(p.default) if p.default is not None else 'auto'}")
+    return f"{kind.name}({', '.join(parts)})"
+
+
+def elaborate(program: Program, diags: Diagnostics, require_model: bool = True) -> ModelSpec | None:
+    el = Elaborator(diags)
+    for f in program.files:
+        for item in f.definitions:
+            el.declare(el.global_scope, item)
+    root = program.root
+    if root is None:
+        return None
+    if not root.models:
+        if require_model:
+            diags.error("E0211", f"`{root.path}` defines no model", SourceLoc(root.path, 1, 1),
+                        "write `model name { ... }`")
+        return None
+    for extra in root.models[1:]:
+        diags.error("E0203", "a file holds one model", extra.name.loc, "move other models to their own files")
+    return el.model(root.models[0])

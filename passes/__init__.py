@@ -1,0 +1,21 @@
+"""IR passes: an explicit registry and the named pipelines built from it."""
+
+from __future__ import annotations
+
+from .analyze import Analyze
+from .infer_shapes import InferShapes
+from .lower_moe import LowerMoE
+from .manager import Pass, PassContext, PassFailed, run_pipeline
+
+REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (InferShapes, LowerMoE, Analyze)}
+
+PIPELINES: dict[str, list[str]] = {
+    "default": ["infer-shapes", "lower-moe", "analyze"],
+    "frontend": ["infer-shapes"],
+}
+
+__all__ = ["REGISTRY", "PIPELINES", "Pass", "PassContext", "PassFailed", "run_pipeline", "make_pipeline"]
+
+
+def make_pipeline(name: str = "default") -> list[Pass]:
+    return [REGISTRY[p]() for p in PIPELINES[name]]

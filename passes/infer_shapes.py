@@ -1,0 +1,83 @@
+"""infer-shapes: give every op output a TensorType, from a rule per op kind."""
+
+from __future__ import annotations
+
+from moec import ops as O
+from moec.ir import Graph, IRError, TensorType
+
+from .manager import Pass, PassContext
+
+
+def _tokens(t: TensorType) -> str | int:
+    return t.shape[0]
+
+
+def infer(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
+    """Output types of `op` given its input types (raises IRError on a mismatch).
+
+    Token-shaped outputs inherit the modality set of the op's first input unless the rule sets one.
+    """
+    outs = _rule(op, ins)
+    if ins and ins[0].modalities:
+        outs = [t if t.modalities or not t.shape else t.model_copy(update={"modalities": ins[0].modalities})
+                for t in outs]
+    return outs
+
+
+def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
+    k = op.kind
+    if k == "input":
+        mods = op.input_modalities
+        return [TensorType(shape=("T", op.dim), modalities=mods), TensorType(shape=("T",), dtype="i64", modalities=mods)]
+    if k == "output":
+        return []
+    if k in ("norm", "attention", "ffn"):
+        dim = op.dim if k != "ffn" else op.expert.dim
+        if ins[0].shape[-1] != dim:
+            raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {dim}")
+        return [ins[0]]
+    if k == "add":
+        if ins[0].shape != ins[1].shape:
+            raise IRError(f"{op.name}: adding {ins[0]} and {ins[1]}")
+        return [ins[0]]
+    if k == "moe":
+        experts = sum(g.num_experts for g in op.groups)
+        return [ins[0], TensorType(shape=(), dtype="f32"), TensorType(shape=(experts,), dtype="i64")]
+    if k == "select_tokens":
+        sym = f"T_{'_'.join(op.modality_names)}"
+        return [TensorType(shape=(sym, ins[0].shape[-1]), modalities=op.modality_names),
+                TensorType(shape=(sym,), dtype="i64", modalities=op.modality_names)]
+    if k == "router_gate":
+        return [TensorType(shape=(_tokens(ins[0]), op.num_experts))]
+    if k == "top_k":
+        t, k_ = _tokens(ins[0]), op.router.k
+        return [TensorType(shape=(t, k_)), TensorType(shape=(t, k_), dtype="i64"), ins[0]]
+    if k == "permute":
+        t, k_ = ins[0].shape
+        return [TensorType(shape=(f"{t}*{k_}",), dtype="index"), TensorType(shape=(op.num_experts,), dtype="i64")]
+    if k == "expert_gemm":
+        if ins[0].shape[-1] != op.in_dim:
+            raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {op.in_dim}")
+        return [TensorType(shape=(ins[1].shape[0], op.out_dim))]
+    if k == "activation":
+        if len(ins) == 2 and ins[0].shape != ins[1].shape:
+            raise IRError(f"{op.name}: GLU halves differ: {ins[0]} vs {ins[1]}")
+        return [ins[0]]
+    if k == "combine":
+        return [TensorType(shape=(ins[1].shape[0], op.dim))]
+    if k == "scatter_tokens":
+        return [ins[2]]
+    if k == "aux_loss":
+        return [TensorType(shape=())]
+    raise IRError(f"no shape rule for op kind `{k}`")
+
+
+class InferShapes(Pass):
+    name = "infer-shapes"
+    description = "give every value a symbolic shape, dtype and modality set"
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        for node in graph.nodes():
+            ins = [graph.type_of(v) for v in graph.inputs(node)]
+            graph.set_types(node, tuple(infer(graph.op(node), ins)))
+        return True

@@ -1,0 +1,98 @@
+"""lower-moe: each `moe` op becomes, per expert group,
+
+    select_tokens -> router_gate -> top_k -> permute -> expert_gemm (gate/up) -> activation
+    -> expert_gemm (down) -> combine -> scatter_tokens
+
+plus an `ffn` for always-on shared experts, `add`s summing the groups, an `aux_loss` per group
+with loss terms, and the per-group expert counts handed to the output op.
+"""
+
+from __future__ import annotations
+
+from moec import ops as O
+from moec.ir import Graph, Value
+
+from .infer_shapes import InferShapes
+from .manager import Pass, PassContext
+
+
+class LowerMoE(Pass):
+    name = "lower-moe"
+    description = "expand moe ops into router, permutation, expert GEMM and combine primitives"
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        moes = graph.find("moe")
+        for node in moes:
+            self._lower(graph, node)
+        if moes:
+            InferShapes().run(graph, ctx)
+        return bool(moes)
+
+    def _lower(self, g: Graph, node: int) -> None:
+        moe: O.MoEOp = g.op(node)
+        h, modality = g.inputs(node)
+        y_out, aux_out, counts_out = g.outputs(node)
+
+        def mk(op_cls, suffix: str, inputs: list[Value], n_out: int = 1, **attrs) -> list[Value]:
+            op = op_cls(name=f"{moe.name}.{suffix}", layer=moe.layer, block=moe.block, loc=moe.loc, **attrs)
+            return g.outputs(g.add(op, inputs, num_outputs=n_out))
+
+        moe_modalities = _declared_modalities(g)
+        total: Value | None = None
+        losses, counts = [], []
+        n_groups = len(moe.groups)
+        for grp in moe.groups:
+            prefix = grp.name if n_groups > 1 or grp.name != "all" else ""
+            p = f"{prefix}." if prefix else ""
+            if n_groups == 1:  # every carried modality has a group, so a single group sees all tokens
+                xg, idx = h, None
+            else:
+                xg, idx = mk(O.SelectTokensOp, f"{p}select".lstrip("."), [h, modality], 2,
+                             modalities=grp.modalities,
+                             modality_names=tuple(moe_modalities[i] for i in grp.modalities))
+            e, ex = grp.num_experts, grp.expert
+            (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=e)
+            weights, ids, probs = mk(O.TopKOp, f"{p}top_k", [logits], 3, router=grp.router, num_experts=e)
+            plan, cnt = mk(O.PermuteOp, f"{p}permute", [ids], 2, num_experts=e)
+            gemm = dict(num_experts=e, bias=ex.bias)
+            (up,) = mk(O.ExpertGemmOp, f"{p}experts.up_proj", [xg, plan], projection="up", in_dim=ex.dim,
+                       out_dim=ex.hidden, **gemm)
+            if ex.form == "glu":
+                (gate,) = mk(O.ExpertGemmOp, f"{p}experts.gate_proj", [xg, plan], projection="gate",
+                             in_dim=ex.dim, out_dim=ex.hidden, **gemm)
+                (act,) = mk(O.ActivationOp, f"{p}experts.act", [gate, up], act=ex.act, glu=True)
+            else:
+                (act,) = mk(O.ActivationOp, f"{p}experts.act", [up], act=ex.act, glu=False)
+            (down,) = mk(O.ExpertGemmOp, f"{p}experts.down_proj", [act, plan], projection="down",
+                         in_dim=ex.hidden, out_dim=ex.dim, **gemm)
+            (yg,) = mk(O.CombineOp, f"{p}combine", [down, weights, plan], dim=moe.dim)
+            if grp.shared is not None:
+                shared = _wide(grp.shared, grp.num_shared)
+                (s,) = mk(O.FFNOp, f"{p}shared", [xg], expert=shared)
+                (yg,) = mk(O.AddOp, f"{p}shared_add", [yg, s])
+            if idx is not None:
+                (yg,) = mk(O.ScatterTokensOp, f"{p}scatter", [yg, idx, h])
+            if moe.losses.load_balance or moe.losses.z_loss:
+                (loss,) = mk(O.AuxLossOp, f"{p}aux_loss", [logits, probs, ids], losses=moe.losses, num_experts=e)
+                losses.append(loss)
+            counts.append(cnt)
+            total = yg if total is None else mk(O.AddOp, f"{p}sum", [total, yg])[0]
+        if moe.shared is not None:
+            (s,) = mk(O.FFNOp, "shared", [h], expert=_wide(moe.shared, moe.num_shared))
+            (total,) = mk(O.AddOp, "shared_add", [total, s])
+        g.replace_uses(y_out, total)
+        for user, _ in g.users(aux_out) + g.users(counts_out):
+            new_inputs = []
+            for v in g.inputs(user):
+                new_inputs += losses if v == aux_out else counts if v == counts_out else [v]
+            g.set_inputs(user, new_inputs)
+        g.remove(node)
+
+
+def _declared_modalities(g: Graph) -> tuple[str, ...]:
+    return g.op(g.find("input")[0]).modalities
+
+
+def _wide(expert: O.ExpertSpec, count: int) -> O.ExpertSpec:
+    """`count` always-on experts summed equal one expert `count` times as wide."""
+    return expert.model_copy(update={"hidden": expert.hidden * count})
