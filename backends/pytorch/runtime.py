@@ -407,21 +407,21 @@ def moe_experts(
     elif method == "split":
         sizes = counts.tolist()  # the one host sync
         n_valid = N - sizes[E]
-        out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
+        outs = []
         rows = zip(
-            torch.split(xs, sizes), torch.split(tok, sizes), torch.split(row_w, sizes),
-            up_proj.unbind(0), down_proj.unbind(0), _unbind(gate_proj, E),
+            torch.split(xs, sizes), up_proj.unbind(0), down_proj.unbind(0), _unbind(gate_proj, E),
             _unbind(up_bias, E), _unbind(down_bias, E), _unbind(gate_bias, E),
         )
-        for e, (xe, tok_e, w_e, up_e, down_e, gate_e, ub_e, db_e, gb_e) in enumerate(rows):
+        for e, (xe, up_e, down_e, gate_e, ub_e, db_e, gb_e) in enumerate(rows):
             # Empty experts (and the trailing dropped bin E) are skipped, except that expert 0
             # runs on an empty slice when nothing is routed, keeping the output in the graph.
             if sizes[e] == 0 and not (n_valid == 0 and e == 0):
                 continue
-            ye = _ffn(xe, act, up_e, down_e, gate_e, ub_e, db_e, gb_e, torch.mm)
-            # Per-expert weight multiply + index_add_ (no [T*k, d] cat / broadcast-mul temporaries).
-            out.index_add_(0, tok_e, ye.to(acc_dtype) * w_e.unsqueeze(1))
-        return out.to(x.dtype)
+            outs.append(_ffn(xe, act, up_e, down_e, gate_e, ub_e, db_e, gb_e, torch.mm))
+        # (A per-expert weight-multiply + index_add_ instead of cat was measured: no faster at
+        # E=8/64, 10% slower at E=256.)
+        ys = torch.cat(outs) if len(outs) > 1 else outs[0]
+        tok, row_w = tok[:n_valid], row_w[:n_valid]
     elif method == "padded_bmm":
         # the one host sync; C >= 1 so that row 0 exists for dropped rows to point at
         C = max(int(counts[:E].max().item()), 1)
