@@ -8,7 +8,8 @@ For each shape, times one forward+backward pass (median over reps, after warmup)
 * "naive loop": HF-Mixtral-style per-expert Python loop, one ``nn.Linear`` per
   projection per expert, ``torch.where`` masks and ``index_add_``,
 * "dense floor": one dense matmul chain doing the same FLOPs as the routed
-  experts (T*k rows through one expert's FFN), i.e. no routing overhead at all.
+  experts (T*k rows through one expert's FFN, in the benchmark dtype: fp32 by
+  default), i.e. no routing, gather, scatter or per-expert overhead at all.
 
 and prints time (ms), ratio vs the naive loop and ratio vs the dense floor.
 Routing (router matmul + softmax top-k) is shared and excluded from the timing;
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import statistics
 import sys
 import time
@@ -39,6 +41,7 @@ FULL_SHAPES = [
     (8, 2, 1024, 256, 512, True),
     (64, 8, 2048, 256, 256, True),
     (16, 4, 1024, 256, 256, False),
+    (128, 4, 2048, 256, 256, True),
 ]
 QUICK_SHAPES = [
     (8, 2, 256, 64, 128, True),
@@ -111,7 +114,8 @@ def bench_shape(E, k, T, d, f, glu, dtype, warmup, reps):
 
     fns = {}
     for method in ("grouped_mm", "split", "padded_bmm", "auto"):
-        resolved = rt.resolve_method(method, x, up, down, gate, k=k)
+        host_counts = rt.expert_counts(ids, E).tolist()
+        resolved = rt.resolve_method(method, x, up, down, gate, k=k, counts=host_counts)
         label = method if resolved == method else f"{method}->{resolved}"
 
         def run(method=method):
@@ -162,9 +166,12 @@ def main(argv=None) -> None:
     reps = args.reps or (7 if args.quick else 15)
     warmup = 2
 
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, dtype={args.dtype}, "
-          f"fwd+bwd median of {reps} reps (warmup {warmup}); "
-          f"grouped_mm available: {rt.grouped_mm_available('cpu', dtype)}")
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, dtype={args.dtype}, "
+        f"fwd+bwd median of {reps} reps (warmup {warmup}); "
+        f"grouped_mm available: {rt.grouped_mm_available('cpu', dtype)}; "
+        f"load average {os.getloadavg()[0]:.2f} (other busy processes distort timings)"
+    )
     for E, k, T, d, f, glu in shapes:
         kind = "SwiGLU" if glu else "SiLU-MLP"
         print(f"\nE={E} k={k} T={T} d={d} f={f} {kind}")

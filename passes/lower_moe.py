@@ -76,7 +76,7 @@ class LowerMoE(Pass):
                 (loss,) = mk(O.AuxLossOp, f"{p}aux_loss", [logits, probs, ids], losses=moe.losses, num_experts=e)
                 losses.append(loss)
             counts.append(cnt)
-            total = yg if total is None else mk(O.AddOp, f"{p}sum", [total, yg])[0]
+            total = yg if total is None else mk(O.AddOp, f"sum_{len(counts) - 1}", [total, yg])[0]
         if moe.shared is not None:
             (s,) = mk(O.FFNOp, "shared", [h], expert=_wide(moe.shared, moe.num_shared))
             (total,) = mk(O.AddOp, "shared_add", [total, s])

@@ -1,5 +1,19 @@
-"""PyTorch backend: generated, readable nn.Module source."""
+"""PyTorch backend: generated, readable nn.Module source plus its runtime module."""
 
-from .emit import emit
+from __future__ import annotations
 
-__all__ = ["emit"]
+import os
+
+from moec.backends import write_tree
+
+from .codegen import py_name, render, runtime_source
+
+__all__ = ["emit", "py_name", "render"]
+
+
+def emit(comp, out_dir: str, **options) -> list[str]:
+    """Write `<model>.py` and `moec_runtime.py` into `out_dir`; return the relative paths."""
+    source = os.path.relpath(comp.spec.path) if os.path.exists(comp.spec.path) else comp.spec.path
+    module = py_name(comp.graph.name)
+    files = {f"{module}.py": render(comp.graph, source), "moec_runtime.py": runtime_source()}
+    return write_tree(out_dir, files)

@@ -11,9 +11,9 @@ Python-level loop is the per-expert loop of ``moe_experts(method="split")``.
 Public API
 ----------
 ``route_top_k(logits, k, score="softmax", renormalize=False, scale=1.0, bias=None)``
-    -> ``(weights[T, k] fp32, expert_ids[T, k] int64, probs[T, E] fp32)``.
+    -> ``(weights[T, k], expert_ids[T, k] int64, probs[T, E])`` in fp32 (fp64 for fp64 logits).
     ``probs = softmax(logits)`` or ``sigmoid(logits)`` (``score`` in
-    {"softmax", "sigmoid"}), always computed in fp32.  If ``bias`` ([E]) is
+    {"softmax", "sigmoid"}), computed in fp32 (fp64 for fp64 logits).  If ``bias`` ([E]) is
     given it is added to ``probs`` for *selection only*; the returned weights
     are gathered from the unbiased ``probs``.  With ``renormalize`` the weights
     are divided by their per-token sum (``+1e-20`` guard for sigmoid scores),
@@ -57,16 +57,33 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
       one dtype; otherwise it silently falls back to ``"split"``.
     * ``"split"``: ``counts.tolist()`` (1 host sync), ``torch.split`` of the
       sorted rows and one ``mm`` per non-empty expert.
-    * ``"padded_bmm"``: rows scattered into an ``[E, C, d]`` buffer with
-      ``C = max count`` (1 host sync, ``.item()``), then ``torch.bmm``.
+    * ``"padded_bmm"``: ``counts.tolist()`` (1 host sync), rows scattered
+      into an ``[E, C, d]`` buffer with ``C = max count``, then ``torch.bmm``
+      (cost grows with routing skew: E * C rows are computed).
     * ``"auto"``: ``resolve_method("auto", ...)``; see that function.
 
-``resolve_method(method, x, up_proj, down_proj, gate_proj=None, k=1)`` -> str
+    Performance note (CPU): subnormal routing weights (e.g. softmax of very
+    peaked fp32 logits, probabilities ~1e-40) make fwd+bwd ~10x slower for
+    every method (measured 930 ms vs 103 ms at E=64, k=8, T=2048, d=f=256);
+    ``torch.set_flush_denormal(True)`` in the caller avoids it.
+
+``resolve_method(method, x, up_proj, down_proj, gate_proj=None, k=1, counts=None)`` -> str
     The concrete method ("grouped_mm", "split" or "padded_bmm") that
-    ``moe_experts`` will run for these operands (``k`` = slots per token).  ``"auto"`` picks "split" on
-    CPU (fastest fwd+bwd in the measurements recorded next to
-    ``_AUTO_NOTES`` below) and "grouped_mm" on other devices when supported
-    (no host sync), else "split".
+    ``moe_experts`` runs for these operands (``k`` = slots per token,
+    ``counts`` = optional host list of per-expert counts, length E or E+1).
+    ``"auto"`` follows fwd+bwd measurements recorded in comments next to
+    ``_CPU_SPLIT_MIN_ROWS_PER_EXPERT`` / ``_CPU_LOWP_PADDED_MAX_PAD_RATIO``:
+
+    * CPU, bf16/fp16, ``counts`` given: "padded_bmm" if the padding ratio
+      ``E * max(counts) / sum(counts)`` is <= 1.75 (``moe_experts`` fetches
+      the counts for this case with its single host sync);
+    * CPU otherwise: "grouped_mm" when the average rows per expert ``T*k/E``
+      is <= 128 (per-expert Python overhead dominates "split"), else "split"
+      (grouped_mm's backward is slower there);
+    * other devices: "grouped_mm" (no host sync).
+
+    "grouped_mm" resolves to "split" when ``grouped_mm_available`` is False
+    or the operands violate its alignment/dtype requirements.
 
 ``grouped_mm_available(device, dtype)`` -> bool
     Whether ``torch._grouped_mm`` exists and a tiny forward+backward probe
@@ -84,10 +101,20 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
 ``HOST_SYNCS``: dict[str, int]
     Host synchronisations (``.item()``, ``.tolist()``, ``.cpu()``, or a
     data-dependent output shape) per ``moe_experts`` call, per method:
-    grouped_mm 0 (when it runs natively; its fallback is "split"), split 1,
-    padded_bmm 1; "auto" is the upper bound over what it can resolve to (1;
-    0 on devices where it resolves to grouped_mm).  ``route_top_k``,
+    grouped_mm 0 (when it runs natively; its fallback is "split"), split 1
+    (``counts.tolist()``), padded_bmm 1 (the same ``tolist``, C = max);
+    "auto" is the upper bound over what it can resolve to: 1 (0 when it
+    resolves to a native grouped_mm and x is not bf16/fp16 on CPU).  ``route_top_k``,
     ``expert_counts``, ``load_balance_loss`` and ``z_loss`` make no host sync.
+
+Layers used by generated models: ``Attention`` (multi-head / grouped-query,
+``q_proj k_proj v_proj o_proj``), ``FeedForward`` (a dense expert, ``up_proj
+gate_proj down_proj`` linears), ``Experts`` (stacked expert weights ``up_proj /
+gate_proj [E, d, f]``, ``down_proj [E, f, d]``), ``Container`` (a namespace of
+submodules), ``ModelOutput`` (``output, aux_loss, expert_counts``),
+``check_modality`` (input validation), ``select_tokens`` / ``scatter_tokens``
+(gather a modality group's rows and put them back; ``select_tokens`` costs one
+host sync, its data-dependent size).
 
 ``ACTIVATIONS``: tuple of the supported activation names.
 ``METHODS``: tuple of the accepted ``method`` names.
@@ -95,12 +122,23 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "ACTIVATIONS",
+    "Attention",
+    "Container",
+    "Experts",
+    "FeedForward",
+    "ModelOutput",
+    "check_modality",
+    "scatter_tokens",
+    "select_tokens",
     "HOST_SYNCS",
     "METHODS",
     "expert_counts",
@@ -122,16 +160,57 @@ HOST_SYNCS: dict[str, int] = {
 METHODS = ("auto", "grouped_mm", "split", "padded_bmm")
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 
-# Measurements behind "auto" (benchmarks/moe_dispatch.py, torch 2.13.0+cpu,
-# 2 threads, fp32, fwd+bwd median ms):
-_AUTO_NOTES = """
-  shape                               grouped_mm   split   padded_bmm   naive loop   dense floor
-  E=8  k=2 T=1024 d=256 f=512 SwiGLU      TBD        TBD       TBD          TBD          TBD
-  E=64 k=8 T=2048 d=256 f=256 SwiGLU      TBD        TBD       TBD          TBD          TBD
-"""
+# Measurements behind "auto" (torch 2.13.0+cpu, 2 threads of an AVX-512 VM, fp32, SwiGLU,
+# silu, random softmax top-k routing; one forward+backward of moe_experts, median ms of
+# 11-25 interleaved reps; benchmarks/moe_dispatch.py and an A/B script; ~5-10% noise):
+#
+#   E    k  T     d    f    rows/expert   grouped_mm   split   padded_bmm
+#   8    2  256   64   128      64            1.66      1.95      1.39
+#   16   2  512   256  256      64            8.27     10.32      9.77
+#   256  8  512   128  64       16           19.69     40.86     14.89
+#   128  4  2048  256  256      64           82.54     97.62     96.73
+#   256  4  2048  256  256      32          123.19    162.46    129.32
+#   64   4  2048  256  256     128           62.42     66.66     67.13
+#   8    2  1024  256  512     256           21.57     22.63     23.10
+#   32   4  2048  256  256     256           54.15     52.68     57.45
+#   64   8  2048  256  256     256          123.61    106.52    123.09
+#   8    4  2048  256  256    1024           41.31     42.95     49.95
+#
+# On CPU torch._grouped_mm is a C++ loop of mm_out calls: it removes split's per-expert Python
+# and autograd-node overhead (which dominates with few rows per expert), but its backward is
+# slower once experts get many rows (its [T*k, f] intermediates are large fresh allocations;
+# with glibc malloc tuned to keep memory mapped, grouped_mm won at E=64,k=8 too).  padded_bmm
+# wins some small balanced fp32 shapes but its [E, max_count, d] buffer degenerates with
+# skewed routing, so for fp32 auto never picks it.  Rule: CPU -> grouped_mm if T*k/E <= 128
+# else split; other devices -> grouped_mm (no host sync).  grouped_mm falls back to split if
+# it is unusable (probe failed, misaligned strides, mixed dtypes).
+_CPU_SPLIT_MIN_ROWS_PER_EXPERT = 128
+#
+# bf16 on CPU (same setup, 7 reps): padded_bmm's single batched bf16 bmm beats the per-expert
+# bf16 mm loops clearly while routing is balanced; pad ratio = E * max_count / (T*k):
+#
+#   E    k  T     d    f    pad ratio   grouped_mm   split   padded_bmm
+#   8    2  256   64   128    ~1.2          2.45      2.88      1.26
+#   32   4  256   64   64     ~1.45         6.30      7.87      1.64
+#   8    2  1024  256  512    ~1.1         12.73     12.63      9.41
+#   64   8  2048  256  256    ~1.1         83.32     81.99     60.12
+#   128  4  2048  256  256    ~1.3         75.38     84.16     44.76
+#   64   8  2048  256  256     1.94        99.9      84.0      67.5     (one hot expert)
+#   64   8  2048  256  256     2.22        77.3      84.8      76.5
+#   64   8  2048  256  256     3.52        72.6      83.3     130.7
+#
+# so on CPU with bf16/fp16 "auto" fetches the counts (the same single host sync split and
+# padded_bmm need) and takes padded_bmm when the pad ratio is <= 1.75 (break-even ~2.2),
+# else the rows-per-expert rule above.
+_CPU_LOWP_PADDED_MAX_PAD_RATIO = 1.75
 
 
 # --------------------------------------------------------------------------- routing
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """Routing math runs in fp32, or in fp64 for fp64 inputs."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def route_top_k(
@@ -142,13 +221,13 @@ def route_top_k(
     scale: float = 1.0,
     bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k routing.  Returns ``(weights[T,k] fp32, expert_ids[T,k] int64, probs[T,E] fp32)``."""
+    """Top-k routing.  Returns ``(weights[T,k], expert_ids[T,k] int64, probs[T,E])``, fp32 or fp64."""
     if logits.dim() != 2:
         raise ValueError(f"route_top_k: logits must be [T, E], got {tuple(logits.shape)}")
     num_experts = logits.shape[1]
     if not 0 <= k <= num_experts:
         raise ValueError(f"route_top_k: k={k} must be in [0, {num_experts}]")
-    logits32 = logits.float()
+    logits32 = _at_least_fp32(logits)
     if score == "softmax":
         probs = torch.softmax(logits32, dim=-1)
     elif score == "sigmoid":
@@ -158,7 +237,7 @@ def route_top_k(
     if bias is not None:
         if bias.shape != (num_experts,):
             raise ValueError(f"route_top_k: bias must be [{num_experts}], got {tuple(bias.shape)}")
-        selection = probs + bias.to(device=probs.device, dtype=torch.float32)
+        selection = probs + bias.to(device=probs.device, dtype=probs.dtype)
     else:
         selection = probs
     expert_ids = torch.topk(selection, k, dim=-1).indices
@@ -192,10 +271,10 @@ def expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
 
 def load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e`` (fp32 scalar)."""
-    probs32 = probs.float()
+    probs32 = _at_least_fp32(probs)
     if probs.shape[0] == 0:
         return probs32.sum() * 0.0
-    counts = expert_counts(expert_ids, num_experts).to(torch.float32)
+    counts = expert_counts(expert_ids, num_experts).to(probs32.dtype)
     frac = counts / counts.sum().clamp_min(1.0)
     mean_prob = probs32.mean(dim=0)
     return num_experts * (frac * mean_prob).sum()
@@ -203,7 +282,7 @@ def load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> Te
 
 def z_loss(logits: Tensor) -> Tensor:
     """Router z-loss ``mean(logsumexp(logits, -1)^2)`` (fp32 scalar); 0 when T == 0."""
-    logits32 = logits.float()
+    logits32 = _at_least_fp32(logits)
     if logits.shape[0] == 0:
         return logits32.sum() * 0.0
     return torch.logsumexp(logits32, dim=-1).square().mean()
@@ -249,7 +328,9 @@ def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool
             a64, b64, g64 = a.detach().double(), b.detach().double(), g.double()
             ref = torch.cat([a64[:2] @ b64[0], a64[2:] @ b64[2]])
             ref_ga = torch.cat([g64[:2] @ b64[0].T, g64[2:] @ b64[2].T])
-            ref_gb = torch.stack([a64[:2].T @ g64[:2], torch.zeros(16, 16, dtype=torch.float64), a64[2:].T @ g64[2:]])
+            ref_gb = torch.stack(
+                [a64[:2].T @ g64[:2], torch.zeros(16, 16, dtype=torch.float64), a64[2:].T @ g64[2:]]
+            )
             tol = 1e-3 if dtype == torch.float32 else 0.1
             ok = (
                 torch.allclose(out.double(), ref, rtol=tol, atol=tol * 16)
@@ -264,12 +345,16 @@ def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool
 
 
 def _gmm_stride_ok(t: Tensor) -> bool:
-    """Mirror of _grouped_mm's check: one of the last two dims unit-stride, the other 16-byte aligned."""
-    el = t.element_size()
+    """Mirror of ATen's check_valid_strides_and_return_transposed for ``torch._grouped_mm``."""
+    align = 16 // t.element_size()
+    if t.device.type != "cpu" and t.data_ptr() % 16:
+        return False
     s_row, s_col = t.stride(-2), t.stride(-1)
-    if s_col == 1 and (s_row * el) % 16 == 0 and s_row >= t.shape[-1]:
-        return True
-    return s_row == 1 and (s_col * el) % 16 == 0 and s_col >= t.shape[-2]
+    if s_row == 1 and s_col >= max(1, t.shape[-2]):  # column-major (transposed) layout
+        return s_col % align == 0
+    if s_col == 1 and s_row >= max(1, t.shape[-1]):  # row-major layout
+        return s_row % align == 0
+    return False
 
 
 def _grouped_mm_usable(
@@ -289,6 +374,11 @@ def _grouped_mm_usable(
     return grouped_mm_available(x.device, x.dtype)
 
 
+def _auto_wants_counts(x: Tensor) -> bool:
+    """CPU + bf16/fp16: "auto" inspects the host-side counts to consider padded_bmm."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def resolve_method(
     method: str,
     x: Tensor,
@@ -296,14 +386,22 @@ def resolve_method(
     down_proj: Tensor,
     gate_proj: Tensor | None = None,
     k: int = 1,
+    counts: list[int] | None = None,
 ) -> str:
     """Concrete dispatch method that ``moe_experts`` runs for these operands."""
     if method not in METHODS:
         raise ValueError(f"moe_experts: unknown method {method!r}; expected one of {METHODS}")
     if method == "auto":
-        if x.device.type == "cpu":
-            return "split"
+        E = up_proj.shape[0]
+        if counts is not None and _auto_wants_counts(x):
+            n_valid = sum(counts[:E])
+            if n_valid > 0 and E * max(counts[:E]) <= _CPU_LOWP_PADDED_MAX_PAD_RATIO * n_valid:
+                return "padded_bmm"
         method = "grouped_mm"
+        if x.device.type == "cpu":
+            rows_per_expert = x.shape[0] * k / max(E, 1)
+            if rows_per_expert > _CPU_SPLIT_MIN_ROWS_PER_EXPERT:
+                method = "split"
     if method == "grouped_mm" and not _grouped_mm_usable(x, k, up_proj, down_proj, gate_proj):
         return "split"
     return method
@@ -316,7 +414,9 @@ def _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T:
         raise ValueError(f"moe_experts: expert_ids must be [T={T}, k], got {tuple(expert_ids.shape)}")
     if weights.shape != expert_ids.shape:
-        raise ValueError(f"moe_experts: weights {tuple(weights.shape)} != expert_ids {tuple(expert_ids.shape)}")
+        raise ValueError(
+            f"moe_experts: weights {tuple(weights.shape)} != expert_ids {tuple(expert_ids.shape)}"
+        )
     if up_proj.dim() != 3 or up_proj.shape[1] != d:
         raise ValueError(f"moe_experts: up_proj must be [E, d={d}, f], got {tuple(up_proj.shape)}")
     E, _, f = up_proj.shape
@@ -372,8 +472,6 @@ def moe_experts(
     """Weighted mixture of expert FFNs; see the module docstring for the full contract."""
     _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
     act = _activation(activation)
-    method = resolve_method(method, x, up_proj, down_proj, gate_proj, k=expert_ids.shape[1])
-
     T, d = x.shape
     k = expert_ids.shape[1]
     E = up_proj.shape[0]
@@ -382,6 +480,12 @@ def moe_experts(
     # Sort the flat (token, slot) pairs by expert; dropped slots (-1) go last (bin E).
     flat_ids = expert_ids.reshape(-1).long()
     key, counts = _counts_with_dropped(flat_ids, E)
+    sizes = None  # host copy of counts: fetched at most once per call (the only host sync)
+    if method == "auto" and _auto_wants_counts(x):
+        sizes = counts.tolist()
+    method = resolve_method(method, x, up_proj, down_proj, gate_proj, k=k, counts=sizes)
+    if method in ("split", "padded_bmm") and sizes is None:
+        sizes = counts.tolist()
     order = torch.argsort(key, stable=True)
     sorted_key = key.index_select(0, order)
     tok = torch.div(order, k, rounding_mode="floor") if k > 0 else order
@@ -398,19 +502,27 @@ def moe_experts(
         offs[-1] = N
         row_e = sorted_key.clamp(max=E - 1)
         ys = _ffn(
-            xs, act, up_proj, down_proj, gate_proj,
+            xs,
+            act,
+            up_proj,
+            down_proj,
+            gate_proj,
             None if up_bias is None else up_bias.index_select(0, row_e),
             None if down_bias is None else down_bias.index_select(0, row_e),
             None if gate_bias is None else gate_bias.index_select(0, row_e),
             lambda a, w: torch._grouped_mm(a, w, offs=offs),
         )
     elif method == "split":
-        sizes = counts.tolist()  # the one host sync
         n_valid = N - sizes[E]
         outs = []
         rows = zip(
-            torch.split(xs, sizes), up_proj.unbind(0), down_proj.unbind(0), _unbind(gate_proj, E),
-            _unbind(up_bias, E), _unbind(down_bias, E), _unbind(gate_bias, E),
+            torch.split(xs, sizes),
+            up_proj.unbind(0),
+            down_proj.unbind(0),
+            _unbind(gate_proj, E),
+            _unbind(up_bias, E),
+            _unbind(down_bias, E),
+            _unbind(gate_bias, E),
         )
         for e, (xe, up_e, down_e, gate_e, ub_e, db_e, gb_e) in enumerate(rows):
             # Empty experts (and the trailing dropped bin E) are skipped, except that expert 0
@@ -423,8 +535,7 @@ def moe_experts(
         ys = torch.cat(outs) if len(outs) > 1 else outs[0]
         tok, row_w = tok[:n_valid], row_w[:n_valid]
     elif method == "padded_bmm":
-        # the one host sync; C >= 1 so that row 0 exists for dropped rows to point at
-        C = max(int(counts[:E].max().item()), 1)
+        C = max(max(sizes[:E]), 1)  # C >= 1 so that row 0 exists for dropped rows to point at
         starts = counts.cumsum(0) - counts
         pos = torch.arange(N, device=x.device) - starts.index_select(0, sorted_key)
         slot = sorted_key * C + pos
@@ -433,7 +544,11 @@ def moe_experts(
         buf = x.new_zeros(E * C + 1, d).index_copy(0, slot_in, xs)
         xp = buf[: E * C].view(E, C, d)
         yp = _ffn(
-            xp, act, up_proj, down_proj, gate_proj,
+            xp,
+            act,
+            up_proj,
+            down_proj,
+            gate_proj,
             None if up_bias is None else up_bias.unsqueeze(1),
             None if down_bias is None else down_bias.unsqueeze(1),
             None if gate_bias is None else gate_bias.unsqueeze(1),
@@ -448,3 +563,122 @@ def moe_experts(
     out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
     out.index_add_(0, tok, contrib)
     return out.to(x.dtype)
+
+
+# ---- layers and helpers used by generated model files ------------------------------------------
+@dataclass
+class ModelOutput:
+    """What a generated model returns: `output` (same shape as x), `aux_loss` (weighted sum of the
+    declared loss terms, a scalar), `expert_counts` (tokens routed to each expert, one tensor per
+    MoE layer, expert groups concatenated in declaration order)."""
+
+    output: Tensor
+    aux_loss: Tensor
+    expert_counts: list
+
+
+class Container(nn.Module):
+    """A plain namespace of submodules, so parameter names follow the .moe structure."""
+
+    def __init__(self, **modules: nn.Module):
+        super().__init__()
+        for name, module in modules.items():
+            setattr(self, name, module)
+
+
+def check_modality(x: Tensor, modality: Tensor | None, num_modalities: int, d_model: int) -> Tensor:
+    """Validate the model inputs; a missing `modality` is allowed when one modality is declared."""
+    if x.dim() < 1 or x.shape[-1] != d_model:
+        raise ValueError(f"x must have shape [..., {d_model}], got {tuple(x.shape)}")
+    if modality is None:
+        if num_modalities != 1:
+            raise ValueError(f"this model declares {num_modalities} modalities: pass `modality`, an integer "
+                             f"tensor of shape {tuple(x.shape[:-1])}")
+        return torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+    if not isinstance(modality, Tensor) or modality.dtype.is_floating_point or modality.dtype == torch.bool:
+        raise ValueError("modality must be an integer tensor")
+    if tuple(modality.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"modality must have shape {tuple(x.shape[:-1])}, got {tuple(modality.shape)}")
+    return modality.to(device=x.device, dtype=torch.long)
+
+
+def select_tokens(modality: Tensor, modalities: tuple) -> Tensor:
+    """Indices of the tokens whose modality is in `modalities` (one host sync: the count)."""
+    if len(modalities) == 1:
+        mask = modality == modalities[0]
+    else:
+        mask = torch.isin(modality, torch.tensor(modalities, device=modality.device))
+    return mask.nonzero().squeeze(1)
+
+
+def scatter_tokens(y: Tensor, index: Tensor, like: Tensor) -> Tensor:
+    """A tensor shaped like `like`, zero except rows `index`, which hold `y`."""
+    return torch.zeros_like(like, dtype=y.dtype).index_copy(0, index, y)
+
+
+class FeedForward(nn.Module):
+    """A dense expert: act(x W_up) W_down, or (act(x W_gate) * x W_up) W_down when glu."""
+
+    def __init__(self, dim: int, hidden: int, glu: bool, activation: str, bias: bool = False):
+        super().__init__()
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias) if glu else None
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act = _activation(activation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate_proj is not None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class Experts(nn.Module):
+    """Stacked weights of `num_experts` experts: up_proj / gate_proj [E, dim, hidden], down_proj
+    [E, hidden, dim] (x @ W layout, as grouped GEMMs want), biases [E, hidden] / [E, dim]."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, glu: bool, bias: bool = False):
+        super().__init__()
+
+        def weight(n_in: int, n_out: int) -> nn.Parameter:
+            bound = 1.0 / math.sqrt(n_in)
+            return nn.Parameter(torch.empty(num_experts, n_in, n_out).uniform_(-bound, bound))
+
+        def bias_(n_in: int, n_out: int) -> nn.Parameter | None:
+            if not bias:
+                return None
+            bound = 1.0 / math.sqrt(n_in)
+            return nn.Parameter(torch.empty(num_experts, n_out).uniform_(-bound, bound))
+
+        self.up_proj = weight(dim, hidden)
+        self.gate_proj = weight(dim, hidden) if glu else None
+        self.down_proj = weight(hidden, dim)
+        self.up_bias = bias_(dim, hidden)
+        self.gate_bias = bias_(dim, hidden) if glu else None
+        self.down_bias = bias_(hidden, dim)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query self-attention over dim -2 of x [..., S, dim]."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bias: bool = False,
+                 causal: bool = True):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.causal = heads, kv_heads, head_dim, causal
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        seq = shape[-2] if x.dim() >= 2 else 1
+        xs = x.reshape(-1, seq, shape[-1])
+        b = xs.shape[0]
+        q = self.q_proj(xs).view(b, seq, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(xs).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(xs).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.o_proj(o.transpose(1, 2).reshape(b, seq, -1)).reshape(shape)

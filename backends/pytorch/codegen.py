@@ -1,0 +1,324 @@
+"""Lowered IR -> one readable Python file per model (+ the runtime module next to it).
+
+Each block kind becomes an nn.Module class whose forward is the layer's ops in order, one
+statement per op. The chain permute -> expert_gemm (gate/up) -> activation -> expert_gemm (down)
+-> combine is legalised into one `moe_experts(...)` call (sorted grouped GEMMs in the runtime).
+Names from the .moe file pass through `py_name` before reaching generated code.
+"""
+
+from __future__ import annotations
+
+import keyword
+from collections import Counter
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+
+import jinja2
+
+from moec import __version__
+from moec import ops as O
+from moec.ir import Graph, Value
+
+# Names the generated file defines or imports; user names and generated locals never take them.
+_RESERVED = {"Attention", "Container", "Experts", "FeedForward", "ModelOutput", "Model", "torch", "nn",
+             "check_modality", "expert_counts", "load_balance_loss", "moe_experts", "route_top_k",
+             "scatter_tokens", "select_tokens", "z_loss", "self", "modality"}
+
+
+def py_name(name: str) -> str:
+    """A safe Python identifier for a name from a .moe file (keywords and clashes get a `_`)."""
+    name = re.sub(r"[^0-9A-Za-z_]", "_", name)
+    if not name or name[0].isdigit():
+        name = "_" + name
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in _RESERVED:
+        name += "_"
+    return name
+
+
+def _class_name(key: str) -> str:
+    parts = [p for p in re.split(r"[^0-9A-Za-z]+", key) if p]
+    return "".join(p[:1].upper() + p[1:] for p in parts) + "Block"
+
+
+@dataclass
+class BlockView:
+    name: str
+    class_name: str
+    loc: str
+    modules: list = field(default_factory=list)
+    body: list[str] = field(default_factory=list)
+    returns: str = ""
+    sync_notes: list[str] = field(default_factory=list)  # one entry per host synchronisation
+
+    @property
+    def host_syncs(self) -> int:
+        return len(self.sync_notes)
+
+    @property
+    def sync_summary(self) -> str:
+        counts = Counter(self.sync_notes)
+        return "; ".join(f"{n} x {what}" for what, n in counts.items())
+
+
+@dataclass
+class _Module:
+    attr: str
+    ctor: str
+
+
+def _norm_ctor(op: O.NormOp) -> str:
+    cls = "nn.RMSNorm" if op.norm == "rms" else "nn.LayerNorm"
+    return f"{cls}({op.dim}, eps={op.eps!r})"
+
+
+def _ffn_ctor(e: O.ExpertSpec) -> str:
+    return (f"FeedForward(dim={e.dim}, hidden={e.hidden}, glu={e.form == 'glu'}, "
+            f"activation={e.act!r}, bias={e.bias})")
+
+
+class _BlockEmitter:
+    """Emits the class of the block kind that layer `layer` instantiates."""
+
+    def __init__(self, graph: Graph, layer: int, view: BlockView):
+        self.g, self.layer, self.view = graph, layer, view
+        self.nodes = [n for n in graph.nodes() if graph.op(n).layer == layer]
+        self.in_layer = set(self.nodes)
+        self.names: dict[Value, str] = {}
+        self.used: set[str] = set()
+        self.tree: dict = {}  # nested attribute tree of submodules
+        self.region_inputs: dict[tuple[str, Value], str] = {}
+        self.absorbed: set[int] = set()
+
+    # ---- naming -----------------------------------------------------------------------------
+    def rel(self, node: int) -> list[str]:
+        parts = self.g.op(node).name.split(".")[2:]  # drop "layers.<i>"
+        return [py_name(p) for p in parts]
+
+    def region(self, node: int) -> str | None:
+        parts = self.rel(node)
+        return parts[0] if len(parts) > 1 else None
+
+    def fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.used or name in _RESERVED or name == "x":
+            i += 1
+            name = f"{base}_{i}"
+        self.used.add(name)
+        return name
+
+    def ref(self, value: Value, consumer: int) -> str:
+        if value.node not in self.in_layer:
+            is_modality = self.g.op(value.node).kind == "input" and value.port == 1
+            base = "modality" if is_modality else "x"
+            region = self.region(consumer)
+            if region is None:
+                return base
+            return self._flat(region, value, base)
+        name = self.names[value]
+        src_region, dst_region = self.region(value.node), self.region(consumer)
+        if src_region == dst_region:
+            return name
+        if dst_region is None:  # leaving an MoE region: restore the token layout
+            t = self.g.type_of(value)
+            if t is not None and t.shape and t.shape[0] == "T":
+                anchor = next(v for (r, _), v in self.region_inputs.items() if r == src_region and v != "modality_flat")
+                return f"{name}.view({anchor.removesuffix('_flat')}.shape)"
+            return name
+        return self._flat(dst_region, value, name)
+
+    def _flat(self, region: str, value: Value, name: str) -> str:
+        key = (region, value)
+        if key not in self.region_inputs:
+            t = self.g.type_of(value)
+            if name == "modality":
+                flat = self.fresh(f"{region}_modality")
+                self.view.body.append(f"{flat} = modality.reshape(-1)")
+            else:
+                flat = self.fresh(f"{name}_flat")
+                self.view.body.append(f"{flat} = {name}.reshape(-1, {t.shape[-1]})")
+            self.region_inputs[key] = flat
+        return self.region_inputs[key]
+
+    def assign(self, node: int, bases: list[str]) -> list[str]:
+        region = self.region(node)
+        group = self.rel(node)[1] if region and len(self.rel(node)) > 2 else None
+        prefix = f"{group}_" if group else ""
+        out = []
+        for v, base in zip(self.g.outputs(node), bases):
+            # block-level values reuse `x` / `h` like hand-written code; others get unique names
+            name = base if region is None and base in ("x", "h") and self._dead_after(base, node) else \
+                self.fresh(prefix + base)
+            self.names[v] = name
+            self.used.add(name)
+            out.append(name)
+        return out
+
+    def _dead_after(self, name: str, node: int) -> bool:
+        """True if no later op reads the value currently called `name` (so it may be reused)."""
+        live = [v for v, n in self.names.items() if n == name]
+        order = {n: i for i, n in enumerate(self.nodes)}
+        for v in live:
+            for user, _ in self.g.users(v):
+                if user in order and order[user] > order[node]:
+                    return False
+        return True
+
+    def module(self, path: list[str], ctor: str) -> str:
+        t = self.tree
+        for p in path[:-1]:
+            t = t.setdefault(p, {})
+        t[path[-1]] = ctor
+        return "self." + ".".join(path)
+
+    # ---- statements ---------------------------------------------------------------------------
+    def emit(self) -> None:
+        body = self.view.body
+        aux_terms, counts = [], []
+        for node in self.nodes:
+            if node in self.absorbed:
+                continue
+            op = self.g.op(node)
+            ins = [self.ref(v, node) for v in self.g.inputs(node)]
+            path = self.rel(node)
+            k = op.kind
+            if k == "norm":
+                attr = self.module(path, _norm_ctor(op))
+                (h,) = self.assign(node, ["h"])
+                body.append(f"{h} = {attr}({ins[0]})")
+            elif k == "attention":
+                attr = self.module(path, f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
+                                         f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal})")
+                (h,) = self.assign(node, ["h"])
+                body.append(f"{h} = {attr}({ins[0]})")
+            elif k == "ffn":
+                attr = self.module(path, _ffn_ctor(op.expert))
+                (h,) = self.assign(node, ["h" if self.region(node) is None else path[-1]])
+                body.append(f"{h} = {attr}({ins[0]})")
+            elif k == "add":
+                (x,) = self.assign(node, ["x" if self.region(node) is None else "y"])
+                body.append(f"{x} = {ins[0]} + {ins[1]}")
+            elif k == "select_tokens":
+                xs, idx = self.assign(node, ["x", "idx"])
+                body.append(f"{idx} = select_tokens({ins[1]}, {tuple(op.modalities)!r})")
+                body.append(f"{xs} = {ins[0]}.index_select(0, {idx})")
+                self.view.sync_notes.append("token selection by modality")
+            elif k == "router_gate":
+                attr = self.module(path, f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
+                (logits,) = self.assign(node, ["logits"])
+                body.append(f"{logits} = {attr}({ins[0]})")
+            elif k == "top_k":
+                r = op.router
+                w, ids, probs = self.assign(node, ["weights", "expert_ids", "probs"])
+                body.append(f"{w}, {ids}, {probs} = route_top_k({ins[0]}, k={r.k}, score={r.score!r}, "
+                            f"renormalize={r.renormalize}, scale={r.scale!r})")
+            elif k == "permute":
+                self._experts(node, ins[0])
+            elif k == "scatter_tokens":
+                (y,) = self.assign(node, ["out"])
+                body.append(f"{y} = scatter_tokens({ins[0]}, {ins[1]}, {ins[2]})")
+            elif k == "aux_loss":
+                (aux,) = self.assign(node, ["aux"])
+                terms = []
+                if op.losses.load_balance:
+                    terms.append(f"{op.losses.load_balance!r} * load_balance_loss({ins[1]}, {ins[2]}, "
+                                 f"{op.num_experts})")
+                if op.losses.z_loss:
+                    terms.append(f"{op.losses.z_loss!r} * z_loss({ins[0]})")
+                body.append(f"{aux} = {' + '.join(terms)}")
+            elif k in ("combine", "expert_gemm", "activation"):
+                raise ValueError(f"{op.name}: `{k}` outside a permute -> combine chain")
+            else:
+                raise ValueError(f"the pytorch backend has no lowering for op `{k}` ({op.name})")
+        for node in self.nodes:
+            for v in self.g.outputs(node):
+                for user, _ in self.g.users(v):
+                    if self.g.op(user).kind == "output":
+                        t = self.g.type_of(v)
+                        (counts if t.dtype == "i64" else aux_terms).append(self.names[v])
+        out = [self.names[v] for n in self.nodes for v in self.g.outputs(n)
+               if any(u not in self.in_layer and self.g.op(u).kind != "output" for u, _ in self.g.users(v))]
+        aux = " + ".join(aux_terms) if aux_terms else "x.new_zeros((), dtype=torch.float32)"
+        cnt = ("torch.cat([" + ", ".join(counts) + "])" if len(counts) > 1 else counts[0]) if counts else "None"
+        self.view.returns = f"{out[0]}, {aux}, {cnt}"
+        self.view.modules = [_Module(attr, _ctor(sub)) for attr, sub in self.tree.items()]
+
+    def _experts(self, permute: int, ids: str) -> None:
+        """Legalise permute -> expert GEMMs -> activation -> combine into one moe_experts call."""
+        g, op = self.g, self.g.op(permute)
+        plan, counts_v = g.outputs(permute)
+        gemms = {g.op(u).projection: u for u, _ in g.users(plan) if g.op(u).kind == "expert_gemm"}
+        combine = next(u for u, _ in g.users(plan) if g.op(u).kind == "combine")
+        act = next(u for u, _ in g.users(Value(gemms["up"])))
+        act_op = g.op(act)
+        self.absorbed |= set(gemms.values()) | {act, combine}
+        up_op = g.op(gemms["up"])
+        path = self.rel(gemms["up"])[:-1]  # ... .experts
+        attr = self.module(path, f"Experts(num_experts={op.num_experts}, dim={up_op.in_dim}, "
+                                 f"hidden={up_op.out_dim}, glu={act_op.glu}, bias={up_op.bias})")
+        x_in = self.ref(g.inputs(gemms["up"])[0], gemms["up"])
+        weights = self.ref(g.inputs(combine)[1], combine)
+        cnt = self.assign(permute, ["dispatch", "counts"])[1]
+        (y,) = self.assign(combine, ["y"])
+        body = self.view.body
+        body.append(f"{cnt} = expert_counts({ids}, {op.num_experts})")
+        args = [x_in, ids, weights, f"{attr}.up_proj", f"{attr}.down_proj"]
+        if act_op.glu:
+            args.append(f"gate_proj={attr}.gate_proj")
+        if up_op.bias:
+            args += [f"up_bias={attr}.up_bias", f"down_bias={attr}.down_bias"]
+            if act_op.glu:
+                args.append(f"gate_bias={attr}.gate_bias")
+        args.append(f"activation={act_op.act!r}")
+        body.append(f"{y} = moe_experts({', '.join(args)})")
+        from moec.backends.pytorch import runtime
+
+        self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]
+
+
+def _ctor(sub, indent: int = 8) -> str:
+    """Constructor text of a submodule; nested namespaces become indented Container(...) calls."""
+    if isinstance(sub, str):
+        return sub
+    pad = " " * (indent + 4)
+    items = "".join(f"\n{pad}{k}={_ctor(v, indent + 4)}," for k, v in sub.items())
+    return f"Container({items}\n{' ' * indent})"
+
+
+def render(graph: Graph, source: str) -> str:
+    inp = graph.op(graph.find("input")[0])
+    layer_ids = sorted({graph.op(n).layer for n in graph.nodes() if graph.op(n).layer is not None})
+    blocks: dict[str, BlockView] = {}
+    layer_classes = []
+    used_class_names: set[str] = set()
+    for i in layer_ids:
+        first = next(n for n in graph.nodes() if graph.op(n).layer == i)
+        key = graph.op(first).block
+        if key not in blocks:
+            cname = _class_name(key)
+            while cname in used_class_names:
+                cname += "_"
+            used_class_names.add(cname)
+            loc = graph.op(first).loc
+            view = BlockView(name=key, class_name=cname, loc=f"{os.path.basename(loc.path)}:{loc.line}" if loc else "?")
+            _BlockEmitter(graph, i, view).emit()
+            blocks[key] = view
+        layer_classes.append(blocks[key].class_name)
+    final = [n for n in graph.find("norm") if graph.op(n).layer is None]
+    env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), trim_blocks=True, lstrip_blocks=True,
+                             keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    per_layer = {b.class_name: b.host_syncs for b in blocks.values()}
+    return env.get_template("model.py.j2").render(
+        version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
+        modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim, blocks=list(blocks.values()),
+        layers=layer_classes, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
+        total_syncs=sum(per_layer[c] for c in layer_classes))
+
+
+def _template(name: str) -> str:
+    return resources.files("moec.backends.pytorch").joinpath("templates", name).read_text()
+
+
+def runtime_source() -> str:
+    return resources.files("moec.backends.pytorch").joinpath("runtime.py").read_text()

@@ -1,0 +1,58 @@
+"""Python API: `moec.compile(path, target, out)` and `moec.load(path)`."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+
+from moec import __version__
+
+
+def compile(path: str, target: str = "pytorch", out: str = "out") -> list[str]:  # noqa: A001 - public name
+    """Compile `path` for `target` into directory `out`; return the paths written."""
+    from moec.backends import targets
+    from moec.driver import compile_model
+
+    emitters = targets()
+    if target not in emitters:
+        raise ValueError(f"unknown target {target!r}; targets: {', '.join(sorted(emitters))}")
+    files = emitters[target](compile_model(path), out)
+    return [os.path.join(out, f) for f in files]
+
+
+def cache_dir() -> str:
+    root = os.environ.get("MOEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "moec")
+    return os.path.join(root, __version__)
+
+
+def load(path: str, seed: int = 0):
+    """Compile `path` to PyTorch, import the generated module (cached by content hash) and
+    return `Model(seed)`. Raises moec.CompileError (with rendered diagnostics) on a bad file."""
+    from moec.backends.pytorch import py_name, render, runtime_source
+    from moec.driver import compile_model
+
+    comp = compile_model(path)
+    code = render(comp.graph, path)
+    runtime = runtime_source()
+    digest = hashlib.sha256((code + runtime).encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir(), digest)
+    module_file = os.path.join(out, f"{py_name(comp.graph.name)}.py")
+    if not os.path.exists(module_file):
+        from moec.backends import write_tree
+
+        write_tree(out, {os.path.basename(module_file): code, "moec_runtime.py": runtime})
+    _import("moec_runtime", os.path.join(out, "moec_runtime.py"), replace=True)
+    module = _import(f"moec_generated_{digest}", module_file)
+    return module.Model(seed=seed)
+
+
+def _import(name: str, file: str, replace: bool = False):
+    if name in sys.modules and not replace:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,0 +1,151 @@
+"""An independent, deliberately plain reference for generated models.
+
+It reads the checked ModelSpec (not the IR, not the generated code) and the generated model's
+parameters by name, and computes the forward pass with explicit per-token / per-expert loops
+and textbook formulas. Tests compare generated modules against it in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from moec import ops as O
+
+
+def act(name: str, x):
+    return {"silu": lambda v: v * torch.sigmoid(v),
+            "gelu": lambda v: 0.5 * v * (1 + torch.erf(v / math.sqrt(2))),
+            "gelu_tanh": lambda v: 0.5 * v * (1 + torch.tanh(math.sqrt(2 / math.pi) * (v + 0.044715 * v ** 3))),
+            "relu": lambda v: torch.clamp(v, min=0),
+            "identity": lambda v: v}[name](x)
+
+
+def norm(op: O.NormOp, p: dict, prefix: str, x):
+    w = p[f"{prefix}.weight"]
+    if op.norm == "rms":
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + op.eps) * w
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + op.eps) * w + p[f"{prefix}.bias"]
+
+
+def linear(p, prefix, x):
+    y = x @ p[f"{prefix}.weight"].T
+    return y + p[f"{prefix}.bias"] if f"{prefix}.bias" in p else y
+
+
+def attention(op: O.AttentionOp, p: dict, prefix: str, x):
+    seq = x.shape[-2]
+    xs = x.reshape(-1, seq, x.shape[-1])
+    out = torch.zeros(xs.shape[0], seq, op.heads * op.head_dim, dtype=x.dtype)
+    q = linear(p, f"{prefix}.q_proj", xs)
+    k = linear(p, f"{prefix}.k_proj", xs)
+    v = linear(p, f"{prefix}.v_proj", xs)
+    group = op.heads // op.kv_heads
+    for b in range(xs.shape[0]):
+        for h in range(op.heads):
+            kv = h // group
+            qh = q[b, :, h * op.head_dim:(h + 1) * op.head_dim]
+            kh = k[b, :, kv * op.head_dim:(kv + 1) * op.head_dim]
+            vh = v[b, :, kv * op.head_dim:(kv + 1) * op.head_dim]
+            scores = qh @ kh.T / math.sqrt(op.head_dim)
+            if op.causal:
+                mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
+                scores = scores.masked_fill(mask, float("-inf"))
+            out[b, :, h * op.head_dim:(h + 1) * op.head_dim] = torch.softmax(scores, -1) @ vh
+    return linear(p, f"{prefix}.o_proj", out).reshape(x.shape)
+
+
+def dense_ffn(e: O.ExpertSpec, p: dict, prefix: str, x):
+    up = linear(p, f"{prefix}.up_proj", x)
+    if e.form == "glu":
+        hidden = act(e.act, linear(p, f"{prefix}.gate_proj", x)) * up
+    else:
+        hidden = act(e.act, up)
+    return linear(p, f"{prefix}.down_proj", hidden)
+
+
+def expert(e: O.ExpertSpec, p: dict, prefix: str, i: int, x):
+    """Expert i of stacked weights, one token row x [d]."""
+    up = x @ p[f"{prefix}.up_proj"][i]
+    if e.bias:
+        up = up + p[f"{prefix}.up_bias"][i]
+    if e.form == "glu":
+        gate = x @ p[f"{prefix}.gate_proj"][i]
+        if e.bias:
+            gate = gate + p[f"{prefix}.gate_bias"][i]
+        hidden = act(e.act, gate) * up
+    else:
+        hidden = act(e.act, up)
+    y = hidden @ p[f"{prefix}.down_proj"][i]
+    return y + p[f"{prefix}.down_bias"][i] if e.bias else y
+
+
+def moe(op: O.MoEOp, p: dict, prefix: str, x, modality):
+    flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
+    y = torch.zeros_like(flat)
+    aux = torch.zeros((), dtype=x.dtype)
+    counts = []
+    single = len(op.groups) == 1
+    for g in op.groups:
+        gp = prefix if single else f"{prefix}.{g.name}"
+        rows = [t for t in range(flat.shape[0]) if single or int(mods[t]) in g.modalities]
+        count = torch.zeros(g.num_experts, dtype=torch.long)
+        probs_all, chosen_all, logits_all = [], [], []
+        for t in rows:
+            logits = flat[t] @ p[f"{gp}.router.weight"].T
+            probs = torch.softmax(logits, -1) if g.router.score == "softmax" else torch.sigmoid(logits)
+            top = torch.topk(probs, g.router.k).indices.tolist()
+            w = probs[top]
+            if g.router.renormalize:
+                w = w / w.sum()
+            w = w * g.router.scale
+            for j, e in enumerate(top):
+                y[t] = y[t] + w[j] * expert(g.expert, p, f"{gp}.experts", e, flat[t])
+                count[e] += 1
+            if g.shared is not None:
+                y[t] = y[t] + dense_ffn(g.shared.model_copy(update={"hidden": g.shared.hidden * g.num_shared}),
+                                        p, f"{gp}.shared", flat[t])
+            probs_all.append(probs)
+            chosen_all.append(top)
+            logits_all.append(logits)
+        if rows and op.losses.load_balance:
+            n_assign = len(rows) * g.router.k
+            f = count.to(x.dtype) / n_assign
+            P = torch.stack(probs_all).mean(0)
+            aux = aux + op.losses.load_balance * g.num_experts * (f * P).sum()
+        if rows and op.losses.z_loss:
+            lse = torch.stack([torch.logsumexp(lg, -1) for lg in logits_all])
+            aux = aux + op.losses.z_loss * (lse ** 2).mean()
+        counts.append(count)
+    if op.shared is not None:
+        y = y + dense_ffn(op.shared.model_copy(update={"hidden": op.shared.hidden * op.num_shared}),
+                          p, f"{prefix}.shared", flat)
+    return y.reshape(x.shape), aux, torch.cat(counts)
+
+
+def forward(spec, params: dict, x, modality):
+    """Reference forward: (output, aux_loss, [expert counts per MoE layer])."""
+    aux_total = torch.zeros((), dtype=x.dtype)
+    all_counts = []
+    for i, block in enumerate(spec.layers):
+        for sub in block.sublayers:
+            pre = block.residual == "pre_norm"
+            name = f"layers.{i}.{sub.op.name}"
+            h = norm(sub.norm, params, f"layers.{i}.{sub.norm.name}", x) if pre else x
+            if isinstance(sub.op, O.AttentionOp):
+                out = attention(sub.op, params, name, h)
+            elif isinstance(sub.op, O.FFNOp):
+                out = dense_ffn(sub.op.expert, params, name, h)
+            else:
+                out, aux, counts = moe(sub.op, params, name, h, modality)
+                aux_total = aux_total + aux
+                all_counts.append(counts)
+            x = x + out
+            if not pre:
+                x = norm(sub.norm, params, f"layers.{i}.{sub.norm.name}", x)
+    if spec.final_norm is not None:
+        x = norm(spec.final_norm, params, "final_norm", x)
+    return x, aux_total, all_counts

@@ -1,0 +1,227 @@
+"""Generated PyTorch modules against the plain reference in tests/reference.py (float64)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+import moec
+from moec.cli import main
+from moec.driver import frontend
+
+from reference import forward as reference_forward
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def _check(path, x, modality=None, seed=0, perturb=None):
+    model = moec.load(path, seed=seed).double()
+    if perturb:
+        perturb(model)
+    spec = frontend(path)
+    x = x.double().requires_grad_(True)
+    out = model(x, modality)
+    params = dict(model.named_parameters())
+    ref_x = x.detach().clone().requires_grad_(True)
+    mod = modality if modality is not None else torch.zeros(x.shape[:-1], dtype=torch.long)
+    ref_out, ref_aux, ref_counts = reference_forward(spec, params, ref_x, mod)
+    torch.testing.assert_close(out.output, ref_out, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.aux_loss.double(), ref_aux, rtol=1e-9, atol=1e-12)
+    assert len(out.expert_counts) == len(ref_counts)
+    for a, b in zip(out.expert_counts, ref_counts):
+        assert torch.equal(a.cpu(), b)
+    # backward: same loss on both sides, gradients of input and every parameter
+    probe = torch.randn_like(ref_out)
+    loss = (out.output * probe).sum() + out.aux_loss
+    names = [n for n, _ in model.named_parameters()]
+    grads = torch.autograd.grad(loss, [x] + [params[n] for n in names], allow_unused=True)
+    ref_loss = (ref_out * probe).sum() + ref_aux
+    ref_grads = torch.autograd.grad(ref_loss, [ref_x] + [params[n] for n in names], allow_unused=True)
+    for name, g, r in zip(["x"] + names, grads, ref_grads):
+        if r is None:
+            assert g is None or torch.count_nonzero(g) == 0, name
+            continue
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-9, msg=lambda m, n=name: f"grad of {n}: {m}")
+    return model, out
+
+
+@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe"])
+def test_examples_match_reference(example):
+    torch.manual_seed(0)
+    _check(os.path.join(EXAMPLES, f"{example}.moe"), torch.randn(2, 5, 64))
+
+
+def test_moma_modality_groups_route_only_their_tokens():
+    torch.manual_seed(1)
+    modality = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1]])
+    model, out = _check(os.path.join(EXAMPLES, "moma.moe"), torch.randn(2, 6, 64), modality)
+    text, image = int((modality == 0).sum()), int((modality == 1).sum())
+    for counts in out.expert_counts:  # top-1 in groups of 4: text experts first, then image experts
+        assert counts[:4].sum() == text and counts[4:].sum() == image
+
+
+def test_moma_empty_group():
+    torch.manual_seed(2)
+    _check(os.path.join(EXAMPLES, "moma.moe"), torch.randn(1, 4, 64), torch.zeros(1, 4, dtype=torch.long))
+
+
+def _write(tmp_path, text, name="m.moe"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+ROUTING_MODEL = """
+model routing {{
+  const d = 16
+  input(dim = d)
+  block b {{
+    {settings}
+    attention(heads = 2, causal = {causal})
+    moe {{
+      experts 6 x {expert}
+      router top_k(k = {k}, score = {score}, renormalize = {renorm}, scale = {scale})
+      {extra}
+      loss load_balance(0.1), z_loss(0.01)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("case", [
+    dict(expert="glu(d, 24, act = silu)", k=2, score="softmax", renorm="true", scale=1.0, extra="", settings="",
+         causal="true"),
+    dict(expert="mlp(d, 20, act = gelu, bias = true)", k=3, score="sigmoid", renorm="true", scale=2.5,
+         extra="shared 2 x mlp(d, 8, act = relu)", settings="residual = post_norm", causal="false"),
+    dict(expert="glu(d, 12, act = gelu_tanh, bias = true)", k=1, score="sigmoid", renorm="false", scale=1.0,
+         extra="", settings="norm = layer(eps = 1e-5)", causal="true"),
+])
+def test_router_and_expert_variants(tmp_path, case):
+    torch.manual_seed(3)
+    path = _write(tmp_path, ROUTING_MODEL.format(**case))
+    _check(path, torch.randn(3, 7, 16))
+
+
+def test_all_tokens_to_one_expert_and_ties(tmp_path):
+    """Zero router weights make every score tie: all tokens pick the same k experts."""
+    case = dict(expert="glu(d, 24)", k=2, score="softmax", renorm="false", scale=1.0, extra="", settings="",
+                causal="true")
+    path = _write(tmp_path, ROUTING_MODEL.format(**case))
+
+    def zero_routers(model):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight"):
+                    p.zero_()
+
+    torch.manual_seed(4)
+    _, out = _check(path, torch.randn(2, 9, 16), perturb=zero_routers)
+    for counts in out.expert_counts:
+        assert sorted(counts.tolist()) == [0, 0, 0, 0, 18, 18]  # 4 empty experts, 2 take every token
+
+
+def test_contract(tmp_path):
+    model = moec.load(os.path.join(EXAMPLES, "moma.moe"))
+    assert model.modalities == ("text", "image") and model.d_model == 64
+    out = model(torch.randn(3, 64), torch.tensor([0, 1, 0]))
+    assert out.output.shape == (3, 64) and out.aux_loss.shape == ()
+    with pytest.raises(ValueError, match="modality"):
+        model(torch.randn(3, 64))
+    with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
+        model(torch.randn(3, 65), torch.zeros(3, dtype=torch.long))
+    single = moec.load(os.path.join(EXAMPLES, "mixtral.moe"))
+    assert single(torch.randn(4, 64)).output.shape == (4, 64)  # modality may be omitted
+    # seeds: same seed same weights, other seed other weights
+    a, b = moec.load(os.path.join(EXAMPLES, "mixtral.moe"), seed=7), moec.load(os.path.join(EXAMPLES, "mixtral.moe"), seed=7)
+    c = moec.load(os.path.join(EXAMPLES, "mixtral.moe"), seed=8)
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[n], pb[n]) for n in pa) and not torch.equal(pa["layers.0.moe.router.weight"],
+                                                                          pc["layers.0.moe.router.weight"])
+
+
+def test_parameter_names_follow_the_source():
+    names = set(dict(moec.load(os.path.join(EXAMPLES, "moma.moe")).named_parameters()))
+    assert {"layers.1.moe.text.router.weight", "layers.1.moe.image.experts.gate_proj",
+            "layers.0.ffn.down_proj.weight", "layers.0.attention.q_proj.weight", "final_norm.weight"} <= names
+    names = set(dict(moec.load(os.path.join(EXAMPLES, "deepseek_moe.moe")).named_parameters()))
+    assert {"layers.1.moe.shared.up_proj.weight", "layers.1.moe.experts.up_proj"} <= names
+
+
+def test_parameter_count_matches_report(capsys):
+    import json
+
+    for example in ("mixtral", "deepseek_moe", "moma"):
+        path = os.path.join(EXAMPLES, f"{example}.moe")
+        n = sum(p.numel() for p in moec.load(path).parameters())
+        assert main(["report", path, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["params"]["total"] == n, example
+
+
+def test_compile_cli_writes_importable_files(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", os.path.join(EXAMPLES, "moma.moe"), "--target", "pytorch", "-o", str(out)]) == 0
+    assert sorted(os.listdir(out)) == ["moec_runtime.py", "moma.py"]
+    source = (out / "moma.py").read_text()
+    assert "from moec_runtime import" in source and "import moec\n" not in source
+    assert "# Host synchronisations per forward call" in source
+    sys.path.insert(0, str(out))
+    try:
+        spec = importlib.util.spec_from_file_location("moma_generated", out / "moma.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(out))
+    model = module.Model()
+    y = model(torch.randn(2, 3, 64), torch.tensor([[0, 1, 1], [1, 0, 0]])).output
+    assert y.shape == (2, 3, 64)
+
+
+def test_unknown_target_is_a_clean_error(capsys):
+    assert main(["compile", os.path.join(EXAMPLES, "moma.moe"), "--target", "tpu", "-o", "x"]) == 1
+    err = capsys.readouterr().err
+    assert "error[E0401]" in err and "Traceback" not in err
+
+
+def test_keyword_identifiers_are_mangled(tmp_path):
+    path = _write(tmp_path, """
+model class {
+  const d = 8
+  modality def, import
+  input(dim = d)
+  expert lambda = mlp(d, 16)
+  block return {
+    attention(heads = 2)
+    moe {
+      group def { experts 2 x lambda; router top_k(k = 1) }
+      group import { experts 2 x lambda; router top_k(k = 1) }
+    }
+  }
+  layers { return }
+}
+""")
+    model = moec.load(path)
+    assert "layers.0.moe.def_.router.weight" in dict(model.named_parameters())
+    out = model(torch.randn(4, 8), torch.tensor([0, 1, 1, 0]))
+    assert out.output.shape == (4, 8)
+
+
+def test_training_step_reduces_loss():
+    torch.manual_seed(0)
+    model = moec.load(os.path.join(EXAMPLES, "mixtral.moe"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, target = torch.randn(4, 8, 64), torch.randn(4, 8, 64)
+    losses = []
+    for _ in range(5):
+        out = model(x)
+        loss = ((out.output - target) ** 2).mean() + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]

@@ -1,0 +1,550 @@
+"""Tests for backends/pytorch/runtime.py (the generated-code runtime, ``moec_runtime``).
+
+Every numerical check compares against an independent fp64 reference written here with
+explicit per-token loops and matmuls; the reference never calls runtime helpers.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+_RUNTIME_PATH = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "runtime.py"
+
+
+def _load_runtime():
+    spec = importlib.util.spec_from_file_location("moec_runtime_under_test", _RUNTIME_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+rt = _load_runtime()
+
+METHODS = ["grouped_mm", "split", "padded_bmm", "auto"]
+CONCRETE = ["grouped_mm", "split", "padded_bmm"]
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _ref_act(name, t):
+    if name == "silu":
+        return t / (1.0 + torch.exp(-t))
+    if name == "gelu":
+        return 0.5 * t * (1.0 + torch.erf(t / math.sqrt(2.0)))
+    if name == "gelu_tanh":
+        return 0.5 * t * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (t + 0.044715 * t**3)))
+    if name == "relu":
+        return t * (t > 0).to(t.dtype)
+    if name == "identity":
+        return t
+    raise AssertionError(name)
+
+
+def reference_moe(x, ids, w, up, down, gate=None, act="silu", ub=None, db=None, gb=None):
+    """Plain per-token, per-slot loop in whatever dtype the inputs have (tests use fp64)."""
+    T, d = x.shape
+    rows = []
+    for t in range(T):
+        acc = torch.zeros(d, dtype=x.dtype)
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e == -1:
+                continue
+            u = x[t] @ up[e]
+            if ub is not None:
+                u = u + ub[e]
+            if gate is not None:
+                g = x[t] @ gate[e]
+                if gb is not None:
+                    g = g + gb[e]
+                h = _ref_act(act, g) * u
+            else:
+                h = _ref_act(act, u)
+            y = h @ down[e]
+            if db is not None:
+                y = y + db[e]
+            acc = acc + w[t, j] * y
+        rows.append(acc)
+    if not rows:
+        return x[:0] * 0.0
+    return torch.stack(rows)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def make_problem(T=24, d=12, f=8, E=6, k=2, glu=True, bias=False, seed=0, ids=None):
+    """fp64 leaf tensors; ``ids`` defaults to k distinct random experts per token."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).requires_grad_()
+
+    p = {
+        "x": rnd(T, d),
+        "w": (torch.rand(T, k, generator=g, dtype=torch.float64) + 0.1).requires_grad_(),
+        "up": rnd(E, d, f, s=d**-0.5),
+        "down": rnd(E, f, d, s=f**-0.5),
+        "gate": rnd(E, d, f, s=d**-0.5) if glu else None,
+        "ub": rnd(E, f, s=0.5) if bias else None,
+        "db": rnd(E, d, s=0.5) if bias else None,
+        "gb": rnd(E, f, s=0.5) if (bias and glu) else None,
+    }
+    if ids is None:
+        ids = torch.rand(T, E, generator=g).argsort(dim=-1)[:, :k]
+    p["ids"] = ids
+    return p
+
+
+TENSOR_KEYS = ["x", "w", "up", "down", "gate", "ub", "db", "gb"]
+
+
+def run_both(p, method, act="silu", dtype=torch.float32, gy_seed=1):
+    """Run runtime (inputs cast to ``dtype``) and the fp64 reference; return outputs and grads."""
+    T, d = p["x"].shape
+    gy = torch.randn(T, d, generator=torch.Generator().manual_seed(gy_seed), dtype=torch.float64)
+
+    ref = reference_moe(
+        p["x"], p["ids"], p["w"], p["up"], p["down"], p["gate"], act, p["ub"], p["db"], p["gb"]
+    )
+    ref_inputs = [p[key] for key in TENSOR_KEYS if p[key] is not None]
+    if ref.requires_grad:
+        ref_grads = torch.autograd.grad(ref, ref_inputs, gy, allow_unused=True)
+    else:  # nothing routed at all: every gradient is zero
+        ref_grads = [None] * len(ref_inputs)
+
+    low = {
+        key: (None if p[key] is None else p[key].detach().to(dtype).requires_grad_()) for key in TENSOR_KEYS
+    }
+    out = rt.moe_experts(
+        low["x"],
+        p["ids"],
+        low["w"],
+        low["up"],
+        low["down"],
+        gate_proj=low["gate"],
+        activation=act,
+        up_bias=low["ub"],
+        down_bias=low["db"],
+        gate_bias=low["gb"],
+        method=method,
+    )
+    low_inputs = [low[key] for key in TENSOR_KEYS if low[key] is not None]
+    grads = torch.autograd.grad(out, low_inputs, gy.to(dtype), allow_unused=True)
+    names = [key for key in TENSOR_KEYS if p[key] is not None]
+    return out, ref, dict(zip(names, grads)), dict(zip(names, ref_grads))
+
+
+def assert_close_all(out, ref, grads, ref_grads, tol=2e-5):
+    assert out.shape == ref.shape
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=tol, atol=tol)
+    for name, ref_g in ref_grads.items():
+        g = grads[name]
+        if ref_g is None:
+            ref_g = torch.zeros_like(g, dtype=torch.float64)
+        assert g is not None, f"no grad for {name}"
+        torch.testing.assert_close(
+            g.double(), ref_g, rtol=tol, atol=tol, msg=lambda m, n=name: f"grad {n}: {m}"
+        )
+
+
+# --------------------------------------------------------------------------- moe_experts
+
+
+def test_grouped_mm_really_used_on_this_build():
+    p = make_problem()
+    x32, up32, down32 = p["x"].float(), p["up"].float(), p["down"].float()
+    if not rt.grouped_mm_available("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm not usable on this build")
+    assert rt.resolve_method("grouped_mm", x32, up32, down32, p["gate"].float(), k=2) == "grouped_mm"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "mlp"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_matches_reference_forward_backward(method, glu, bias):
+    p = make_problem(T=40, glu=glu, bias=bias, seed=3)
+    out, ref, grads, ref_grads = run_both(p, method)
+    assert out.dtype == torch.float32
+    assert_close_all(out, ref, grads, ref_grads)
+
+
+@pytest.mark.parametrize("method", CONCRETE)
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu", "identity"])
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "mlp"])
+def test_activations(method, act, glu):
+    p = make_problem(T=16, glu=glu, bias=True, seed=11)
+    out, ref, grads, ref_grads = run_both(p, method, act=act)
+    assert_close_all(out, ref, grads, ref_grads)
+
+
+def test_activations_differ():
+    """Guard against the activation argument being ignored."""
+    p = make_problem(T=8, glu=False, seed=2)
+    outs = {
+        act: rt.moe_experts(
+            p["x"].float(), p["ids"], p["w"].float(), p["up"].float(), p["down"].float(), activation=act
+        )
+        for act in ["silu", "gelu", "gelu_tanh", "relu", "identity"]
+    }
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(outs[a], outs[b], atol=1e-6), (a, b)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_tokens_on_one_expert(method):
+    T, E = 32, 8
+    ids = torch.full((T, 1), 5, dtype=torch.long)
+    p = make_problem(T=T, E=E, k=1, bias=True, ids=ids, seed=4)
+    out, ref, grads, ref_grads = run_both(p, method)
+    assert_close_all(out, ref, grads, ref_grads)
+    others = [e for e in range(E) if e != 5]
+    assert grads["up"][others].abs().max() == 0
+    assert grads["gb"][others].abs().max() == 0
+    assert grads["up"][5].abs().max() > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_skewed_two_slots(method):
+    """Slot 0 always expert 0, slot 1 always expert 7: six experts empty."""
+    T = 20
+    ids = torch.stack([torch.zeros(T, dtype=torch.long), torch.full((T,), 7, dtype=torch.long)], dim=1)
+    p = make_problem(T=T, E=8, k=2, ids=ids, seed=5)
+    out, ref, grads, ref_grads = run_both(p, method)
+    assert_close_all(out, ref, grads, ref_grads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_empty_experts(method):
+    g = torch.Generator().manual_seed(6)
+    T, E = 30, 8
+    used = torch.tensor([1, 4, 6])
+    ids = used[torch.rand(T, 3, generator=g).argsort(dim=-1)[:, :2]]
+    p = make_problem(T=T, E=E, k=2, ids=ids, bias=True, seed=6)
+    out, ref, grads, ref_grads = run_both(p, method)
+    assert_close_all(out, ref, grads, ref_grads)
+    unused = [0, 2, 3, 5, 7]
+    for name in ["up", "down", "gate", "ub", "db", "gb"]:
+        assert grads[name][unused].abs().max() == 0, name
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("glu", [True, False], ids=["glu", "mlp"])
+def test_zero_tokens(method, glu):
+    p = make_problem(T=0, k=2, glu=glu, bias=True)
+    assert p["ids"].shape == (0, 2)
+    up = p["up"].detach().float().requires_grad_()
+    x = p["x"].detach().float().requires_grad_()
+    out = rt.moe_experts(
+        x,
+        p["ids"],
+        p["w"].detach().float(),
+        up,
+        p["down"].detach().float(),
+        None if p["gate"] is None else p["gate"].detach().float(),
+        up_bias=p["ub"].detach().float(),
+        method=method,
+    )
+    assert out.shape == (0, 12) and out.dtype == torch.float32
+    assert out.requires_grad
+    out.sum().backward()
+    assert up.grad is not None and up.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_dropped_slots(method):
+    p = make_problem(T=24, k=3, E=6, bias=True, seed=7)
+    ids = p["ids"].clone()
+    ids[::3, 1] = -1  # some dropped slots
+    ids[5] = -1  # a token with every slot dropped
+    p["ids"] = ids
+    out, ref, grads, ref_grads = run_both(p, method)
+    assert_close_all(out, ref, grads, ref_grads)
+    assert out[5].abs().max() == 0
+    assert grads["w"][ids == -1].abs().max() == 0
+    assert grads["w"][ids != -1].abs().min() > 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_all_slots_dropped(method):
+    p = make_problem(T=10, k=2, seed=8, ids=torch.full((10, 2), -1, dtype=torch.long))
+    out, ref, grads, ref_grads = run_both(p, method)
+    assert out.abs().max() == 0
+    assert_close_all(out, ref, grads, ref_grads)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_and_fp64(method):
+    p = make_problem(T=32, d=16, f=16, E=4, k=2, seed=9)
+    out, ref, _, _ = run_both(p, method, dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0.05, atol=0.05)
+    out64, ref64, grads64, ref_grads64 = run_both(p, method, dtype=torch.float64)
+    assert out64.dtype == torch.float64
+    assert_close_all(out64, ref64, grads64, ref_grads64, tol=1e-10)  # fp64 must not be squeezed through fp32
+
+
+def test_grouped_mm_unaligned_falls_back():
+    p = make_problem(T=12, d=6, f=5, E=3, k=2, seed=10)  # 6*4 and 5*4 bytes: not 16-byte aligned
+    assert rt.resolve_method("grouped_mm", p["x"].float(), p["up"].float(), p["down"].float(), k=2) == "split"
+    out, ref, grads, ref_grads = run_both(p, "grouped_mm")
+    assert_close_all(out, ref, grads, ref_grads)
+
+
+def test_auto_rule_on_cpu():
+    E, d, f = 4, 8, 8
+    up, down = torch.zeros(E, d, f), torch.zeros(E, f, d)
+    few_rows, many_rows = torch.zeros(64, d), torch.zeros(1000, d)
+    expected_few = "grouped_mm" if rt.grouped_mm_available("cpu", torch.float32) else "split"
+    assert rt.resolve_method("auto", few_rows, up, down, k=2) == expected_few  # 32 rows/expert
+    assert rt.resolve_method("auto", many_rows, up, down, k=2) == "split"  # 500 rows/expert
+
+
+def test_auto_bf16_cpu_uses_counts():
+    E, d, f = 8, 16, 16
+    x = torch.zeros(64, d, dtype=torch.bfloat16)
+    up, down = torch.zeros(E, d, f, dtype=torch.bfloat16), torch.zeros(E, f, d, dtype=torch.bfloat16)
+    balanced = [16] * E + [0]  # pad ratio 1.0
+    skewed = [100] + [4] * (E - 1) + [0]  # pad ratio 8 * 100 / 128 = 6.25
+    assert rt.resolve_method("auto", x, up, down, k=2, counts=balanced) == "padded_bmm"
+    assert rt.resolve_method("auto", x, up, down, k=2, counts=skewed) != "padded_bmm"
+    assert (
+        rt.resolve_method("auto", x.float(), up.float(), down.float(), k=2, counts=balanced) != "padded_bmm"
+    )
+
+
+def test_bad_arguments():
+    p = make_problem(T=4)
+    args = (p["x"].float(), p["ids"], p["w"].float(), p["up"].float(), p["down"].float())
+    with pytest.raises(ValueError):
+        rt.moe_experts(*args, method="magic")
+    with pytest.raises(ValueError):
+        rt.moe_experts(*args, activation="swish2")
+    with pytest.raises(ValueError):
+        rt.moe_experts(p["x"].float(), p["ids"], p["w"].float(), p["up"].float(), p["up"].float())
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", CONCRETE)
+def test_no_python_loop_over_tokens(method):
+    """The number of dispatched aten ops (fwd + bwd) must not grow with T."""
+    counts = []
+    for T in (16, 64):
+        ids = torch.arange(T * 2).remainder(6).view(T, 2)  # every expert non-empty
+        p = make_problem(T=T, E=6, k=2, ids=ids, seed=12)
+        x, up = p["x"].detach().float().requires_grad_(), p["up"].detach().float().requires_grad_()
+        with _OpCounter() as counter:
+            out = rt.moe_experts(
+                x, ids, p["w"].float(), up, p["down"].float(), p["gate"].float(), method=method
+            )
+            out.sum().backward()
+        counts.append(counter.count)
+    assert counts[0] == counts[1]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_host_sync_counts(method, dtype, monkeypatch):
+    p = make_problem(T=20, d=16, f=16, E=6, k=2, seed=13)
+    args = (
+        p["x"].to(dtype),
+        p["ids"],
+        p["w"].float(),
+        p["up"].to(dtype),
+        p["down"].to(dtype),
+        p["gate"].to(dtype),
+    )
+    rt.grouped_mm_available("cpu", dtype)  # the cached probe may sync; not part of a call
+    resolved = rt.resolve_method(method, args[0], args[3], args[4], args[5], k=2)
+    if method == "auto" and dtype == torch.bfloat16:
+        expected = 1  # auto fetches the counts once on CPU for bf16 (and must not fetch them twice)
+    else:
+        expected = rt.HOST_SYNCS[resolved]
+    calls = []
+    for name in [
+        "item",
+        "tolist",
+        "cpu",
+        "numpy",
+        "__bool__",
+        "__int__",
+        "__float__",
+        "__index__",
+        "nonzero",
+    ]:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _orig=original, _name=name, **kw):
+            calls.append(_name)
+            return _orig(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    rt.moe_experts(*args, method=method)
+    monkeypatch.undo()
+    assert len(calls) == expected, calls
+    assert len(calls) <= rt.HOST_SYNCS[method]
+    assert rt.HOST_SYNCS["auto"] == max(rt.HOST_SYNCS[m] for m in CONCRETE)
+
+
+# --------------------------------------------------------------------------- routing
+
+
+def test_route_top_k_softmax():
+    g = torch.Generator().manual_seed(20)
+    logits = torch.randn(16, 8, generator=g, dtype=torch.float64)
+    w, ids, probs = rt.route_top_k(logits.to(torch.bfloat16), k=3)
+    assert probs.dtype == torch.float32 and w.dtype == torch.float32 and ids.dtype == torch.long
+    lb = logits.to(torch.bfloat16).double()
+    ref_probs = torch.exp(lb) / torch.exp(lb).sum(-1, keepdim=True)
+    torch.testing.assert_close(probs.double(), ref_probs, rtol=1e-5, atol=1e-6)
+    for t in range(16):
+        order = sorted(range(8), key=lambda e: -float(ref_probs[t, e]))
+        assert ids[t].tolist() == order[:3]
+        torch.testing.assert_close(w[t].double(), ref_probs[t, order[:3]], rtol=1e-5, atol=1e-6)
+    w2, ids2, _ = rt.route_top_k(logits, k=3, renormalize=True, scale=2.5)
+    assert torch.equal(ids2, ids)
+    torch.testing.assert_close(w2.sum(-1), torch.full((16,), 2.5, dtype=w2.dtype), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_route_top_k_ties_give_distinct_experts(score):
+    logits = torch.zeros(5, 6)
+    logits[3] = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0, 0.0])
+    w, ids, probs = rt.route_top_k(logits, k=3, score=score)
+    for t in range(5):
+        assert len(set(ids[t].tolist())) == 3
+    assert set(ids[3].tolist()) == {1, 2, 3}
+    torch.testing.assert_close(w, probs.gather(-1, ids))
+    expected = 1 / 6 if score == "softmax" else 0.5
+    torch.testing.assert_close(w[0], torch.full((3,), expected))
+
+
+def test_route_top_k_sigmoid_bias_renormalize_scale():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 3.0, -2.0, 1.0]])
+    bias = torch.tensor([0.0, 0.0, 0.0, 5.0])  # pushes expert 3 into every top-2
+    w, ids, probs = rt.route_top_k(logits, k=2, score="sigmoid", renormalize=True, scale=1.5, bias=bias)
+    sig = [[1.0 / (1.0 + math.exp(-v)) for v in row] for row in logits.tolist()]
+    torch.testing.assert_close(probs, torch.tensor(sig))
+    assert ids.tolist() == [[3, 0], [3, 1]]
+    for t, (a, b) in enumerate(ids.tolist()):
+        s = sig[t][a] + sig[t][b]
+        expected = [1.5 * sig[t][a] / s, 1.5 * sig[t][b] / s]  # from UNbiased probs
+        torch.testing.assert_close(w[t], torch.tensor(expected))
+    w_nb, ids_nb, _ = rt.route_top_k(logits, k=2, score="sigmoid")
+    assert ids_nb.tolist() == [[0, 1], [1, 3]]
+    torch.testing.assert_close(w_nb[0], torch.tensor([sig[0][0], sig[0][1]]))
+
+
+def test_route_top_k_zero_tokens():
+    w, ids, probs = rt.route_top_k(torch.zeros(0, 5), k=2, score="sigmoid", renormalize=True)
+    assert w.shape == (0, 2) and ids.shape == (0, 2) and probs.shape == (0, 5)
+
+
+def test_route_top_k_gradient_flows_to_logits():
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(21)).requires_grad_()
+    w, _, _ = rt.route_top_k(logits, k=2, renormalize=True)
+    (w * torch.arange(2.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().max() > 0
+
+
+def test_expert_counts():
+    ids = torch.tensor([[0, 3], [3, -1], [2, 3], [-1, -1]])
+    counts = rt.expert_counts(ids, 5)
+    assert counts.dtype == torch.long
+    assert counts.tolist() == [1, 0, 1, 3, 0]
+    assert rt.expert_counts(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_load_balance_uniform_is_one():
+    E, T = 4, 8
+    probs = torch.full((T, E), 1.0 / E)
+    ids = torch.arange(T).remainder(E).view(T, 1)
+    torch.testing.assert_close(rt.load_balance_loss(probs, ids, E), torch.tensor(1.0))
+
+
+def test_load_balance_hand_formula():
+    g = torch.Generator().manual_seed(30)
+    T, E, k = 10, 5, 2
+    probs = torch.softmax(torch.randn(T, E, generator=g), -1).double()
+    ids = torch.rand(T, E, generator=g).argsort(-1)[:, :k]
+    ids[2, 1] = -1
+    ids[7, 0] = -1
+    valid = [int(e) for e in ids.flatten().tolist() if e != -1]
+    expected = 0.0
+    for e in range(E):
+        f_e = valid.count(e) / len(valid)
+        p_e = sum(float(probs[t, e]) for t in range(T)) / T
+        expected += f_e * p_e
+    expected *= E
+    loss = rt.load_balance_loss(probs.float().requires_grad_(), ids, E)
+    assert loss.dim() == 0
+    assert abs(float(loss.detach()) - expected) < 1e-6
+    all_on_one = torch.zeros(T, 1, dtype=torch.long)
+    skew = rt.load_balance_loss(torch.full((T, E), 1.0 / E), all_on_one, E)
+    torch.testing.assert_close(skew, torch.tensor(1.0))  # f = (1,0,..), P = 1/E -> E * 1/E
+    peaked = torch.zeros(T, E)
+    peaked[:, 0] = 1.0
+    torch.testing.assert_close(rt.load_balance_loss(peaked, all_on_one, E), torch.tensor(float(E)))
+
+
+def test_load_balance_gradient_and_empty():
+    probs = torch.softmax(torch.randn(6, 3), -1).requires_grad_()
+    ids = torch.tensor([[0], [0], [0], [1], [2], [0]])
+    rt.load_balance_loss(probs, ids, 3).backward()
+    # d/dP_e (E * sum f_e P_e) with P_e = mean_t probs[t, e]  ->  E * f_e / T
+    expected = torch.tensor([4 / 6, 1 / 6, 1 / 6]) * 3 / 6
+    torch.testing.assert_close(probs.grad, expected.expand(6, 3))
+    empty = rt.load_balance_loss(torch.zeros(0, 3), torch.zeros(0, 1, dtype=torch.long), 3)
+    assert float(empty) == 0.0 and not torch.isnan(empty)
+
+
+def test_z_loss():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, -1.0, 4.0]])
+    expected = 0.0
+    for row in logits.tolist():
+        lse = math.log(sum(math.exp(v) for v in row))
+        expected += lse**2
+    expected /= 2
+    assert abs(float(rt.z_loss(logits)) - expected) < 1e-5
+    assert abs(float(rt.z_loss(logits.to(torch.bfloat16))) - expected) < 0.1
+    empty = rt.z_loss(torch.zeros(0, 4))
+    assert float(empty) == 0.0 and not torch.isnan(empty)
+
+
+def test_runtime_imports_only_torch_and_stdlib():
+    import ast
+
+    tree = ast.parse(_RUNTIME_PATH.read_text())
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            roots.add(node.module.split(".")[0])
+    assert roots <= {"torch", "__future__", "math", "typing", "collections", "functools", "dataclasses"}, roots
+    doc = ast.get_docstring(tree)
+    for name in rt.__all__:
+        assert name in doc, f"{name} not documented in the module docstring"
