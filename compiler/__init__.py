@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from moec.api import compile, load  # noqa: E402,A004
-from moec.diagnostics import CompileError  # noqa: E402
+from moec.api import compile, load
+from moec.diagnostics import CompileError
 
-__all__ = ["__version__", "compile", "load", "CompileError"]
+__all__ = ["CompileError", "__version__", "compile", "load"]

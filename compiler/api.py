@@ -10,7 +10,7 @@ import sys
 from moec import __version__
 
 
-def compile(path: str, target: str = "pytorch", out: str = "out") -> list[str]:  # noqa: A001 - public name
+def compile(path: str, target: str = "pytorch", out: str = "out") -> list[str]:
     """Compile `path` for `target` into directory `out`; return the paths written."""
     from moec.backends import targets
     from moec.driver import compile_model

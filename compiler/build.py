@@ -14,10 +14,8 @@ def build_graph(spec: ModelSpec) -> Graph:
     x, modality = g.outputs(inp)
     extras: list[Value] = []  # aux losses and expert counts, gathered by the output op
     for i, block in enumerate(spec.layers):
-        prefix = f"layers.{i}"
-
-        def at(op: O.OpBase) -> O.OpBase:
-            return op.model_copy(update={"name": f"{prefix}.{op.name}", "layer": i, "block": block.key})
+        def at(op: O.OpBase, i=i, block=block) -> O.OpBase:
+            return op.model_copy(update={"name": f"layers.{i}.{op.name}", "layer": i, "block": block.key})
 
         for sub in block.sublayers:
             pre = block.residual == "pre_norm"

@@ -10,9 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import networkx as nx
-from pydantic import BaseModel, ConfigDict
-
 from moec import ops as O
+from pydantic import BaseModel, ConfigDict
 
 
 class TensorType(BaseModel):

@@ -6,11 +6,10 @@ small models of their own. Every op keeps the SourceLoc of the `.moe` text it ca
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Annotated, Literal
 
 from moec.diagnostics import SourceLoc
+from pydantic import BaseModel, ConfigDict, Field
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 
@@ -174,7 +173,6 @@ class AuxLossOp(OpBase):
 
 
 Op = Annotated[
-    Union[InputOp, OutputOp, NormOp, AttentionOp, FFNOp, AddOp, MoEOp, SelectTokensOp, RouterGateOp,
-          TopKOp, PermuteOp, ExpertGemmOp, ActivationOp, CombineOp, ScatterTokensOp, AuxLossOp],
+    InputOp | OutputOp | NormOp | AttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | TopKOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
     Field(discriminator="kind"),
 ]

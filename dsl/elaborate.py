@@ -6,6 +6,7 @@ runs every semantic check. All errors are collected in the Diagnostics; nothing 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from moec import ops as O
@@ -171,7 +172,7 @@ class Elaborator:
                 return a - b
             if e.op == "*":
                 r = a * b
-                if isinstance(r, float) and r != r:  # nan
+                if isinstance(r, float) and math.isnan(r):
                     raise ArithmeticError
                 return r
             if e.op == "/":
@@ -255,9 +256,8 @@ class Elaborator:
                              did_you_mean(str(name), p.choices) if name else None)
                 return BAD
             v = name
-        elif p.type == "list":
-            if not isinstance(v, list):
-                v = [v]
+        elif p.type == "list" and not isinstance(v, list):
+            v = [v]
         if p.positive and _is_number(v) and v <= 0:
             self.d.error("E0207", f"`{p.name}` must be positive, got {_show(v)}", loc)
             return BAD

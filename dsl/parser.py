@@ -7,7 +7,6 @@ from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
-
 from moec.diagnostics import Diagnostics, SourceLoc, did_you_mean
 
 from . import ast
@@ -259,7 +258,7 @@ class _ToAst(Transformer):
     def neg(self, meta, c):
         return ast.Neg(self._loc(meta), c[0])
 
-    def _bin(op):  # noqa: N805 - helper building methods
+    def _bin(op):
         def method(self, meta, c):
             return ast.BinOp(self._loc(meta), op, c[0], c[1])
         return method

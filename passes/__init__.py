@@ -14,7 +14,7 @@ PIPELINES: dict[str, list[str]] = {
     "frontend": ["infer-shapes"],
 }
 
-__all__ = ["REGISTRY", "PIPELINES", "Pass", "PassContext", "PassFailed", "run_pipeline", "make_pipeline"]
+__all__ = ["PIPELINES", "REGISTRY", "Pass", "PassContext", "PassFailed", "make_pipeline", "run_pipeline"]
 
 
 def make_pipeline(name: str = "default") -> list[Pass]:

@@ -54,7 +54,7 @@ class LowerMoE(Pass):
             (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=e)
             weights, ids, probs = mk(O.TopKOp, f"{p}top_k", [logits], 3, router=grp.router, num_experts=e)
             plan, cnt = mk(O.PermuteOp, f"{p}permute", [ids], 2, num_experts=e)
-            gemm = dict(num_experts=e, bias=ex.bias)
+            gemm = {"num_experts": e, "bias": ex.bias}
             (up,) = mk(O.ExpertGemmOp, f"{p}experts.up_proj", [xg, plan], projection="up", in_dim=ex.dim,
                        out_dim=ex.hidden, **gemm)
             if ex.form == "glu":

@@ -6,13 +6,11 @@ import importlib.util
 import os
 import sys
 
+import moec
 import pytest
 import torch
-
-import moec
 from moec.cli import main
 from moec.driver import frontend
-
 from reference import forward as reference_forward
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")

@@ -9,14 +9,13 @@ Names from the .moe file pass through `py_name` before reaching generated code.
 from __future__ import annotations
 
 import keyword
-from collections import Counter
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 
 import jinja2
-
 from moec import __version__
 from moec import ops as O
 from moec.ir import Graph, Value
@@ -247,7 +246,7 @@ class _BlockEmitter:
     def _experts(self, permute: int, ids: str) -> None:
         """Legalise permute -> expert GEMMs -> activation -> combine into one moe_experts call."""
         g, op = self.g, self.g.op(permute)
-        plan, counts_v = g.outputs(permute)
+        plan = g.outputs(permute)[0]
         gemms = {g.op(u).projection: u for u, _ in g.users(plan) if g.op(u).kind == "expert_gemm"}
         combine = next(u for u, _ in g.users(plan) if g.op(u).kind == "combine")
         act = next(u for u, _ in g.users(Value(gemms["up"])))

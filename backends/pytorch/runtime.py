@@ -131,22 +131,22 @@ from torch import Tensor, nn
 
 __all__ = [
     "ACTIVATIONS",
+    "HOST_SYNCS",
+    "METHODS",
     "Attention",
     "Container",
     "Experts",
     "FeedForward",
     "ModelOutput",
     "check_modality",
-    "scatter_tokens",
-    "select_tokens",
-    "HOST_SYNCS",
-    "METHODS",
     "expert_counts",
     "grouped_mm_available",
     "load_balance_loss",
     "moe_experts",
     "resolve_method",
     "route_top_k",
+    "scatter_tokens",
+    "select_tokens",
     "z_loss",
 ]
 
