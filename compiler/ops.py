@@ -33,6 +33,10 @@ class ExpertSpec(Spec):
         biases = (self.hidden * (mats - 1) + self.dim) if self.bias else 0
         return mats * self.dim * self.hidden + biases
 
+    def widened(self, count: int) -> ExpertSpec:
+        """`count` always-on copies summed: one expert `count` times as wide (one output bias)."""
+        return self.model_copy(update={"hidden": self.hidden * count})
+
     @property
     def flops(self) -> int:
         """Forward FLOPs for one token (2 per multiply-accumulate)."""
@@ -61,7 +65,7 @@ class GroupSpec(Spec):
     num_experts: int
     expert: ExpertSpec
     router: RouterSpec
-    shared: ExpertSpec | None = None  # always-on experts of the group, fused into one wide FFN
+    shared: ExpertSpec | None = None  # always-on experts of the group, run as one wide FFN
     num_shared: int = 0
 
 

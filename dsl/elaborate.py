@@ -113,13 +113,33 @@ class Elaborator:
         if isinstance(item, ast.ConstDef):
             self._check_dup(scope, item.name, "const_defs", "constant")
             scope.const_defs[item.name.name] = item
-            scope.consts[item.name.name] = self.eval(item.value, scope)
+            try:
+                scope.consts[item.name.name] = self.eval(item.value, scope)
+            except RecursionError:
+                self.d.error("E0104", "expression nested too deeply", item.loc, "split it into several constants")
+                scope.consts[item.name.name] = BAD
         elif isinstance(item, ast.ExpertDef):
+            self._check_reserved(item.name, "expert")
+            self._check_params(item.params)
             self._check_dup(scope, item.name, "experts", "expert")
             scope.experts[item.name.name] = (item, scope)
         elif isinstance(item, ast.BlockDef):
+            self._check_reserved(item.name, "block")
+            self._check_params(item.params)
             self._check_dup(scope, item.name, "blocks", "block")
             scope.blocks[item.name.name] = (item, scope)
+
+    def _check_reserved(self, name: ast.Name, what: str) -> None:
+        if name.name in K.BUILTIN_NAMES:
+            self.d.error("E0213", f"`{name.name}` names a built-in kind; a user {what} cannot take it", name.loc,
+                         f"choose another name, e.g. `my_{name.name}`")
+
+    def _check_params(self, params: list[ast.Name]) -> None:
+        seen: set[str] = set()
+        for p in params:
+            if p.name in seen:
+                self.d.error("E0203", f"parameter `{p.name}` is listed twice", p.loc)
+            seen.add(p.name)
 
     def _check_dup(self, scope: Scope, name: ast.Name, table: str, what: str) -> None:
         prev = scope.lookup(table, name.name)
@@ -130,6 +150,9 @@ class Elaborator:
 
     # ---- expressions ----------------------------------------------------------------------
     def eval(self, e: ast.Expr, scope: Scope, symbols: bool = False):
+        if isinstance(e, ast.Number) and isinstance(e.value, float) and not math.isfinite(e.value):
+            self.d.error("E0212", "number too large", e.loc)
+            return BAD
         if isinstance(e, ast.Number | ast.Bool):
             return e.value
         if isinstance(e, ast.String):
@@ -159,6 +182,13 @@ class Elaborator:
         raise AssertionError(type(e))  # pragma: no cover
 
     def _binop(self, e: ast.BinOp, scope: Scope):
+        value = self._binop_value(e, scope)
+        if isinstance(value, float) and not math.isfinite(value):
+            self.d.error("E0212", "arithmetic overflow: the result is not a finite number", e.loc)
+            return BAD
+        return value
+
+    def _binop_value(self, e: ast.BinOp, scope: Scope):
         a, b = self.eval(e.left, scope), self.eval(e.right, scope)
         if a is BAD or b is BAD:
             return BAD
@@ -171,10 +201,7 @@ class Elaborator:
             if e.op == "-":
                 return a - b
             if e.op == "*":
-                r = a * b
-                if isinstance(r, float) and math.isnan(r):
-                    raise ArithmeticError
-                return r
+                return a * b
             if e.op == "/":
                 if isinstance(a, int) and isinstance(b, int) and b != 0 and a % b == 0:
                     return a // b
@@ -193,6 +220,7 @@ class Elaborator:
 
     # ---- binding calls to kinds -------------------------------------------------------------
     def bind(self, call: ast.Call, kind: K.Kind, scope: Scope, what: str) -> dict | None:
+        """Bind a call's arguments to `kind`'s parameters; `what` names the kind's family in messages."""
         values: dict[str, object] = {}
         locs: dict[str, SourceLoc] = {}
         ok = True
@@ -310,7 +338,7 @@ class Elaborator:
                          call.loc, f"{call.name}({', '.join(names)})")
             return None
         for name, arg in zip(names, positional):
-            out[name] = self.eval(arg.value, scope)
+            out[name] = self.eval(arg.value, scope, symbols=True)
         for arg in call.args:
             if arg.name is None:
                 continue
@@ -319,7 +347,11 @@ class Elaborator:
                              did_you_mean(arg.name, names) or f"{call.name}({', '.join(names)})")
                 ok = False
                 continue
-            out[arg.name] = self.eval(arg.value, scope)
+            if arg.name in out:
+                self.d.error("E0205", f"parameter `{arg.name}` given twice", arg.loc)
+                ok = False
+                continue
+            out[arg.name] = self.eval(arg.value, scope, symbols=True)
         missing = [n for n in names if n not in out]
         if missing:
             self.d.error("E0205", f"{what} `{call.name}` needs {', '.join(f'`{m}`' for m in missing)}", call.loc,
@@ -395,8 +427,8 @@ class Elaborator:
                          "add attention(...), an expert or moe { ... }")
         if len(self.d.items) != before:
             return None
-        args = "".join(f"_{v}" for v in bound.values())
-        return BlockSpec(key=f"{b.name.name}{args}", name=b.name.name, residual=residual,
+        args = ", ".join(_show(v).strip("`") for v in bound.values())
+        return BlockSpec(key=f"{b.name.name}({args})" if b.params else b.name.name, name=b.name.name, residual=residual,
                          sublayers=sublayers, loc=b.loc)
 
     def _sublayer(self, st, scope: Scope):
@@ -616,7 +648,7 @@ class Elaborator:
             return None
         for extra in inputs[1:]:
             self.d.error("E0203", "input is already declared", extra.loc)
-        args = self.bind(ast.Call(inputs[0].loc, "input", inputs[0].args, True), K.INPUT, scope, "")
+        args = self.bind(ast.Call(inputs[0].loc, "input", inputs[0].args, True), K.INPUT, scope, "declaration")
         if args is None:
             return None
         self.dim = args["dim"]
@@ -663,7 +695,7 @@ class Elaborator:
                     return False
                 if n is None:
                     continue
-                if len(body) * n + len(out) > MAX_LAYERS:
+                if n > MAX_LAYERS or len(body) * n + len(out) > MAX_LAYERS:
                     self.d.error("E0206", f"the layer stack would have more than {MAX_LAYERS} layers", item.loc)
                     return False
                 out.extend(body * n)
@@ -719,4 +751,8 @@ def elaborate(program: Program, diags: Diagnostics, require_model: bool = True) 
         return None
     for extra in root.models[1:]:
         diags.error("E0203", "a file holds one model", extra.name.loc, "move other models to their own files")
-    return el.model(root.models[0])
+    try:
+        return el.model(root.models[0])
+    except RecursionError:
+        diags.error("E0104", "expression nested too deeply", root.models[0].loc, "split it into several constants")
+        return None

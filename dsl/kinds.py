@@ -80,3 +80,6 @@ BLOCK_SETTINGS = {
 RESIDUALS = ("pre_norm", "post_norm")
 
 INPUT = Kind("input", (Param("dim", "int", positive=True), Param("modalities", "list", None)))
+
+# Names of built-in kinds: a user definition may not take one (calls would become ambiguous).
+BUILTIN_NAMES = frozenset(EXPERTS) | frozenset(ROUTERS) | frozenset(LOSSES) | frozenset(SUBLAYERS) | {"moe"}

@@ -24,13 +24,14 @@ def read_source(path: str, diags: Diagnostics, loc: SourceLoc | None = None) -> 
         if os.path.isdir(path):
             diags.error("E0001", f"`{path}` is a directory, not a .moe file", loc)
             return None
-        size = os.path.getsize(path)
-        if size > MAX_SOURCE_BYTES:
-            diags.error("E0002", f"`{path}` is {size / 2**20:.1f} MiB; the limit is "
-                                 f"{MAX_SOURCE_BYTES // 2**20} MiB", loc)
+        if os.path.exists(path) and not os.path.isfile(path):
+            diags.error("E0001", f"`{path}` is not a regular file", loc)
             return None
         with open(path, "rb") as fh:
-            data = fh.read()
+            data = fh.read(MAX_SOURCE_BYTES + 1)
+        if len(data) > MAX_SOURCE_BYTES:
+            diags.error("E0002", f"`{path}` is larger than the {MAX_SOURCE_BYTES // 2**20} MiB limit", loc)
+            return None
     except FileNotFoundError:
         diags.error("E0001", f"no such file: `{path}`", loc)
         return None

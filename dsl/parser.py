@@ -6,7 +6,7 @@ from functools import lru_cache
 from importlib import resources
 
 from lark import Lark, Token, Transformer, v_args
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
 from moec.diagnostics import Diagnostics, SourceLoc, did_you_mean
 
 from . import ast
@@ -46,11 +46,22 @@ def _expected(expected) -> str:
 
 
 def _nesting_error(text: str, path: str, diags: Diagnostics) -> bool:
+    """Report brackets nested deeper than MAX_NESTING (outside comments and strings)."""
     depth, line, col = 0, 1, 0
+    in_comment = in_string = False
     for ch in text:
         col += 1
         if ch == "\n":
             line, col = line + 1, 0
+            in_comment = in_string = False
+        elif in_comment:
+            continue
+        elif ch == '"':
+            in_string = not in_string
+        elif in_string:
+            continue
+        elif ch == "#":
+            in_comment = True
         elif ch in "([{":
             depth += 1
             if depth > MAX_NESTING:
@@ -74,9 +85,20 @@ def parse(text: str, path: str, diags: Diagnostics) -> ast.File | None:
         return None
     try:
         return _ToAst(path).transform(tree)
-    except RecursionError:
-        diags.error("E0104", "expression nested too deeply", SourceLoc(path, 1, 1))
+    except (RecursionError, VisitError) as exc:
+        if isinstance(exc, VisitError) and not isinstance(exc.orig_exc, RecursionError):
+            raise
+        line = _longest_expression_line(text)
+        diags.error("E0104", "expression nested too deeply", SourceLoc(path, line, 1),
+                    "split it into several constants")
         return None
+
+
+def _longest_expression_line(text: str) -> int:
+    """The line with the most operators: where an over-deep expression most likely is."""
+    lines = text.splitlines() or [""]
+    scores = [sum(line.count(op) for op in "+-*/%(") for line in lines]
+    return scores.index(max(scores)) + 1
 
 
 def _report_syntax_error(exc: UnexpectedInput, path: str, diags: Diagnostics) -> None:
@@ -237,6 +259,7 @@ class _ToAst(Transformer):
 
     def number(self, meta, c):
         text = str(c[0])
+        # a literal too large for a float (1e999) becomes inf; the checker rejects non-finite values
         value = int(text) if text.isdigit() else float(text)
         return ast.Number(self._loc(meta), value)
 

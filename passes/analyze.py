@@ -36,13 +36,13 @@ def _per_token_elements(t: TensorType) -> int:
 
 def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str, int], dict[str, int]]:
     params, active, flops = 0, {}, {}
-    shared_p = op.num_shared * op.shared.params if op.shared else 0
-    shared_f = op.num_shared * op.shared.flops if op.shared else 0
+    shared_p = op.shared.widened(op.num_shared).params if op.shared else 0
+    shared_f = op.shared.widened(op.num_shared).flops if op.shared else 0
     params += shared_p
     for g in op.groups:
         gp = op.dim * g.num_experts + g.num_experts * g.expert.params
-        sp = g.num_shared * g.shared.params if g.shared else 0
-        sf = g.num_shared * g.shared.flops if g.shared else 0
+        sp = g.shared.widened(g.num_shared).params if g.shared else 0
+        sf = g.shared.widened(g.num_shared).flops if g.shared else 0
         params += gp + sp
         for i in g.modalities:
             m = modalities[i]

@@ -22,13 +22,14 @@ class LowerMoE(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         moes = graph.find("moe")
+        modalities = graph.op(graph.find("input")[0]).modalities
         for node in moes:
-            self._lower(graph, node)
+            self._lower(graph, node, modalities)
         if moes:
             InferShapes().run(graph, ctx)
         return bool(moes)
 
-    def _lower(self, g: Graph, node: int) -> None:
+    def _lower(self, g: Graph, node: int, moe_modalities: tuple[str, ...]) -> None:
         moe: O.MoEOp = g.op(node)
         h, modality = g.inputs(node)
         y_out, aux_out, counts_out = g.outputs(node)
@@ -37,7 +38,6 @@ class LowerMoE(Pass):
             op = op_cls(name=f"{moe.name}.{suffix}", layer=moe.layer, block=moe.block, loc=moe.loc, **attrs)
             return g.outputs(g.add(op, inputs, num_outputs=n_out))
 
-        moe_modalities = _declared_modalities(g)
         total: Value | None = None
         losses, counts = [], []
         n_groups = len(moe.groups)
@@ -67,8 +67,7 @@ class LowerMoE(Pass):
                          in_dim=ex.hidden, out_dim=ex.dim, **gemm)
             (yg,) = mk(O.CombineOp, f"{p}combine", [down, weights, plan], dim=moe.dim)
             if grp.shared is not None:
-                shared = _wide(grp.shared, grp.num_shared)
-                (s,) = mk(O.FFNOp, f"{p}shared", [xg], expert=shared)
+                (s,) = mk(O.FFNOp, f"{p}shared", [xg], expert=grp.shared.widened(grp.num_shared))
                 (yg,) = mk(O.AddOp, f"{p}shared_add", [yg, s])
             if idx is not None:
                 (yg,) = mk(O.ScatterTokensOp, f"{p}scatter", [yg, idx, h])
@@ -78,7 +77,7 @@ class LowerMoE(Pass):
             counts.append(cnt)
             total = yg if total is None else mk(O.AddOp, f"sum_{len(counts) - 1}", [total, yg])[0]
         if moe.shared is not None:
-            (s,) = mk(O.FFNOp, "shared", [h], expert=_wide(moe.shared, moe.num_shared))
+            (s,) = mk(O.FFNOp, "shared", [h], expert=moe.shared.widened(moe.num_shared))
             (total,) = mk(O.AddOp, "shared_add", [total, s])
         g.replace_uses(y_out, total)
         for user, _ in g.users(aux_out) + g.users(counts_out):
@@ -89,10 +88,3 @@ class LowerMoE(Pass):
         g.remove(node)
 
 
-def _declared_modalities(g: Graph) -> tuple[str, ...]:
-    return g.op(g.find("input")[0]).modalities
-
-
-def _wide(expert: O.ExpertSpec, count: int) -> O.ExpertSpec:
-    """`count` always-on experts summed equal one expert `count` times as wide."""
-    return expert.model_copy(update={"hidden": expert.hidden * count})

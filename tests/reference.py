@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from moec import ops as O
 
 

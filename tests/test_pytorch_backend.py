@@ -56,7 +56,7 @@ def test_examples_match_reference(example):
 def test_moma_modality_groups_route_only_their_tokens():
     torch.manual_seed(1)
     modality = torch.tensor([[0, 1, 1, 0, 1, 0], [1, 1, 1, 0, 0, 1]])
-    model, out = _check(os.path.join(EXAMPLES, "moma.moe"), torch.randn(2, 6, 64), modality)
+    _model, out = _check(os.path.join(EXAMPLES, "moma.moe"), torch.randn(2, 6, 64), modality)
     text, image = int((modality == 0).sum()), int((modality == 1).sum())
     for counts in out.expert_counts:  # top-1 in groups of 4: text experts first, then image experts
         assert counts[:4].sum() == text and counts[4:].sum() == image
@@ -93,12 +93,12 @@ model routing {{
 
 
 @pytest.mark.parametrize("case", [
-    dict(expert="glu(d, 24, act = silu)", k=2, score="softmax", renorm="true", scale=1.0, extra="", settings="",
-         causal="true"),
-    dict(expert="mlp(d, 20, act = gelu, bias = true)", k=3, score="sigmoid", renorm="true", scale=2.5,
-         extra="shared 2 x mlp(d, 8, act = relu)", settings="residual = post_norm", causal="false"),
-    dict(expert="glu(d, 12, act = gelu_tanh, bias = true)", k=1, score="sigmoid", renorm="false", scale=1.0,
-         extra="", settings="norm = layer(eps = 1e-5)", causal="true"),
+    {"expert": "glu(d, 24, act = silu)", "k": 2, "score": "softmax", "renorm": "true", "scale": 1.0, "extra": "", "settings": "",
+         "causal": "true"},
+    {"expert": "mlp(d, 20, act = gelu, bias = true)", "k": 3, "score": "sigmoid", "renorm": "true", "scale": 2.5,
+         "extra": "shared 2 x mlp(d, 8, act = relu)", "settings": "residual = post_norm", "causal": "false"},
+    {"expert": "glu(d, 12, act = gelu_tanh, bias = true)", "k": 1, "score": "sigmoid", "renorm": "false", "scale": 1.0,
+         "extra": "", "settings": "norm = layer(eps = 1e-5)", "causal": "true"},
 ])
 def test_router_and_expert_variants(tmp_path, case):
     torch.manual_seed(3)
@@ -108,8 +108,8 @@ def test_router_and_expert_variants(tmp_path, case):
 
 def test_all_tokens_to_one_expert_and_ties(tmp_path):
     """Zero router weights make every score tie: all tokens pick the same k experts."""
-    case = dict(expert="glu(d, 24)", k=2, score="softmax", renorm="false", scale=1.0, extra="", settings="",
-                causal="true")
+    case = {"expert": "glu(d, 24)", "k": 2, "score": "softmax", "renorm": "false", "scale": 1.0, "extra": "", "settings": "",
+                "causal": "true"}
     path = _write(tmp_path, ROUTING_MODEL.format(**case))
 
     def zero_routers(model):

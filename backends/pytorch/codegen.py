@@ -20,6 +20,8 @@ from moec import __version__
 from moec import ops as O
 from moec.ir import Graph, Value
 
+_RUNTIME_EXPORTS = ("Attention", "Container", "Experts", "FeedForward", "expert_counts", "load_balance_loss",
+                    "moe_experts", "route_top_k", "scatter_tokens", "select_tokens", "z_loss")
 # Names the generated file defines or imports; user names and generated locals never take them.
 _RESERVED = {"Attention", "Container", "Experts", "FeedForward", "ModelOutput", "Model", "torch", "nn",
              "check_modality", "expert_counts", "load_balance_loss", "moe_experts", "route_top_k",
@@ -80,9 +82,9 @@ def _ffn_ctor(e: O.ExpertSpec) -> str:
 class _BlockEmitter:
     """Emits the class of the block kind that layer `layer` instantiates."""
 
-    def __init__(self, graph: Graph, layer: int, view: BlockView):
-        self.g, self.layer, self.view = graph, layer, view
-        self.nodes = [n for n in graph.nodes() if graph.op(n).layer == layer]
+    def __init__(self, graph: Graph, nodes: list[int], view: BlockView):
+        self.g, self.view = graph, view
+        self.nodes = nodes  # the layer's ops in topological order
         self.in_layer = set(self.nodes)
         self.names: dict[Value, str] = {}
         self.used: set[str] = set()
@@ -287,12 +289,15 @@ def _ctor(sub, indent: int = 8) -> str:
 
 def render(graph: Graph, source: str) -> str:
     inp = graph.op(graph.find("input")[0])
-    layer_ids = sorted({graph.op(n).layer for n in graph.nodes() if graph.op(n).layer is not None})
+    by_layer: dict[int, list[int]] = {}
+    for n in graph.nodes():
+        if graph.op(n).layer is not None:
+            by_layer.setdefault(graph.op(n).layer, []).append(n)
     blocks: dict[str, BlockView] = {}
     layer_classes = []
     used_class_names: set[str] = set()
-    for i in layer_ids:
-        first = next(n for n in graph.nodes() if graph.op(n).layer == i)
+    for i in sorted(by_layer):
+        first = by_layer[i][0]
         key = graph.op(first).block
         if key not in blocks:
             cname = _class_name(key)
@@ -301,14 +306,18 @@ def render(graph: Graph, source: str) -> str:
             used_class_names.add(cname)
             loc = graph.op(first).loc
             view = BlockView(name=key, class_name=cname, loc=f"{os.path.basename(loc.path)}:{loc.line}" if loc else "?")
-            _BlockEmitter(graph, i, view).emit()
+            _BlockEmitter(graph, by_layer[i], view).emit()
             blocks[key] = view
         layer_classes.append(blocks[key].class_name)
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     per_layer = {b.class_name: b.host_syncs for b in blocks.values()}
+    text = "\n".join(line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules])
+    runtime_imports = sorted({"ModelOutput", "check_modality"} | {
+        n for n in _RUNTIME_EXPORTS if re.search(rf"\b{n}\(", text)}, key=lambda n: (n[0].islower(), n))
     return env.get_template("model.py.j2").render(
+        runtime_imports=runtime_imports,
         version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
         modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim, blocks=list(blocks.values()),
         layers=layer_classes, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
