@@ -18,6 +18,16 @@ def _fail(diags: Diagnostics) -> int:
     return 1
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
 def cmd_check(args) -> int:
     from moec.driver import check
 
@@ -69,6 +79,12 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from moec.train import run_cli
+
+    return run_cli(args.file, args.steps, args.tokens, args.seq, args.lr, args.seed, args.profile)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moec", description="Compile Mixture-of-Experts model descriptions (.moe).")
     p.add_argument("--version", action="version", version=f"moec {__version__}")
@@ -95,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
     c.add_argument("--static", action="store_true", help="static-shape (capacity-padded) export form")
     c.set_defaults(func=cmd_compile)
+
+    c = sub.add_parser("train", help="train the generated PyTorch model briefly on synthetic multimodal data")
+    c.add_argument("file")
+    c.add_argument("--steps", type=_positive, default=50, help="optimizer steps (default 50)")
+    c.add_argument("--tokens", type=_positive, default=512, help="tokens per step (default 512)")
+    c.add_argument("--seq", type=_positive, default=64, help="sequence length (default 64)")
+    c.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--profile", metavar="JSON", help="write tokens per expert per MoE layer (a routing profile)")
+    c.set_defaults(func=cmd_train)
     return p
 
 

@@ -69,6 +69,15 @@ class _Module:
     ctor: str
 
 
+def _call(lhs: str, fn: str, args: list[str], width: int = 104) -> str:
+    """`lhs = fn(args)` on one line, or one argument per line when that is too long."""
+    one = f"{lhs} = {fn}({', '.join(args)})"
+    if len(one) <= width:
+        return one
+    inner = "".join(f"\n            {a}," for a in args)
+    return f"{lhs} = {fn}({inner}\n        )"
+
+
 def _norm_ctor(op: O.NormOp) -> str:
     cls = "nn.RMSNorm" if op.norm == "rms" else "nn.LayerNorm"
     return f"{cls}({op.dim}, eps={op.eps!r})"
@@ -212,8 +221,9 @@ class _BlockEmitter:
             elif k == "top_k":
                 r = op.router
                 w, ids, probs = self.assign(node, ["weights", "expert_ids", "probs"])
-                body.append(f"{w}, {ids}, {probs} = route_top_k({ins[0]}, k={r.k}, score={r.score!r}, "
-                            f"renormalize={r.renormalize}, scale={r.scale!r})")
+                body.append(_call(f"{w}, {ids}, {probs}", "route_top_k",
+                                  [ins[0], f"k={r.k}", f"score={r.score!r}", f"renormalize={r.renormalize}",
+                                   f"scale={r.scale!r}"]))
             elif k == "permute":
                 self._experts(node, ins[0])
             elif k == "scatter_tokens":
@@ -227,7 +237,8 @@ class _BlockEmitter:
                                  f"{op.num_experts})")
                 if op.losses.z_loss:
                     terms.append(f"{op.losses.z_loss!r} * z_loss({ins[0]})")
-                body.append(f"{aux} = {' + '.join(terms)}")
+                body.append(f"{aux} = {' + '.join(terms)}" if len(terms) < 2 or sum(map(len, terms)) < 80
+                            else f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
             elif k in ("combine", "expert_gemm", "activation"):
                 raise ValueError(f"{op.name}: `{k}` outside a permute -> combine chain")
             else:
@@ -272,7 +283,7 @@ class _BlockEmitter:
             if act_op.glu:
                 args.append(f"gate_bias={attr}.gate_bias")
         args.append(f"activation={act_op.act!r}")
-        body.append(f"{y} = moe_experts({', '.join(args)})")
+        body.append(_call(y, "moe_experts", args))
         from moec.backends.pytorch import runtime
 
         self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]
