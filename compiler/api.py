@@ -27,13 +27,14 @@ def cache_dir() -> str:
     return os.path.join(root, __version__)
 
 
-def load(path: str, seed: int = 0):
+def load(path: str, seed: int = 0, pipeline: str = "default"):
     """Compile `path` to PyTorch, import the generated module (cached by content hash) and
-    return `Model(seed)`. Raises moec.CompileError (with rendered diagnostics) on a bad file."""
+    return `Model(seed)`. `pipeline="unfused"` skips the fusion passes (same numerics).
+    Raises moec.CompileError (with rendered diagnostics) on a bad file."""
     from moec.backends.pytorch import py_name, render, runtime_source
     from moec.driver import compile_model
 
-    comp = compile_model(path)
+    comp = compile_model(path, pipeline=pipeline)
     code = render(comp.graph, path)
     runtime = runtime_source()
     digest = hashlib.sha256((code + runtime).encode()).hexdigest()[:16]

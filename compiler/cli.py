@@ -44,7 +44,7 @@ def cmd_check(args) -> int:
 def cmd_ir(args) -> int:
     from moec.driver import compile_model
 
-    comp = compile_model(args.file, stop_after=args.after)
+    comp = compile_model(args.file, pipeline=args.pipeline, stop_after=args.after)
     sys.stdout.write(comp.graph.print())
     return 0
 
@@ -53,7 +53,7 @@ def cmd_report(args) -> int:
     from moec.driver import compile_model
     from moec.report import format_report
 
-    comp = compile_model(args.file)
+    comp = compile_model(args.file, pipeline=args.pipeline)
     analysis = comp.results["analysis"]
     if args.json:
         print(json.dumps(analysis, indent=2))
@@ -72,7 +72,7 @@ def cmd_compile(args) -> int:
         diags.error("E0401", f"unknown target `{args.target}`", None,
                     did_you_mean(args.target, available) or f"targets: {', '.join(sorted(available))}")
         return _fail(diags)
-    comp = compile_model(args.file)
+    comp = compile_model(args.file, pipeline=args.pipeline)
     files = available[args.target](comp, args.out, static=args.static)
     for f in files:
         print(os.path.join(args.out, f))
@@ -83,6 +83,13 @@ def cmd_train(args) -> int:
     from moec.train import run_cli
 
     return run_cli(args.file, args.steps, args.tokens, args.seq, args.lr, args.seed, args.profile)
+
+
+def _pipeline_option(parser) -> None:
+    from moec.passes import PIPELINES
+
+    parser.add_argument("--pipeline", default="default", choices=[p for p in PIPELINES if p != "frontend"],
+                        help="pass pipeline: default (fused) or unfused (same numerics, one op per primitive)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,11 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("ir", help="print the IR after the default pipeline or after one pass")
     c.add_argument("file")
     c.add_argument("--after", metavar="PASS", help="stop after this pass (e.g. infer-shapes, lower-moe)")
+    _pipeline_option(c)
     c.set_defaults(func=cmd_ir)
 
     c = sub.add_parser("report", help="parameters, FLOPs and activation bytes per token and modality")
     c.add_argument("file")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    _pipeline_option(c)
     c.set_defaults(func=cmd_report)
 
     c = sub.add_parser("compile", help="generate code for a target")
@@ -110,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", "-t", default="pytorch", help="pytorch (default)")
     c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
     c.add_argument("--static", action="store_true", help="static-shape (capacity-padded) export form")
+    _pipeline_option(c)
     c.set_defaults(func=cmd_compile)
 
     c = sub.add_parser("train", help="train the generated PyTorch model briefly on synthetic multimodal data")

@@ -44,12 +44,20 @@ class Graph:
         self.name = name
         self._g = nx.MultiDiGraph()
         self._next = 0
+        self._placed: dict[int, int] = {}  # node -> ops added in its place so far
 
     # ---- construction -------------------------------------------------------------------
-    def add(self, op: O.OpBase, inputs: list[Value] = (), num_outputs: int = 1) -> int:
+    def add(self, op: O.OpBase, inputs: list[Value] = (), num_outputs: int = 1, replaces: int | None = None) -> int:
+        """Add an op; `replaces` gives it that node's place in the printed order (for rewrites)."""
         node = self._next
         self._next += 1
-        self._g.add_node(node, op=op, num_outputs=num_outputs, types=None)
+        if replaces is None:
+            rank = (float(node),)
+        else:  # after the replaced op and after what was already added in its place
+            base = self._g.nodes[replaces]["rank"]
+            self._placed[replaces] = self._placed.get(replaces, 0) + 1
+            rank = (*base, self._placed[replaces])
+        self._g.add_node(node, op=op, num_outputs=num_outputs, types=None, rank=rank)
         for port, value in enumerate(inputs):
             self._g.add_edge(value.node, node, src_port=value.port, dst_port=port)
         return node
@@ -114,8 +122,10 @@ class Graph:
 
     # ---- queries --------------------------------------------------------------------------
     def nodes(self) -> list[int]:
-        """Ops in a deterministic topological order (ties broken by creation order)."""
-        return list(nx.lexicographical_topological_sort(self._g))
+        """Ops in a deterministic topological order (ties broken by creation order; an op added by a
+        rewrite takes the place of the op it replaces)."""
+        rank = nx.get_node_attributes(self._g, "rank")
+        return list(nx.lexicographical_topological_sort(self._g, key=lambda n: (rank[n], n)))
 
     def find(self, kind: str) -> list[int]:
         return [n for n in self.nodes() if self.op(n).kind == kind]

@@ -141,12 +141,42 @@ class TopKOp(OpBase):
     num_experts: int
 
 
-class PermuteOp(OpBase):
-    kind: Literal["permute"] = "permute"
+class SortByExpertOp(OpBase):
+    """Indices of the (token, slot) pairs ordered by expert id (stable within an expert)."""
+
+    kind: Literal["sort_by_expert"] = "sort_by_expert"
     num_experts: int
 
 
+class CountExpertsOp(OpBase):
+    kind: Literal["count_experts"] = "count_experts"
+    num_experts: int
+
+
+class ExpertOffsetsOp(OpBase):
+    """Start of each expert's segment in the sorted rows (exclusive prefix sum of the counts)."""
+
+    kind: Literal["expert_offsets"] = "expert_offsets"
+    num_experts: int
+
+
+class PermuteOp(OpBase):
+    """fuse-permute's result: sort, counts and offsets in one op, segments padded to block_m."""
+
+    kind: Literal["permute"] = "permute"
+    num_experts: int
+    block_m: int = 1
+
+
+class GatherRowsOp(OpBase):
+    """The permuted copy of the token rows: row i is token order[i] // k."""
+
+    kind: Literal["gather_rows"] = "gather_rows"
+
+
 class ExpertGemmOp(OpBase):
+    """Rows of expert e times W[e] for every expert segment (a grouped GEMM)."""
+
     kind: Literal["expert_gemm"] = "expert_gemm"
     num_experts: int
     projection: Literal["up", "gate", "down"]
@@ -162,8 +192,28 @@ class ActivationOp(OpBase):
 
 
 class CombineOp(OpBase):
+    """Rows times their routing weights, summed back into token order."""
+
     kind: Literal["combine"] = "combine"
     dim: int
+
+
+class RouterOp(OpBase):
+    """fuse-router's result: gate GEMM + score function + top-k (+ renormalisation, scaling)."""
+
+    kind: Literal["router"] = "router"
+    dim: int
+    num_experts: int
+    router: RouterSpec
+
+
+class FusedExpertsOp(OpBase):
+    """fuse-expert-gemm's result: gather in the first GEMM's prologue, activation fused, routing
+    weight and scatter-combine in the last GEMM's epilogue: one op per expert group."""
+
+    kind: Literal["fused_experts"] = "fused_experts"
+    num_experts: int
+    expert: ExpertSpec
 
 
 class ScatterTokensOp(OpBase):

@@ -17,12 +17,18 @@ ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "select_tokens": ((2,), 2),
     "router_gate": ((1,), 1),
     "top_k": ((1,), 3),
-    "permute": ((1,), 2),
+    "sort_by_expert": ((1,), 1),
+    "count_experts": ((1,), 1),
+    "expert_offsets": ((1,), 1),
+    "permute": ((1,), 3),
+    "gather_rows": ((2,), 1),
     "expert_gemm": ((2,), 1),
     "activation": ((1, 2), 1),
     "combine": ((3,), 1),
     "scatter_tokens": ((3,), 1),
     "aux_loss": ((3,), 1),
+    "router": ((1,), 4),
+    "fused_experts": ((5,), 1),
 }
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from .analyze import Analyze
+from .fusion import FuseExpertGemm, FusePermute, FuseRouter
 from .infer_shapes import InferShapes
 from .lower_moe import LowerMoE
 from .manager import Pass, PassContext, PassFailed, run_pipeline
 
-REGISTRY: dict[str, type[Pass]] = {p.name: p for p in (InferShapes, LowerMoE, Analyze)}
+REGISTRY: dict[str, type[Pass]] = {
+    p.name: p for p in (InferShapes, LowerMoE, FuseRouter, FusePermute, FuseExpertGemm, Analyze)
+}
 
 PIPELINES: dict[str, list[str]] = {
-    "default": ["infer-shapes", "lower-moe", "analyze"],
+    "default": ["infer-shapes", "lower-moe", "fuse-router", "fuse-permute", "fuse-expert-gemm", "analyze"],
+    "unfused": ["infer-shapes", "lower-moe", "analyze"],
     "frontend": ["infer-shapes"],
 }
 

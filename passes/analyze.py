@@ -34,6 +34,90 @@ def _per_token_elements(t: TensorType) -> int:
     return n
 
 
+REFERENCE_TOKENS = 4096  # token count for the padding estimates
+REFERENCE_BLOCKS = (16, 64, 128)
+
+# Launches an unfused lowering needs for what one op of the current graph does.
+_UNFUSED_LAUNCHES = {"router": 2, "permute": 3}
+
+
+def _unfused_launches(op: O.OpBase) -> int:
+    if op.kind == "fused_experts":
+        return 6 if op.expert.form == "glu" else 5  # gather, up, [gate], activation, down, combine
+    return _UNFUSED_LAUNCHES.get(op.kind, 1)
+
+
+def _k_of(graph: Graph, node: int) -> int:
+    """Experts per token of the routing feeding a gather/GEMM/fused op."""
+    op = graph.op(node)
+    if op.kind == "fused_experts":
+        return int(graph.type_of(graph.inputs(node)[1]).shape[1])
+    rows = graph.type_of(graph.inputs(node)[1] if op.kind == "gather_rows" else graph.inputs(node)[0])
+    return int(str(rows.shape[0]).rsplit("*", 1)[1])
+
+
+def _num_experts(op: O.OpBase, graph: Graph, node: int) -> int:
+    if op.kind == "fused_experts":
+        return op.num_experts
+    return graph.op(graph.inputs(node)[1].node).num_experts  # gather <- sort_by_expert / permute
+
+
+def _block_m(graph: Graph, node: int) -> int:
+    order = graph.op(graph.inputs(node)[3 if graph.op(node).kind == "fused_experts" else 1].node)
+    return getattr(order, "block_m", 1)
+
+
+def padded_rows(counts: list[int], block_m: int) -> int:
+    """Rows after padding every non-empty expert segment to a multiple of block_m."""
+    return sum(-(-c // block_m) * block_m for c in counts)
+
+
+def _fusion_report(e: dict) -> dict:
+    """Per MoE layer: what fusion saves, and what block alignment costs (per group, summed)."""
+    gather_unfused = sum(g["k"] * g["dim"] * 4 for g in e["groups"])
+    gather_fused = sum(g["k"] * 8 for g in e["groups"])
+    blocks = sorted({*REFERENCE_BLOCKS, *(g["block_m"] for g in e["groups"])})
+    padding = {}
+    for b in blocks:
+        uniform = skewed = rows = worst = 0
+        for g in e["groups"]:
+            n, E, k = REFERENCE_TOKENS * g["k"], g["experts"], g["k"]
+            uniform += padded_rows([n // E + (1 if i < n % E else 0) for i in range(E)], b)
+            skewed += padded_rows([REFERENCE_TOKENS] * k + [0] * (E - k), b)  # every token to the same k
+            rows += n
+            worst += n + E * (b - 1)
+        padding[str(b)] = {"uniform": uniform / rows - 1, "skewed": skewed / rows - 1, "worst_case_rows": worst}
+    return {"kernel_launches": e["launches"], "kernel_launches_unfused": e["launches_unfused"],
+            "permuted_copy_bytes_per_token": gather_unfused, "index_bytes_per_token": gather_fused,
+            "block_m": max(g["block_m"] for g in e["groups"]),
+            "padding_overhead_at_tokens": REFERENCE_TOKENS, "padding_overhead": padding}
+
+
+def _cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
+    """(parameters, active parameters per token, forward FLOPs per token) of one op."""
+    k = op.kind
+    if k == "norm":
+        p = op.dim * (2 if op.norm == "layer" else 1)
+        return p, p, 0
+    if k == "attention":
+        w = op.dim * op.head_dim * (2 * op.heads + 2 * op.kv_heads)
+        b = (op.heads + 2 * op.kv_heads) * op.head_dim + op.dim if op.bias else 0
+        return w + b, w + b, 2 * w
+    if k == "ffn":
+        return op.expert.params, op.expert.params, op.expert.flops
+    if k in ("router_gate", "router"):
+        p = op.dim * op.num_experts
+        return p, p, 2 * p
+    if k == "expert_gemm":
+        per = op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
+        top = _k_of(graph, node)
+        return op.num_experts * per, top * per, 2 * top * op.in_dim * op.out_dim
+    if k == "fused_experts":
+        top = _k_of(graph, node)
+        return op.num_experts * op.expert.params, top * op.expert.params, top * op.expert.flops
+    return 0, 0, 0
+
+
 def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str, int], dict[str, int]]:
     params, active, flops = 0, {}, {}
     shared_p = op.shared.widened(op.num_shared).params if op.shared else 0
@@ -63,50 +147,40 @@ class Analyze(Pass):
         def entry(layer):
             if layer not in layers:
                 layers[layer] = {"params": 0, "active": defaultdict(int), "flops": defaultdict(int),
-                                 "bytes": defaultdict(int), "moe": False, "block": None}
+                                 "bytes": defaultdict(int), "moe": False, "block": None, "launches": 0,
+                                 "launches_unfused": 0, "groups": []}
             return layers[layer]
 
         for node in graph.nodes():
             op = graph.op(node)
             e = entry(op.layer)
             e["block"] = op.block
-            e["moe"] = e["moe"] or op.kind in ("moe", "router_gate")
+            e["moe"] = e["moe"] or op.kind in ("moe", "router_gate", "router")
             types = graph.types(node) or ()
             token_mods = types[0].modalities if types and types[0].modalities else mods
             for t in types:
                 for m in (t.modalities or ()):
                     e["bytes"][m] += 4 * _per_token_elements(t)
-            p, f = 0, 0
-            if op.kind == "norm":
-                p = op.dim * (2 if op.norm == "layer" else 1)
-            elif op.kind == "attention":
-                w = op.dim * op.head_dim * (2 * op.heads + 2 * op.kv_heads)
-                b = (op.heads + 2 * op.kv_heads) * op.head_dim + op.dim if op.bias else 0
-                p, f = w + b, 2 * w
-            elif op.kind == "ffn":
-                p, f = op.expert.params, op.expert.flops
-            elif op.kind == "router_gate":
-                p, f = op.dim * op.num_experts, 2 * op.dim * op.num_experts
-            elif op.kind == "expert_gemm":
-                k = graph.type_of(graph.inputs(graph.inputs(node)[1].node)[0]).shape[1]
-                per = op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
-                e["params"] += op.num_experts * per
-                for m in token_mods:
-                    e["active"][m] += k * per
-                    e["flops"][m] += 2 * k * op.in_dim * op.out_dim
-                continue
-            elif op.kind == "moe":
-                p_total, active, flops = _moe_costs(op, inp.modalities)
+            p, active, f = _cost(graph, node, op)
+            if op.kind == "moe":
+                p_total, act_m, flops_m = _moe_costs(op, inp.modalities)
                 e["params"] += p_total
-                for m, v in active.items():
-                    e["active"][m] += v
-                for m, v in flops.items():
-                    e["flops"][m] += v
-                continue
-            e["params"] += p
-            for m in token_mods:
-                e["active"][m] += p
-                e["flops"][m] += f
+                for m in mods:
+                    e["active"][m] += act_m.get(m, 0)
+                    e["flops"][m] += flops_m.get(m, 0)
+            else:
+                e["params"] += p
+                for m in token_mods:
+                    e["active"][m] += active
+                    e["flops"][m] += f
+            if op.kind not in ("input", "output"):
+                e["launches"] += 1
+                e["launches_unfused"] += _unfused_launches(op)
+            if op.kind in ("gather_rows", "fused_experts"):
+                k = _k_of(graph, node)
+                e["groups"].append({"experts": _num_experts(op, graph, node), "k": k,
+                                    "dim": graph.type_of(graph.inputs(node)[0]).shape[-1],
+                                    "block_m": _block_m(graph, node)})
 
         def finish(e: dict) -> dict:
             return {"params": e["params"],
@@ -118,7 +192,10 @@ class Analyze(Pass):
         for idx in sorted(k for k in layers if k is not None):
             e = layers[idx]
             kind = "moe" if e["moe"] else "dense"
-            per_layer.append({"index": idx, "block": e["block"], "kind": kind, **finish(e)})
+            row = {"index": idx, "block": e["block"], "kind": kind, **finish(e)}
+            if e["groups"]:
+                row["fusion"] = _fusion_report(e)
+            per_layer.append(row)
         total = {"params": sum(e["params"] for e in layers.values()),
                  "active": {m: sum(e["active"][m] for e in layers.values()) for m in mods},
                  "flops": {m: sum(e["flops"][m] for e in layers.values()) for m in mods},

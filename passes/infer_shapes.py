@@ -52,13 +52,26 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
     if k == "top_k":
         t, k_ = _tokens(ins[0]), op.router.k
         return [TensorType(shape=(t, k_)), TensorType(shape=(t, k_), dtype="i64"), ins[0]]
-    if k == "permute":
-        t, k_ = ins[0].shape
-        return [TensorType(shape=(f"{t}*{k_}",), dtype="index"), TensorType(shape=(op.num_experts,), dtype="i64")]
+    if k in ("sort_by_expert", "count_experts", "expert_offsets", "permute"):
+        t, k_ = ins[0].shape if k != "expert_offsets" else (None, None)
+        e = op.num_experts
+        order = TensorType(shape=(f"{t}*{k_}",), dtype="i64")
+        counts = TensorType(shape=(e,), dtype="i64")
+        offsets = TensorType(shape=(e + 1,), dtype="i64")
+        return {"sort_by_expert": [order], "count_experts": [counts], "expert_offsets": [offsets],
+                "permute": [order, counts, offsets]}[k]
+    if k == "gather_rows":
+        return [TensorType(shape=(ins[1].shape[0], ins[0].shape[-1]), modalities=ins[0].modalities)]
     if k == "expert_gemm":
         if ins[0].shape[-1] != op.in_dim:
             raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {op.in_dim}")
-        return [TensorType(shape=(ins[1].shape[0], op.out_dim))]
+        return [TensorType(shape=(ins[0].shape[0], op.out_dim))]
+    if k == "router":
+        t = _tokens(ins[0])
+        return [TensorType(shape=(t, op.router.k)), TensorType(shape=(t, op.router.k), dtype="i64"),
+                TensorType(shape=(t, op.num_experts)), TensorType(shape=(t, op.num_experts))]
+    if k == "fused_experts":
+        return [TensorType(shape=(_tokens(ins[0]), op.expert.dim))]
     if k == "activation":
         if len(ins) == 2 and ins[0].shape != ins[1].shape:
             raise IRError(f"{op.name}: GLU halves differ: {ins[0]} vs {ins[1]}")

@@ -1,7 +1,8 @@
 """lower-moe: each `moe` op becomes, per expert group,
 
-    select_tokens -> router_gate -> top_k -> permute -> expert_gemm (gate/up) -> activation
-    -> expert_gemm (down) -> combine -> scatter_tokens
+    select_tokens -> router_gate -> top_k -> sort_by_expert, count_experts -> expert_offsets
+    -> gather_rows -> expert_gemm (gate/up) -> activation -> expert_gemm (down) -> combine
+    -> scatter_tokens
 
 plus an `ffn` for always-on shared experts, `add`s summing the groups, an `aux_loss` per group
 with loss terms, and the per-group expert counts handed to the output op.
@@ -36,7 +37,7 @@ class LowerMoE(Pass):
 
         def mk(op_cls, suffix: str, inputs: list[Value], n_out: int = 1, **attrs) -> list[Value]:
             op = op_cls(name=f"{moe.name}.{suffix}", layer=moe.layer, block=moe.block, loc=moe.loc, **attrs)
-            return g.outputs(g.add(op, inputs, num_outputs=n_out))
+            return g.outputs(g.add(op, inputs, num_outputs=n_out, replaces=node))
 
         total: Value | None = None
         losses, counts = [], []
@@ -53,19 +54,22 @@ class LowerMoE(Pass):
             e, ex = grp.num_experts, grp.expert
             (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=e)
             weights, ids, probs = mk(O.TopKOp, f"{p}top_k", [logits], 3, router=grp.router, num_experts=e)
-            plan, cnt = mk(O.PermuteOp, f"{p}permute", [ids], 2, num_experts=e)
+            (order,) = mk(O.SortByExpertOp, f"{p}sort", [ids], num_experts=e)
+            (cnt,) = mk(O.CountExpertsOp, f"{p}counts", [ids], num_experts=e)
+            (offsets,) = mk(O.ExpertOffsetsOp, f"{p}offsets", [cnt], num_experts=e)
+            (rows,) = mk(O.GatherRowsOp, f"{p}gather", [xg, order])
             gemm = {"num_experts": e, "bias": ex.bias}
-            (up,) = mk(O.ExpertGemmOp, f"{p}experts.up_proj", [xg, plan], projection="up", in_dim=ex.dim,
+            (up,) = mk(O.ExpertGemmOp, f"{p}experts.up_proj", [rows, offsets], projection="up", in_dim=ex.dim,
                        out_dim=ex.hidden, **gemm)
             if ex.form == "glu":
-                (gate,) = mk(O.ExpertGemmOp, f"{p}experts.gate_proj", [xg, plan], projection="gate",
+                (gate,) = mk(O.ExpertGemmOp, f"{p}experts.gate_proj", [rows, offsets], projection="gate",
                              in_dim=ex.dim, out_dim=ex.hidden, **gemm)
                 (act,) = mk(O.ActivationOp, f"{p}experts.act", [gate, up], act=ex.act, glu=True)
             else:
                 (act,) = mk(O.ActivationOp, f"{p}experts.act", [up], act=ex.act, glu=False)
-            (down,) = mk(O.ExpertGemmOp, f"{p}experts.down_proj", [act, plan], projection="down",
+            (down,) = mk(O.ExpertGemmOp, f"{p}experts.down_proj", [act, offsets], projection="down",
                          in_dim=ex.hidden, out_dim=ex.dim, **gemm)
-            (yg,) = mk(O.CombineOp, f"{p}combine", [down, weights, plan], dim=moe.dim)
+            (yg,) = mk(O.CombineOp, f"{p}combine", [down, weights, order], dim=moe.dim)
             if grp.shared is not None:
                 (s,) = mk(O.FFNOp, f"{p}shared", [xg], expert=grp.shared.widened(grp.num_shared))
                 (yg,) = mk(O.AddOp, f"{p}shared_add", [yg, s])

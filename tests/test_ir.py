@@ -205,21 +205,72 @@ CHECK: [[H:%[0-9]+]] = norm({{%[0-9]+}}) {{.*}}// layers.0.moe_norm
 CHECK-NEXT: [[L:%[0-9]+]] = router_gate([[H]]) {dim=64, num_experts=8} : [T,8] f32 {default}  // layers.0.moe.router
 CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]] = top_k([[L]]) {router=<k=2, score=softmax,
 CHECK-SAME: : [T,2] f32 {default}, [T,2] i64 {default}, [T,8] f32 {default}
-CHECK-NEXT: [[PLAN:%[0-9]+]], [[CNT:%[0-9]+]] = permute([[I]]) {num_experts=8} : [T*2] index {default}, [8] i64
-CHECK-NEXT: [[UP:%[0-9]+]] = expert_gemm([[H]], [[PLAN]]) {num_experts=8, projection=up, in_dim=64, out_dim=224,
+CHECK-NEXT: [[ORD:%[0-9]+]] = sort_by_expert([[I]]) {num_experts=8} : [T*2] i64
+CHECK-NEXT: [[CNT:%[0-9]+]] = count_experts([[I]]) {num_experts=8} : [8] i64
+CHECK-NEXT: [[OFF:%[0-9]+]] = expert_offsets([[CNT]]) {num_experts=8} : [9] i64
+CHECK-NEXT: [[ROWS:%[0-9]+]] = gather_rows([[H]], [[ORD]]) : [T*2,64] f32
+CHECK-NEXT: [[UP:%[0-9]+]] = expert_gemm([[ROWS]], [[OFF]]) {num_experts=8, projection=up, in_dim=64, out_dim=224,
 CHECK-SAME: : [T*2,224] f32
-CHECK-NEXT: [[GATE:%[0-9]+]] = expert_gemm([[H]], [[PLAN]]) {{{.*}}projection=gate
+CHECK-NEXT: [[GATE:%[0-9]+]] = expert_gemm([[ROWS]], [[OFF]]) {{{.*}}projection=gate
 CHECK-NEXT: [[ACT:%[0-9]+]] = activation([[GATE]], [[UP]]) {act=silu, glu=true}
-CHECK-NEXT: [[DOWN:%[0-9]+]] = expert_gemm([[ACT]], [[PLAN]]) {{{.*}}projection=down, in_dim=224, out_dim=64
+CHECK-NEXT: [[DOWN:%[0-9]+]] = expert_gemm([[ACT]], [[OFF]]) {{{.*}}projection=down, in_dim=224, out_dim=64
 CHECK-SAME: : [T*2,64] f32
-CHECK-NEXT: [[Y:%[0-9]+]] = combine([[DOWN]], [[W]], [[PLAN]]) {dim=64} : [T,64] f32
-CHECK-NEXT: add({{%[0-9]+}}, [[Y]]) {{.*}}// layers.0.moe_residual
+CHECK-NEXT: [[Y:%[0-9]+]] = combine([[DOWN]], [[W]], [[ORD]]) {dim=64} : [T,64] f32
 CHECK: [[AUX:%[0-9]+]] = aux_loss([[L]], [[P]], [[I]]) {losses=<load_balance=0.02, z_loss=0.0>, num_experts=8}
+CHECK: add({{%[0-9]+}}, [[Y]]) {{.*}}// layers.0.moe_residual
 CHECK: output({{%[0-9]+}}, [[AUX]], [[CNT]],
 CHECK-NOT: moe(
 CHECK-NOT: select_tokens
 """)
     assert " moe(" not in out and "select_tokens" not in out and "scatter_tokens" not in out
+
+
+def test_fuse_router_merges_gate_and_top_k(capsys):
+    out = ir(capsys, example("mixtral.moe"), "fuse-router")
+    filecheck(out, r"""
+CHECK: [[H:%[0-9]+]] = norm({{%[0-9]+}}) {{.*}}// layers.0.moe_norm
+CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]], [[L:%[0-9]+]] = router([[H]]) {dim=64, num_experts=8,
+CHECK-SAME: router=<k=2, score=softmax, renormalize=true, scale=1.0>}
+CHECK-SAME: // layers.0.moe.router
+CHECK-NEXT: sort_by_expert([[I]])
+CHECK: aux_loss([[L]], [[P]], [[I]])
+""")
+    assert "router_gate(" not in out and "top_k(" not in out
+
+
+def test_fuse_permute_merges_sort_counts_offsets(capsys):
+    out = ir(capsys, example("mixtral.moe"), "fuse-permute")
+    filecheck(out, r"""
+CHECK: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]], [[L:%[0-9]+]] = router(
+CHECK-NEXT: [[ORD:%[0-9]+]], [[CNT:%[0-9]+]], [[OFF:%[0-9]+]] = permute([[I]]) {num_experts=8, block_m=1}
+CHECK-SAME: : [T*2] i64 {default}, [8] i64 {default}, [9] i64 {default}  // layers.0.moe.permute
+CHECK-NEXT: gather_rows({{%[0-9]+}}, [[ORD]])
+CHECK: expert_gemm({{%[0-9]+}}, [[OFF]])
+CHECK: output({{.*}}[[CNT]]
+""")
+    for gone in ("sort_by_expert(", "count_experts(", "expert_offsets("):
+        assert gone not in out
+
+
+def test_fuse_permute_block_option(capsys):
+    out = ir(capsys, example("mixtral.moe"), "fuse-permute{block-m=64}")
+    assert "permute(%8) {num_experts=8, block_m=64}" in out or "block_m=64" in out
+
+
+def test_fuse_expert_gemm_leaves_one_op_per_group(capsys):
+    out = ir(capsys, example("moma.moe"))
+    filecheck(out, r"""
+CHECK: [[X:%[0-9]+]], [[IDX:%[0-9]+]] = select_tokens({{.*}}modality_names=[text]
+CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]], [[L:%[0-9]+]] = router([[X]])
+CHECK-NEXT: [[ORD:%[0-9]+]], [[CNT:%[0-9]+]], [[OFF:%[0-9]+]] = permute([[I]])
+CHECK-NEXT: [[Y:%[0-9]+]] = fused_experts([[X]], [[I]], [[W]], [[ORD]], [[OFF]]) {num_experts=4,
+CHECK-SAME: expert=<form=glu, dim=64, hidden=128, act=silu, bias=false>} : [T_text,64] f32 {text}
+CHECK-NEXT: scatter_tokens([[Y]], [[IDX]],
+CHECK: fused_experts({{.*}}: [T_image,64] f32 {image}  // layers.1.moe.image.experts
+""")
+    for gone in ("gather_rows(", "expert_gemm(", "activation(", "combine("):
+        assert gone not in out
+    assert out.count("fused_experts(") == 4  # two sparse layers x two modality groups
 
 
 def test_moma_after_lower_moe_routes_each_modality_in_its_group(capsys):
@@ -291,8 +342,8 @@ CHECK-NOT: final_norm
 @pytest.mark.parametrize("path", EXAMPLE_FILES, ids=os.path.basename)
 def test_default_pipeline_prints_the_lowered_graph(capsys, path):
     default = ir(capsys, path)
-    assert default == ir(capsys, path, "lower-moe") == ir(capsys, path, "analyze")
-    assert default != ir(capsys, path, "infer-shapes")
+    assert default == ir(capsys, path, "fuse-expert-gemm") == ir(capsys, path, "analyze")
+    assert default != ir(capsys, path, "lower-moe") != ir(capsys, path, "infer-shapes")
 
 
 # ---- golden ------------------------------------------------------------------------------------------
@@ -321,7 +372,7 @@ def test_golden_is_consistent_with_itself():
             assert int(value) == len(defined), line
             defined.append(int(value))
         assert re.search(r"  // [a-z0-9_.]+$", line), line
-    assert len(defined) == 87
+    assert len(defined) == 75
 
 
 # ---- invariants of every pass ------------------------------------------------------------------------

@@ -265,3 +265,25 @@ def test_single_token_fp32_matches_reference():
     ref, aux, _ = reference_forward(spec, dict(model.named_parameters()), x, torch.zeros(1, dtype=torch.long))
     torch.testing.assert_close(out.output, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.aux_loss, aux.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma"])
+def test_fused_and_unfused_ir_give_the_same_model(example):
+    path = os.path.join(EXAMPLES, f"{example}.moe")
+    fused, unfused = moec.load(path).double(), moec.load(path, pipeline="unfused").double()
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in unfused.named_parameters()]
+    torch.manual_seed(5)
+    x = torch.randn(2, 6, 64, dtype=torch.float64)
+    modality = torch.randint(0, len(fused.modalities), (2, 6))
+    outs = []
+    for model in (fused, unfused):
+        out = model(x, modality)
+        loss = (out.output * torch.linspace(-1, 1, 64, dtype=torch.float64)).sum() + out.aux_loss
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        outs.append((out, grads))
+    (a, ga), (b, gb) = outs
+    torch.testing.assert_close(a.output, b.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss)
+    for x_, y_ in zip(ga, gb):
+        torch.testing.assert_close(x_, y_, rtol=1e-10, atol=1e-12)
+    assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))

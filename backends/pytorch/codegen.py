@@ -20,12 +20,11 @@ from moec import __version__
 from moec import ops as O
 from moec.ir import Graph, Value
 
-_RUNTIME_EXPORTS = ("Attention", "Container", "Experts", "FeedForward", "expert_counts", "load_balance_loss",
-                    "moe_experts", "route_top_k", "scatter_tokens", "select_tokens", "z_loss")
+_RUNTIME_EXPORTS = ("Attention", "Container", "Experts", "FeedForward", "activate", "combine", "expert_counts",
+                    "expert_offsets", "gather_rows", "grouped_linear", "load_balance_loss", "moe_experts", "permute",
+                    "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "z_loss")
 # Names the generated file defines or imports; user names and generated locals never take them.
-_RESERVED = {"Attention", "Container", "Experts", "FeedForward", "ModelOutput", "Model", "torch", "nn",
-             "check_modality", "expert_counts", "load_balance_loss", "moe_experts", "route_top_k",
-             "scatter_tokens", "select_tokens", "z_loss", "self", "modality"}
+_RESERVED = {*_RUNTIME_EXPORTS, "ModelOutput", "Model", "check_modality", "torch", "nn", "self", "modality"}
 
 
 def py_name(name: str) -> str:
@@ -99,7 +98,6 @@ class _BlockEmitter:
         self.used: set[str] = set()
         self.tree: dict = {}  # nested attribute tree of submodules
         self.region_inputs: dict[tuple[str, Value], str] = {}
-        self.absorbed: set[int] = set()
 
     # ---- naming -----------------------------------------------------------------------------
     def rel(self, node: int) -> list[str]:
@@ -182,73 +180,19 @@ class _BlockEmitter:
         t[path[-1]] = ctor
         return "self." + ".".join(path)
 
-    # ---- statements ---------------------------------------------------------------------------
+    # ---- statements: one method per op kind --------------------------------------------------
     def emit(self) -> None:
-        body = self.view.body
+        for node in self.nodes:
+            op = self.g.op(node)
+            handler = getattr(self, f"_op_{op.kind}", None)
+            if handler is None:
+                raise ValueError(f"the pytorch backend has no lowering for op `{op.kind}` ({op.name})")
+            handler(node, op, [self.ref(v, node) for v in self.g.inputs(node)], self.rel(node))
         aux_terms, counts = [], []
         for node in self.nodes:
-            if node in self.absorbed:
-                continue
-            op = self.g.op(node)
-            ins = [self.ref(v, node) for v in self.g.inputs(node)]
-            path = self.rel(node)
-            k = op.kind
-            if k == "norm":
-                attr = self.module(path, _norm_ctor(op))
-                (h,) = self.assign(node, ["h"])
-                body.append(f"{h} = {attr}({ins[0]})")
-            elif k == "attention":
-                attr = self.module(path, f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
-                                         f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal})")
-                (h,) = self.assign(node, ["h"])
-                body.append(f"{h} = {attr}({ins[0]})")
-            elif k == "ffn":
-                attr = self.module(path, _ffn_ctor(op.expert))
-                (h,) = self.assign(node, ["h" if self.region(node) is None else path[-1]])
-                body.append(f"{h} = {attr}({ins[0]})")
-            elif k == "add":
-                (x,) = self.assign(node, ["x" if self.region(node) is None else "y"])
-                body.append(f"{x} = {ins[0]} + {ins[1]}")
-            elif k == "select_tokens":
-                xs, idx = self.assign(node, ["x", "idx"])
-                body.append(f"{idx} = select_tokens({ins[1]}, {tuple(op.modalities)!r})")
-                body.append(f"{xs} = {ins[0]}.index_select(0, {idx})")
-                self.view.sync_notes.append("token selection by modality")
-            elif k == "router_gate":
-                attr = self.module(path, f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
-                (logits,) = self.assign(node, ["logits"])
-                body.append(f"{logits} = {attr}({ins[0]})")
-            elif k == "top_k":
-                r = op.router
-                w, ids, probs = self.assign(node, ["weights", "expert_ids", "probs"])
-                body.append(_call(f"{w}, {ids}, {probs}", "route_top_k",
-                                  [ins[0], f"k={r.k}", f"score={r.score!r}", f"renormalize={r.renormalize}",
-                                   f"scale={r.scale!r}"]))
-            elif k == "permute":
-                self._experts(node, ins[0])
-            elif k == "scatter_tokens":
-                (y,) = self.assign(node, ["out"])
-                body.append(f"{y} = scatter_tokens({ins[0]}, {ins[1]}, {ins[2]})")
-            elif k == "aux_loss":
-                (aux,) = self.assign(node, ["aux"])
-                terms = []
-                if op.losses.load_balance:
-                    terms.append(f"{op.losses.load_balance!r} * load_balance_loss({ins[1]}, {ins[2]}, "
-                                 f"{op.num_experts})")
-                if op.losses.z_loss:
-                    terms.append(f"{op.losses.z_loss!r} * z_loss({ins[0]})")
-                body.append(f"{aux} = {' + '.join(terms)}" if len(terms) < 2 or sum(map(len, terms)) < 80
-                            else f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
-            elif k in ("combine", "expert_gemm", "activation"):
-                raise ValueError(f"{op.name}: `{k}` outside a permute -> combine chain")
-            else:
-                raise ValueError(f"the pytorch backend has no lowering for op `{k}` ({op.name})")
-        for node in self.nodes:
             for v in self.g.outputs(node):
-                for user, _ in self.g.users(v):
-                    if self.g.op(user).kind == "output":
-                        t = self.g.type_of(v)
-                        (counts if t.dtype == "i64" else aux_terms).append(self.names[v])
+                if any(self.g.op(user).kind == "output" for user, _ in self.g.users(v)):
+                    (counts if self.g.type_of(v).dtype == "i64" else aux_terms).append(self.names[v])
         out = [self.names[v] for n in self.nodes for v in self.g.outputs(n)
                if any(u not in self.in_layer and self.g.op(u).kind != "output" for u, _ in self.g.users(v))]
         aux = " + ".join(aux_terms) if aux_terms else "x.new_zeros((), dtype=torch.float32)"
@@ -256,37 +200,131 @@ class _BlockEmitter:
         self.view.returns = f"{out[0]}, {aux}, {cnt}"
         self.view.modules = [_Module(attr, _ctor(sub)) for attr, sub in self.tree.items()]
 
-    def _experts(self, permute: int, ids: str) -> None:
-        """Legalise permute -> expert GEMMs -> activation -> combine into one moe_experts call."""
-        g, op = self.g, self.g.op(permute)
-        plan = g.outputs(permute)[0]
-        gemms = {g.op(u).projection: u for u, _ in g.users(plan) if g.op(u).kind == "expert_gemm"}
-        combine = next(u for u, _ in g.users(plan) if g.op(u).kind == "combine")
-        act = next(u for u, _ in g.users(Value(gemms["up"])))
-        act_op = g.op(act)
-        self.absorbed |= set(gemms.values()) | {act, combine}
-        up_op = g.op(gemms["up"])
-        path = self.rel(gemms["up"])[:-1]  # ... .experts
-        attr = self.module(path, f"Experts(num_experts={op.num_experts}, dim={up_op.in_dim}, "
-                                 f"hidden={up_op.out_dim}, glu={act_op.glu}, bias={up_op.bias})")
-        x_in = self.ref(g.inputs(gemms["up"])[0], gemms["up"])
-        weights = self.ref(g.inputs(combine)[1], combine)
-        cnt = self.assign(permute, ["dispatch", "counts"])[1]
-        (y,) = self.assign(combine, ["y"])
-        body = self.view.body
-        body.append(f"{cnt} = expert_counts({ids}, {op.num_experts})")
-        args = [x_in, ids, weights, f"{attr}.up_proj", f"{attr}.down_proj"]
-        if act_op.glu:
+    def line(self, text: str) -> None:
+        self.view.body.append(text)
+
+    def _op_norm(self, node, op, ins, path):
+        attr = self.module(path, _norm_ctor(op))
+        (h,) = self.assign(node, ["h"])
+        self.line(f"{h} = {attr}({ins[0]})")
+
+    def _op_attention(self, node, op, ins, path):
+        attr = self.module(path, f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
+                                 f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal})")
+        (h,) = self.assign(node, ["h"])
+        self.line(f"{h} = {attr}({ins[0]})")
+
+    def _op_ffn(self, node, op, ins, path):
+        attr = self.module(path, _ffn_ctor(op.expert))
+        (h,) = self.assign(node, ["h" if self.region(node) is None else path[-1]])
+        self.line(f"{h} = {attr}({ins[0]})")
+
+    def _op_add(self, node, op, ins, path):
+        (x,) = self.assign(node, ["x" if self.region(node) is None else "y"])
+        self.line(f"{x} = {ins[0]} + {ins[1]}")
+
+    def _op_select_tokens(self, node, op, ins, path):
+        xs, idx = self.assign(node, ["x", "idx"])
+        self.line(f"{idx} = select_tokens({ins[1]}, {tuple(op.modalities)!r})")
+        self.line(f"{xs} = {ins[0]}.index_select(0, {idx})")
+        self.view.sync_notes.append("token selection by modality")
+
+    def _op_scatter_tokens(self, node, op, ins, path):
+        (y,) = self.assign(node, ["out"])
+        self.line(f"{y} = scatter_tokens({ins[0]}, {ins[1]}, {ins[2]})")
+
+    def _router_module(self, path, op) -> str:
+        return self.module(path, f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
+
+    def _route(self, outs: str, logits: str, r: O.RouterSpec) -> None:
+        self.line(_call(outs, "route_top_k", [logits, f"k={r.k}", f"score={r.score!r}",
+                                              f"renormalize={r.renormalize}", f"scale={r.scale!r}"]))
+
+    def _op_router_gate(self, node, op, ins, path):
+        (logits,) = self.assign(node, ["logits"])
+        self.line(f"{logits} = {self._router_module(path, op)}({ins[0]})")
+
+    def _op_top_k(self, node, op, ins, path):
+        self._route(", ".join(self.assign(node, ["weights", "expert_ids", "probs"])), ins[0], op.router)
+
+    def _op_router(self, node, op, ins, path):
+        w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])
+        self.line(f"{logits} = {self._router_module(path, op)}({ins[0]})")
+        self._route(f"{w}, {ids}, {probs}", logits, op.router)
+
+    def _op_sort_by_expert(self, node, op, ins, path):
+        (order,) = self.assign(node, ["order"])
+        self.line(f"{order} = sort_by_expert({ins[0]}, {op.num_experts})")
+
+    def _op_count_experts(self, node, op, ins, path):
+        (counts,) = self.assign(node, ["counts"])
+        self.line(f"{counts} = expert_counts({ins[0]}, {op.num_experts})")
+
+    def _op_expert_offsets(self, node, op, ins, path):
+        (offsets,) = self.assign(node, ["offsets"])
+        self.line(f"{offsets} = expert_offsets({ins[0]})")
+
+    def _op_permute(self, node, op, ins, path):
+        # block_m pads segments for block-tiled kernels; a PyTorch grouped GEMM needs no padding
+        outs = self.assign(node, ["order", "counts", "offsets"])
+        self.line(f"{', '.join(outs)} = permute({ins[0]}, {op.num_experts})")
+
+    def _op_gather_rows(self, node, op, ins, path):
+        (rows,) = self.assign(node, ["rows"])
+        k = str(self.g.type_of(self.g.inputs(node)[1]).shape[0]).rsplit("*", 1)[1]
+        self.line(f"{rows} = gather_rows({ins[0]}, {ins[1]}, {k})")
+
+    def _experts_module(self, path: list[str], gemm_like: O.OpBase, glu: bool, dim: int, hidden: int,
+                        bias: bool) -> str:
+        return self.module(path, f"Experts(num_experts={gemm_like.num_experts}, dim={dim}, hidden={hidden}, "
+                                 f"glu={glu}, bias={bias})")
+
+    def _op_expert_gemm(self, node, op, ins, path):
+        glu = any(self.g.op(u).projection == "gate" for u, _ in self.g.users(self.g.inputs(node)[1])
+                  if self.g.op(u).kind == "expert_gemm")
+        dim, hidden = (op.in_dim, op.out_dim) if op.projection != "down" else (op.out_dim, op.in_dim)
+        attr = self._experts_module(path[:-1], op, glu, dim, hidden, op.bias)
+        (out,) = self.assign(node, [op.projection])
+        bias = [f"{attr}.{op.projection}_bias"] if op.bias else []
+        self.line(_call(out, "grouped_linear", [ins[0], f"{attr}.{op.projection}_proj", ins[1], *bias]))
+        self.view.sync_notes.append("segment sizes of an unfused grouped GEMM")
+
+    def _op_activation(self, node, op, ins, path):
+        (h,) = self.assign(node, ["hidden"])
+        gate = [f"gate={ins[0]}"] if op.glu else []
+        self.line(_call(h, "activate", [ins[-1], repr(op.act), *gate]))
+
+    def _op_combine(self, node, op, ins, path):
+        (y,) = self.assign(node, ["y"])
+        self.line(f"{y} = combine({ins[0]}, {ins[1]}, {ins[2]})")
+
+    def _op_fused_experts(self, node, op, ins, path):
+        e = op.expert
+        attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
+        x, ids, weights, order, offsets = ins
+        args = [x, ids, weights, f"{attr}.up_proj", f"{attr}.down_proj"]
+        if e.form == "glu":
             args.append(f"gate_proj={attr}.gate_proj")
-        if up_op.bias:
+        if e.bias:
             args += [f"up_bias={attr}.up_bias", f"down_bias={attr}.down_bias"]
-            if act_op.glu:
+            if e.form == "glu":
                 args.append(f"gate_bias={attr}.gate_bias")
-        args.append(f"activation={act_op.act!r}")
-        body.append(_call(y, "moe_experts", args))
+        args += [f"activation={e.act!r}", f"order={order}", f"offsets={offsets}"]
+        (y,) = self.assign(node, ["y"])
+        self.line(_call(y, "moe_experts", args))
         from moec.backends.pytorch import runtime
 
         self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]
+
+    def _op_aux_loss(self, node, op, ins, path):
+        (aux,) = self.assign(node, ["aux"])
+        terms = []
+        if op.losses.load_balance:
+            terms.append(f"{op.losses.load_balance!r} * load_balance_loss({ins[1]}, {ins[2]}, {op.num_experts})")
+        if op.losses.z_loss:
+            terms.append(f"{op.losses.z_loss!r} * z_loss({ins[0]})")
+        self.line(f"{aux} = {' + '.join(terms)}" if len(terms) < 2 or sum(map(len, terms)) < 80
+                  else f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
 
 
 def _ctor(sub, indent: int = 8) -> str:

@@ -116,6 +116,11 @@ submodules), ``ModelOutput`` (``output, aux_loss, expert_counts``),
 (gather a modality group's rows and put them back; ``select_tokens`` costs one
 host sync, its data-dependent size).
 
+Unfused primitives, one per op of an unfused lowering (``moec ir --after lower-moe``):
+``sort_by_expert``, ``expert_offsets``, ``permute`` (the three fused), ``gather_rows``,
+``grouped_linear`` (one host sync: the segment sizes), ``activate``, ``combine``.
+``moe_experts`` is their fusion; with ``order`` / ``offsets`` from ``permute`` it reuses that sort.
+
 ``ACTIVATIONS``: tuple of the supported activation names.
 ``METHODS``: tuple of the accepted ``method`` names.
 """
@@ -138,15 +143,22 @@ __all__ = [
     "Experts",
     "FeedForward",
     "ModelOutput",
+    "activate",
     "check_modality",
+    "combine",
     "expert_counts",
+    "expert_offsets",
+    "gather_rows",
+    "grouped_linear",
     "grouped_mm_available",
     "load_balance_loss",
     "moe_experts",
+    "permute",
     "resolve_method",
     "route_top_k",
     "scatter_tokens",
     "select_tokens",
+    "sort_by_expert",
     "z_loss",
 ]
 
@@ -468,8 +480,13 @@ def moe_experts(
     down_bias: Tensor | None = None,
     gate_bias: Tensor | None = None,
     method: str = "auto",
+    order: Tensor | None = None,
+    offsets: Tensor | None = None,
 ) -> Tensor:
-    """Weighted mixture of expert FFNs; see the module docstring for the full contract."""
+    """Weighted mixture of expert FFNs; see the module docstring for the full contract.
+
+    ``order`` / ``offsets`` (from ``permute``) reuse a sort already done; they are only valid for
+    routings without dropped slots."""
     _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
     act = _activation(activation)
     T, d = x.shape
@@ -479,14 +496,20 @@ def moe_experts(
 
     # Sort the flat (token, slot) pairs by expert; dropped slots (-1) go last (bin E).
     flat_ids = expert_ids.reshape(-1).long()
-    key, counts = _counts_with_dropped(flat_ids, E)
+    if order is not None and offsets is not None:
+        key = flat_ids
+        counts = torch.cat([offsets.diff(), offsets.new_zeros(1)])
+    else:
+        key, counts = _counts_with_dropped(flat_ids, E)
+        order = None
     sizes = None  # host copy of counts: fetched at most once per call (the only host sync)
     if method == "auto" and _auto_wants_counts(x):
         sizes = counts.tolist()
     method = resolve_method(method, x, up_proj, down_proj, gate_proj, k=k, counts=sizes)
     if method in ("split", "padded_bmm") and sizes is None:
         sizes = counts.tolist()
-    order = torch.argsort(key, stable=True)
+    if order is None:
+        order = torch.argsort(key, stable=True)
     sorted_key = key.index_select(0, order)
     tok = torch.div(order, k, rounding_mode="floor") if k > 0 else order
     valid = sorted_key < E
@@ -563,6 +586,58 @@ def moe_experts(
     out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
     out.index_add_(0, tok, contrib)
     return out.to(x.dtype)
+
+
+# ---- unfused primitives (one per IR op of an unfused MoE lowering) ---------------------------------
+def sort_by_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """Flat indices of the (token, slot) pairs ordered by expert id, stable within an expert."""
+    return torch.argsort(expert_ids.reshape(-1), stable=True)
+
+
+def expert_offsets(counts: Tensor) -> Tensor:
+    """[E + 1] start of each expert's segment in the sorted rows; the last entry is the total."""
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+
+def permute(expert_ids: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """sort_by_expert, expert_counts and expert_offsets at once: (order, counts, offsets)."""
+    counts = expert_counts(expert_ids, num_experts)
+    return sort_by_expert(expert_ids, num_experts), counts, expert_offsets(counts)
+
+
+def gather_rows(x: Tensor, order: Tensor, k: int) -> Tensor:
+    """The permuted copy of the token rows: row i is x[order[i] // k]."""
+    return x.index_select(0, torch.div(order, k, rounding_mode="floor"))
+
+
+def grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Segment e of `rows` (offsets[e]:offsets[e+1]) times weight[e] (+ bias[e]); one host sync.
+
+    Empty segments cost nothing; with no rows at all expert 0 runs on the empty slice, so the
+    weights stay in the autograd graph (zero gradients rather than none)."""
+    sizes = offsets.diff().tolist()
+    parts = []
+    for e, (segment, w) in enumerate(zip(torch.split(rows, sizes), weight.unbind(0), strict=True)):
+        if sizes[e] or (e == 0 and rows.shape[0] == 0):
+            out = segment @ w
+            parts.append(out + bias[e] if bias is not None else out)
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+
+def activate(h: Tensor, activation: str, gate: Tensor | None = None) -> Tensor:
+    """act(h), or act(gate) * h for a GLU."""
+    act = _activation(activation)
+    return act(gate) * h if gate is not None else act(h)
+
+
+def combine(rows: Tensor, weights: Tensor, order: Tensor) -> Tensor:
+    """Sorted expert outputs times their routing weights, summed back into token order."""
+    T, k = weights.shape
+    acc = torch.promote_types(rows.dtype, torch.float32)
+    w = weights.reshape(-1).index_select(0, order).to(acc)
+    out = torch.zeros(T, rows.shape[-1], dtype=acc, device=rows.device)
+    out.index_add_(0, torch.div(order, k, rounding_mode="floor"), rows.to(acc) * w.unsqueeze(1))
+    return out.to(rows.dtype)
 
 
 # ---- layers and helpers used by generated model files ------------------------------------------
