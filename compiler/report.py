@@ -35,6 +35,24 @@ def format_report(a: dict) -> str:
         lines.append(f"  {m}: {a['params']['active_per_token'][m]:,} active per token, "
                      f"{a['flops_per_token'][m]:,} FLOPs per token, "
                      f"{a['activation_bytes_per_token'][m]:,} activation bytes per token")
+    fused = [layer for layer in a["layers"] if "fusion" in layer]
+    if fused:
+        f0 = fused[0]["fusion"]
+        lines.append("")
+        lines.append(f"MoE layers: kernel launches and dispatch memory (padding at {f0['padding_overhead_at_tokens']} "
+                     "tokens per group, uniform / all-to-the-same-k routing)")
+        head = f"{'layer':>5}  {'launches':>8} {'unfused':>8} {'copy B/tok':>10} {'index B/tok':>11}"
+        for b in ("16", "64", "128"):
+            head += f"  {'pad@' + b:>13}"
+        lines.append(head)
+        for layer in fused:
+            f = layer["fusion"]
+            row = (f"{layer['index']:>5}  {f['kernel_launches']:>8} {f['kernel_launches_unfused']:>8} "
+                   f"{f['permuted_copy_bytes_per_token']:>10} {f['index_bytes_per_token']:>11}")
+            for b in ("16", "64", "128"):
+                p = f["padding_overhead"][b]
+                row += f"  {100 * p['uniform']:>5.1f}%/{100 * p['skewed']:>5.1f}%"
+            lines.append(row)
     lines.append("")
     lines.append("FLOPs = 2 x multiply-accumulates of weight GEMMs per token (forward); attention's "
                  "context-length terms, norms and activations are not counted.")

@@ -34,7 +34,7 @@ def _per_token_elements(t: TensorType) -> int:
     return n
 
 
-REFERENCE_TOKENS = 4096  # token count for the padding estimates
+REFERENCE_TOKENS = 1000  # tokens per group for the padding estimates (not a power of two, as real batches)
 REFERENCE_BLOCKS = (16, 64, 128)
 
 # Launches an unfused lowering needs for what one op of the current graph does.
