@@ -81,7 +81,10 @@ def compile_model(path: str, pipeline: str = "default", stop_after: str | None =
     names = list(PIPELINES[pipeline])
     if stop_name is not None and stop_name not in names:
         names.append(stop_name)
-    passes = [REGISTRY[n](**(stop_options if n == stop_name else {})) for n in names]
+    try:
+        passes = [REGISTRY[n](**(stop_options if n == stop_name else {})) for n in names]
+    except (TypeError, ValueError) as exc:
+        _fail("E0402", f"bad option for pass `{stop_name}`: {exc}")
     graph = build_graph(spec)
     verify(graph)
     try:

@@ -519,3 +519,12 @@ def test_verify_rejects_broken_graphs():
     g.set_inputs(norm, [g.outputs(norm)[0]])  # a cycle
     with pytest.raises(IRError, match="cycle"):
         verify(g)
+
+
+def test_bad_pass_options_are_diagnostics(capsys):
+    for after, message in (("fuse-permute{block-m=0}", "block-m must be positive"),
+                           ("fuse-permute{blok=3}", "has no option `blok`"),
+                           ("fuse-permute{block-m}", "needs a value")):
+        assert main(["ir", example("mixtral.moe"), "--after", after]) == 1
+        err = capsys.readouterr().err
+        assert "error[E0402]" in err and message in err and "Traceback" not in err
