@@ -7,6 +7,10 @@ import shutil
 import tempfile
 
 
+class BackendError(Exception):
+    """A model the chosen target cannot generate (a user-facing error, not a bug)."""
+
+
 def write_tree(out_dir: str, files: dict[str, str | bytes]) -> list[str]:
     """Write `files` (relative path -> content) into `out_dir` completely or not at all.
 
@@ -38,6 +42,7 @@ def write_tree(out_dir: str, files: dict[str, str | bytes]) -> list[str]:
 
 def targets() -> dict:
     """Target name -> emit(compilation, out_dir, options) function."""
+    from moec.backends.mlir import emit_compilation as mlir_emit
     from moec.backends.pytorch import emit as pytorch_emit
 
-    return {"pytorch": pytorch_emit}
+    return {"pytorch": pytorch_emit, "mlir": mlir_emit}

@@ -73,7 +73,16 @@ def cmd_compile(args) -> int:
                     did_you_mean(args.target, available) or f"targets: {', '.join(sorted(available))}")
         return _fail(diags)
     comp = compile_model(args.file, pipeline=args.pipeline)
-    files = available[args.target](comp, args.out, static=args.static)
+    options = {"static": args.static} if args.target == "pytorch" else {
+        "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens}
+    from moec.backends import BackendError
+    from moec.backends.mlir import MlirLoweringError, MlirUnavailableError
+
+    try:
+        files = available[args.target](comp, args.out, **options)
+    except (BackendError, MlirUnavailableError, MlirLoweringError) as exc:
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
     for f in files:
         print(os.path.join(args.out, f))
     return 0
@@ -116,9 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="generate code for a target")
     c.add_argument("file")
-    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default)")
+    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default) or mlir (needs torch-mlir)")
     c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
-    c.add_argument("--static", action="store_true", help="static-shape (capacity-padded) export form")
+    c.add_argument("--static", action="store_true", help="pytorch: static-shape (capacity-padded) export form")
+    c.add_argument("--dialect", default="linalg", choices=["linalg", "stablehlo", "tosa", "torch", "raw"],
+                   help="mlir: output dialect (default linalg-on-tensors)")
+    c.add_argument("--tokens", type=_positive, default=8, help="mlir: sequence length of the exported shapes")
+    c.add_argument("--batch", type=_positive, default=1, help="mlir: batch size of the exported shapes")
     _pipeline_option(c)
     c.set_defaults(func=cmd_compile)
 

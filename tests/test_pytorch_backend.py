@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import sys
 
@@ -287,3 +288,33 @@ def test_fused_and_unfused_ir_give_the_same_model(example):
     for x_, y_ in zip(ga, gb):
         torch.testing.assert_close(x_, y_, rtol=1e-10, atol=1e-12)
     assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
+
+
+@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma"])
+def test_static_form_matches_dynamic_and_exports(example):
+    path = os.path.join(EXAMPLES, f"{example}.moe")
+    dynamic, static = moec.load(path).double(), moec.load(path, static=True).double()
+    torch.manual_seed(6)
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    modality = torch.randint(0, len(dynamic.modalities), (2, 5))
+    a, b = dynamic(x, modality), static(x, modality)
+    torch.testing.assert_close(a.output, b.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss, rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
+    ga = torch.autograd.grad(a.output.sum() + a.aux_loss, list(dynamic.parameters()))
+    gb = torch.autograd.grad(b.output.sum() + b.aux_loss, list(static.parameters()))
+    for p, q in zip(ga, gb):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    exported = torch.export.export(static.float().eval(), (x.float(), modality))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert not any(bad in t for t in targets for bad in ("nonzero", "bincount", "_grouped_mm", "sort.stable"))
+    source = inspect.getsource(inspect.getmodule(type(static)))
+    assert "total per forward: 0" in source
+
+
+def test_static_requires_fused_pipeline(capsys, tmp_path):
+    rc = main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), "--static", "--pipeline", "unfused",
+               "-o", str(tmp_path / "o")])
+    assert rc == 1
+    assert "fused pipeline" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing written

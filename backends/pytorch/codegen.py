@@ -18,13 +18,16 @@ from importlib import resources
 import jinja2
 from moec import __version__
 from moec import ops as O
+from moec.backends import BackendError
 from moec.ir import Graph, Value
 
 _RUNTIME_EXPORTS = ("Attention", "Container", "Experts", "FeedForward", "activate", "combine", "expert_counts",
                     "expert_offsets", "gather_rows", "grouped_linear", "load_balance_loss", "moe_experts", "permute",
                     "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "z_loss")
 # Names the generated file defines or imports; user names and generated locals never take them.
-_RESERVED = {*_RUNTIME_EXPORTS, "ModelOutput", "Model", "check_modality", "torch", "nn", "self", "modality"}
+_STATIC_EXPORTS = ("expert_counts_static", "load_balance_loss_static", "moe_experts_static", "token_mask_for",
+                   "z_loss_static")
+_RESERVED = {*_RUNTIME_EXPORTS, *_STATIC_EXPORTS, "ModelOutput", "Model", "check_modality", "torch", "nn", "self", "modality"}
 
 
 def py_name(name: str) -> str:
@@ -162,6 +165,19 @@ class _BlockEmitter:
             self.used.add(name)
             out.append(name)
         return out
+
+    def assign_values(self, values: list[Value], bases: list[str], node: int) -> list[str]:
+        """Name some outputs of `node` (the others stay unnamed)."""
+        prefix = f"{self.group_of(node)}_" if self.group_of(node) else ""
+        out = []
+        for v, base in zip(values, bases):
+            self.names[v] = name = self.fresh(prefix + base)
+            out.append(name)
+        return out
+
+    def group_of(self, node: int) -> str | None:
+        rel = self.rel(node)
+        return rel[1] if self.region(node) and len(rel) > 2 else None
 
     def _dead_after(self, name: str, node: int) -> bool:
         """True if no later op reads the value currently called `name` (so it may be reused)."""
@@ -327,6 +343,69 @@ class _BlockEmitter:
                   else f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
 
 
+class _StaticBlockEmitter(_BlockEmitter):
+    """Static-shape form (`--static`): every group sees all T tokens under a modality mask and
+    dispatches into capacity-padded [E, C, d] buffers, so no shape depends on data (no host sync,
+    no nonzero, no sort): what torch.export and torch-mlir need."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.masks: dict[str | None, str] = {}
+
+    def mask_arg(self, node: int) -> list[str]:
+        mask = self.masks.get(self.group_of(node))
+        return [f"token_mask={mask}"] if mask else []
+
+    def _op_select_tokens(self, node, op, ins, path):
+        xs, idx = self.g.outputs(node)
+        self.names[xs] = ins[0]  # the group reads all tokens; its mask says which are its own
+        mask = self.fresh(f"{self.group_of(node)}_mask")
+        self.names[idx] = mask
+        self.masks[self.group_of(node)] = mask
+        self.line(f"{mask} = token_mask_for({ins[1]}, {tuple(op.modalities)!r})")
+
+    def _op_scatter_tokens(self, node, op, ins, path):
+        self.names[self.g.outputs(node)[0]] = ins[0]  # already [T, d], zero outside the mask
+
+    def _op_permute(self, node, op, ins, path):
+        order, counts, offsets = self.g.outputs(node)
+        self.names[order] = self.names[offsets] = "None"  # the static dispatch needs no sort
+        (name,) = self.assign_values([counts], ["counts"], node)
+        self.line(_call(name, "expert_counts_static", [ins[0], str(op.num_experts), *self.mask_arg(node)]))
+
+    def _op_fused_experts(self, node, op, ins, path):
+        e = op.expert
+        attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
+        x, ids, weights = ins[:3]
+        args = [x, ids, weights, f"{attr}.up_proj", f"{attr}.down_proj"]
+        if e.form == "glu":
+            args.append(f"gate_proj={attr}.gate_proj")
+        if e.bias:
+            args += [f"up_bias={attr}.up_bias", f"down_bias={attr}.down_bias"]
+            if e.form == "glu":
+                args.append(f"gate_bias={attr}.gate_bias")
+        args += [f"activation={e.act!r}", *self.mask_arg(node)]
+        (y,) = self.assign(node, ["y"])
+        self.line(_call(y, "moe_experts_static", args))
+
+    def _op_aux_loss(self, node, op, ins, path):
+        (aux,) = self.assign(node, ["aux"])
+        mask = self.mask_arg(node)
+        terms = []
+        if op.losses.load_balance:
+            call = ", ".join([ins[1], ins[2], str(op.num_experts), *mask])
+            terms.append(f"{op.losses.load_balance!r} * load_balance_loss_static({call})")
+        if op.losses.z_loss:
+            terms.append(f"{op.losses.z_loss!r} * z_loss_static({', '.join([ins[0], *mask])})")
+        self.line(f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
+
+    def _unfused(self, node, op, ins, path):
+        raise BackendError("the static form needs the fused pipeline (drop --pipeline unfused)")
+
+    _op_sort_by_expert = _op_count_experts = _op_expert_offsets = _unfused
+    _op_gather_rows = _op_expert_gemm = _op_activation = _op_combine = _unfused
+
+
 def _ctor(sub, indent: int = 8) -> str:
     """Constructor text of a submodule; nested namespaces become indented Container(...) calls."""
     if isinstance(sub, str):
@@ -336,7 +415,9 @@ def _ctor(sub, indent: int = 8) -> str:
     return f"Container({items}\n{' ' * indent})"
 
 
-def render(graph: Graph, source: str) -> str:
+def render(graph: Graph, source: str, static: bool = False) -> str:
+    """The generated module's source; `static=True` gives the static-shape export form."""
+    emitter = _StaticBlockEmitter if static else _BlockEmitter
     inp = graph.op(graph.find("input")[0])
     by_layer: dict[int, list[int]] = {}
     for n in graph.nodes():
@@ -355,7 +436,7 @@ def render(graph: Graph, source: str) -> str:
             used_class_names.add(cname)
             loc = graph.op(first).loc
             view = BlockView(name=key, class_name=cname, loc=f"{os.path.basename(loc.path)}:{loc.line}" if loc else "?")
-            _BlockEmitter(graph, by_layer[i], view).emit()
+            emitter(graph, by_layer[i], view).emit()
             blocks[key] = view
         layer_classes.append(blocks[key].class_name)
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
@@ -365,8 +446,9 @@ def render(graph: Graph, source: str) -> str:
     text = "\n".join(line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules])
     runtime_imports = sorted({"ModelOutput", "check_modality"} | {
         n for n in _RUNTIME_EXPORTS if re.search(rf"\b{n}\(", text)}, key=lambda n: (n[0].islower(), n))
+    static_imports = sorted(n for n in _STATIC_EXPORTS if re.search(rf"\b{n}\(", text))
     return env.get_template("model.py.j2").render(
-        runtime_imports=runtime_imports,
+        runtime_imports=runtime_imports, static_imports=static_imports, static=static,
         version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
         modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim, blocks=list(blocks.values()),
         layers=layer_classes, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
@@ -375,6 +457,10 @@ def render(graph: Graph, source: str) -> str:
 
 def _template(name: str) -> str:
     return resources.files("moec.backends.pytorch").joinpath("templates", name).read_text()
+
+
+def static_runtime_source() -> str:
+    return resources.files("moec.backends.pytorch").joinpath("static_runtime.py").read_text()
 
 
 def runtime_source() -> str:

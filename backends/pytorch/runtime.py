@@ -652,6 +652,9 @@ class ModelOutput:
     expert_counts: list
 
 
+torch.export.register_dataclass(ModelOutput, serialized_type_name="moec_runtime.ModelOutput")
+
+
 class Container(nn.Module):
     """A plain namespace of submodules, so parameter names follow the .moe structure."""
 

@@ -1,0 +1,217 @@
+"""MLIR target: a static-shape moec model -> ``.mlir`` text through torch-mlir's FX importer.
+
+``emit(model, example_inputs, out_path, dialect="linalg-on-tensors")`` runs
+``torch_mlir.fx.export_and_import`` (``torch.export`` + FX import + torch-mlir's lowering
+pipeline) on ``model`` with ``example_inputs`` and writes the module text to ``out_path``.
+The model must be in static-shape form (``moec compile --static``: capacity-padded dispatch
+from ``moec_static_runtime``); the dynamic form's ``nonzero`` / ``.tolist()`` stop
+``torch.export`` (``GuardOnDataDependentSymNode``).  Parameters are frozen into the module as
+constants, shapes are those of ``example_inputs``.
+
+Model outputs are flattened to a tuple of tensors before export (a ``ModelOutput``
+dataclass becomes ``(output, aux_loss, *expert_counts)``), so unregistered pytree types
+never reach ``torch.export``.
+
+Dialects (user name -> torch-mlir output type): ``linalg`` / ``linalg-on-tensors`` (default)
+-> linalg-on-tensors (``linalg``, ``arith``, ``tensor`` and, for ``topk``/``index_copy``,
+torch-mlir's ``tm_tensor.sort`` / ``tm_tensor.scatter``); ``stablehlo``; ``tosa``; ``torch``
+(torch dialect, backend contract form); ``raw`` (the FX importer's output, unlowered).
+With torch 2.13.0 and torch-mlir 20261001 the static moec models lower to all of them.
+
+``emit_compilation(comp, out_dir, dialect=..., batch=1, tokens=8, seed=0)`` is the registry
+adapter: it renders the model with the PyTorch backend in static mode, imports it, and
+writes ``<model>.mlir``.
+
+torch-mlir is optional: ``pip install torch-mlir==20261001`` (or ``pip install
+'moec[mlir]'``); without it ``emit`` raises ``MlirUnavailableError`` saying so.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import sys
+import tempfile
+import warnings
+
+INSTALL_HINT = "pip install torch-mlir==20261001  (or: pip install 'moec[mlir]')"
+
+# user-facing name -> torch_mlir OutputType value
+DIALECTS: dict[str, str] = {
+    "linalg": "linalg-on-tensors",
+    "linalg-on-tensors": "linalg-on-tensors",
+    "stablehlo": "stablehlo",
+    "tosa": "tosa",
+    "torch": "torch",
+    "raw": "raw",
+}
+
+__all__ = ["DIALECTS", "INSTALL_HINT", "MlirLoweringError", "MlirUnavailableError", "available", "emit",
+           "emit_compilation", "output_type"]
+
+
+class MlirUnavailableError(ImportError):
+    """torch-mlir is not installed."""
+
+
+class MlirLoweringError(RuntimeError):
+    """torch.export or torch-mlir failed on the model; the message names the dialect and the error."""
+
+
+def available() -> bool:
+    """True if ``torch_mlir.fx`` can be imported."""
+    try:
+        _import_fx()
+    except MlirUnavailableError:
+        return False
+    return True
+
+
+def _import_fx():
+    try:
+        from torch_mlir import fx
+    except ImportError as exc:
+        raise MlirUnavailableError(
+            f"the mlir target needs torch-mlir, which is not installed ({exc}); install it with: {INSTALL_HINT}"
+        ) from exc
+    return fx
+
+
+def output_type(dialect: str) -> str:
+    """The torch-mlir output type for a user dialect name (``linalg``, ``stablehlo``, ...)."""
+    key = dialect.strip().lower().replace("_", "-")
+    if key not in DIALECTS:
+        raise ValueError(f"unknown MLIR dialect {dialect!r}; expected one of: {', '.join(DIALECTS)}")
+    return DIALECTS[key]
+
+
+def _flat_tensors(value) -> list:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if value is None:
+        return []
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [t for f in dataclasses.fields(value) for t in _flat_tensors(getattr(value, f.name))]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flat_tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flat_tensors(v)]
+    raise TypeError(f"mlir.emit: model output of type {type(value).__name__} is not a tensor or a container "
+                    "of tensors")
+
+
+def _flat_module(model):
+    from torch import nn
+
+    class FlatOutputs(nn.Module):
+        """Wraps a module so that it returns a flat tuple of tensors (export-friendly)."""
+
+        def __init__(self, inner: nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args):
+            return tuple(_flat_tensors(self.inner(*args)))
+
+    return FlatOutputs(model)
+
+
+def _first_error(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() and ln.strip()]
+    return lines[0] if lines else (text.strip().splitlines() or [""])[0]
+
+
+def lower(model, example_inputs: tuple, dialect: str = "linalg-on-tensors"):
+    """Run ``torch_mlir.fx.export_and_import``; return the MLIR module object."""
+    import torch
+
+    ot = output_type(dialect)
+    fx = _import_fx()
+    wrapped = _flat_module(model)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            return fx.export_and_import(wrapped, *tuple(example_inputs), output_type=ot)
+    except MlirUnavailableError:
+        raise
+    except Exception as exc:  # torch.export or torch-mlir pass failures
+        raise MlirLoweringError(
+            f"lowering to {ot} failed: {type(exc).__name__}: {_first_error(str(exc))}\n"
+            "(the model must be in static-shape form: moec compile --static; the dialects are "
+            f"{', '.join(sorted(set(DIALECTS.values())))})"
+        ) from exc
+
+
+def emit(model, example_inputs: tuple, out_path: str, dialect: str = "linalg-on-tensors") -> str:
+    """Lower ``model(*example_inputs)`` to ``dialect`` and write the MLIR text to ``out_path``.
+
+    Returns the text.  The file is written atomically (a temporary sibling, then renamed);
+    nothing is written when lowering fails.
+    """
+    text = str(lower(model, example_inputs, dialect))
+    out_path = os.path.abspath(out_path)
+    parent = os.path.dirname(out_path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".moec-", suffix=".mlir", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return text
+
+
+def example_inputs_for(model, batch: int = 1, tokens: int = 8, seed: int = 0) -> tuple:
+    """``(x [batch, tokens, d_model], modality [batch, tokens])`` for a generated ``Model``:
+    random ``x``, modalities cycling through ``Model.modalities`` (values do not change a
+    static graph, only shapes do)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, model.d_model, generator=gen)
+    n = max(len(getattr(model, "modalities", ())), 1)
+    modality = (torch.arange(batch * tokens) % n).reshape(batch, tokens)
+    return x, modality
+
+
+def emit_compilation(comp, out_dir: str, dialect: str = "linalg-on-tensors", batch: int = 1, tokens: int = 8,
+                     seed: int = 0, **options) -> list[str]:
+    """Registry adapter: static PyTorch code for ``comp`` -> ``Model(seed)`` -> ``<model>.mlir``.
+
+    Needs the PyTorch backend's static mode (``emit(comp, dir, static=True)``).  Returns the
+    relative paths written into ``out_dir``.
+    """
+    from moec.backends import write_tree
+    from moec.backends.pytorch import emit as pytorch_emit
+    from moec.backends.pytorch import py_name
+
+    _import_fx()  # fail early, before generating anything
+    name = py_name(comp.graph.name)
+    with tempfile.TemporaryDirectory(prefix="moec-mlir-") as tmp:
+        pytorch_emit(comp, tmp, static=True)
+        model = _load_generated(tmp, name).Model(seed=seed).eval()
+        text = str(lower(model, example_inputs_for(model, batch, tokens, seed), dialect))
+    return write_tree(out_dir, {f"{name}.mlir": text})
+
+
+def _load_generated(directory: str, name: str):
+    """Import ``directory/<name>.py`` with its runtime files (``moec_*.py`` next to it) fresh."""
+    shipped = [f[:-3] for f in os.listdir(directory) if f.startswith("moec_") and f.endswith(".py")]
+    saved = {m: sys.modules.pop(m) for m in shipped if m in sys.modules}
+    sys.path.insert(0, directory)
+    try:
+        spec = importlib.util.spec_from_file_location(f"moec_mlir_generated_{name}",
+                                                      os.path.join(directory, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(directory)
+        for m in shipped:
+            sys.modules.pop(m, None)
+        sys.modules.update(saved)
