@@ -53,6 +53,21 @@ def cmd_report(args) -> int:
     from moec.driver import compile_model
     from moec.report import format_report
 
+    if args.plan:
+        from moec.passes.place_experts import format_plan
+
+        try:
+            with open(args.plan) as fh:
+                plan = json.load(fh)
+            print(format_plan(plan))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"moec: error: cannot read placement plan `{args.plan}`: {exc}", file=sys.stderr)
+            return 1
+        if not args.file:
+            return 0
+    if not args.file:
+        print("moec: error: give a .moe file, --plan PLAN.json, or both", file=sys.stderr)
+        return 1
     comp = compile_model(args.file, pipeline=args.pipeline)
     analysis = comp.results["analysis"]
     if args.json:
@@ -88,6 +103,28 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_place(args) -> int:
+    from moec.driver import compile_model
+    from moec.passes import PassContext
+    from moec.passes.place_experts import PlaceExperts, format_plan
+
+    comp = compile_model(args.file)
+    ctx = PassContext()
+    try:
+        PlaceExperts(devices=args.devices, memory=args.memory, redundant=args.redundant, profile=args.profile,
+                     method=args.method, modality_devices=args.modality_devices).run(comp.graph, ctx)
+    except (ValueError, OSError) as exc:  # a bad profile, memory size or device count: the user's to fix
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
+    plan = ctx.results["placement"]
+    if args.out:
+        from moec.backends import write_tree
+
+        write_tree(os.path.dirname(os.path.abspath(args.out)), {os.path.basename(args.out): json.dumps(plan, indent=1)})
+    print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def cmd_train(args) -> int:
     from moec.train import run_cli
 
@@ -118,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_ir)
 
     c = sub.add_parser("report", help="parameters, FLOPs and activation bytes per token and modality")
-    c.add_argument("file")
+    c.add_argument("file", nargs="?")
+    c.add_argument("--plan", metavar="JSON", help="also show a placement plan written by `moec place`")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     _pipeline_option(c)
     c.set_defaults(func=cmd_report)
@@ -134,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch", type=_positive, default=1, help="mlir: batch size of the exported shapes")
     _pipeline_option(c)
     c.set_defaults(func=cmd_compile)
+
+    c = sub.add_parser("place", help="assign experts and redundant replicas to expert-parallel devices")
+    c.add_argument("file")
+    c.add_argument("--devices", "-n", type=_positive, required=True)
+    c.add_argument("--memory", help="expert-weight memory per device, e.g. 80GB, 512MiB")
+    c.add_argument("--redundant", type=int, default=0, help="extra replicas of hot experts per MoE layer")
+    c.add_argument("--profile", metavar="JSON", help="routing profile from `moec train --profile`")
+    c.add_argument("--method", choices=["place", "eplb", "round-robin"], default="place")
+    c.add_argument("--modality-devices", metavar="SPEC", help="where tokens live, e.g. image=0-3,text=4-7")
+    c.add_argument("-o", "--out", metavar="JSON", help="write the plan (EPLB's phy2log/log2phy/logcnt) here")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_place)
 
     c = sub.add_parser("train", help="train the generated PyTorch model briefly on synthetic multimodal data")
     c.add_argument("file")

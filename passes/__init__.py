@@ -7,9 +7,10 @@ from .fusion import FuseExpertGemm, FusePermute, FuseRouter
 from .infer_shapes import InferShapes
 from .lower_moe import LowerMoE
 from .manager import Pass, PassContext, PassFailed, run_pipeline
+from .place_experts import PlaceExperts
 
 REGISTRY: dict[str, type[Pass]] = {
-    p.name: p for p in (InferShapes, LowerMoE, FuseRouter, FusePermute, FuseExpertGemm, Analyze)
+    p.name: p for p in (InferShapes, LowerMoE, FuseRouter, FusePermute, FuseExpertGemm, Analyze, PlaceExperts)
 }
 
 PIPELINES: dict[str, list[str]] = {
