@@ -166,8 +166,11 @@ _SKIP_ATTRS = {"kind", "name", "layer", "block", "loc"}
 
 
 def _format_value(v) -> str:
-    if isinstance(v, BaseModel):
-        fields = [f"{k}={_format_value(x)}" for k, x in v if x is not None and k not in _SKIP_ATTRS]
+    if isinstance(v, BaseModel):  # nested specs: only what differs from the defaults (required fields always)
+        info, shown = type(v).model_fields, getattr(type(v), "always_shown", ())
+        fields = [f"{k}={_format_value(x)}" for k, x in v
+                  if x is not None and (k in shown or k not in _SKIP_ATTRS and
+                                        (info[k].is_required() or x != info[k].default))]
         return "<" + ", ".join(fields) + ">"
     if isinstance(v, tuple):
         return "[" + ", ".join(_format_value(x) for x in v) + "]"

@@ -21,6 +21,7 @@ class Spec(BaseModel):
 class ExpertSpec(Spec):
     """One feed-forward expert: `mlp` is act(x W_up) W_down, `glu` is (act(x W_gate) * x W_up) W_down."""
 
+    always_shown: ClassVar[tuple[str, ...]] = ("form", "dim", "hidden", "act", "bias")
     form: Literal["mlp", "glu"]
     dim: int
     hidden: int
@@ -45,14 +46,57 @@ class ExpertSpec(Spec):
 
 
 class RouterSpec(Spec):
-    kind: Literal["top_k"] = "top_k"
-    k: int
+    """How a group's tokens choose experts. `slots` is the fixed number of (token, slot) pairs per
+    token the router produces (unused slots carry expert id -1)."""
+
+    always_shown: ClassVar[tuple[str, ...]] = ("kind", "k", "score", "renormalize", "scale")
+    kind: Literal["top_k", "expert_choice", "dynamic_k", "deterministic", "soft", "group_limited"] = "top_k"
+    k: int = 1
     score: Literal["softmax", "sigmoid"] = "softmax"
     renormalize: bool = False
     scale: float = 1.0
+    capacity: float | None = None
+    drop: Literal["position", "probability"] = "position"
+    jitter: float = 0.0
+    group_size: int | None = None
+    threshold: float | None = None
+    k_min: int = 1
+    by: Literal["modality", "task", "hash"] | None = None
+    groups: int | None = None
+    top_groups: int | None = None
+    bias_update: float = 0.0
+
+    @property
+    def learned(self) -> bool:
+        return self.kind != "deterministic"
+
+    def slots(self, num_experts: int) -> int:
+        if self.kind in ("expert_choice", "soft"):
+            return num_experts
+        if self.kind == "deterministic":
+            return 1
+        return self.k  # top_k, group_limited; dynamic_k stores k_max in k
+
+    def experts_per_token(self, num_experts: int) -> tuple[float, int, int]:
+        """(expected, min, max) experts a token is processed by. Expected values of dynamic
+        routers assume uniform scores (the state at initialisation)."""
+        e = num_experts
+        if self.kind == "expert_choice":
+            return min(self.capacity, e), 0, e
+        if self.kind == "soft":
+            return e, e, e
+        if self.kind == "deterministic":
+            return 1, 1, 1
+        if self.kind == "dynamic_k":
+            uniform = min(max(math.ceil(self.threshold * e - 1e-9), self.k_min), self.k)
+            return uniform, self.k_min, self.k
+        if self.capacity is not None:
+            return min(self.k, self.capacity * self.k), 0, self.k
+        return self.k, self.k, self.k
 
 
 class LossSpec(Spec):
+    always_shown: ClassVar[tuple[str, ...]] = ("load_balance", "z_loss")
     load_balance: float = 0.0
     z_loss: float = 0.0
 

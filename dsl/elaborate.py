@@ -585,14 +585,54 @@ class Elaborator:
                          did_you_mean(call.name, K.ROUTERS) or f"routers: {', '.join(K.ROUTERS)}")
             return None
         args = self.bind(call, kind, scope, "router")
-        if args is None:
+        if args is None or num_experts is None:
             return None
-        if num_experts is not None and args["k"] > num_experts:
-            k_arg = next((a for a in call.args if a.name == "k"), call.args[0] if call.args else None)
-            self.d.error("E0208", f"k = {args['k']} exceeds the {num_experts} experts it routes among",
-                         k_arg.loc if k_arg else call.loc, f"use k <= {num_experts}")
+
+        def arg_loc(name: str):
+            a = next((a for a in call.args if a.name == name), None)
+            if a is None:
+                idx = [p.name for p in kind.params].index(name)
+                positional = [a for a in call.args if a.name is None]
+                a = positional[idx] if idx < len(positional) else None
+            return a.loc if a else call.loc
+
+        def bad(code: str, name: str, message: str, hint: str | None = None) -> None:
+            self.d.error(code, message, arg_loc(name), hint)
+
+        n = call.name
+        if "k" in args and args["k"] > num_experts:
+            bad("E0208", "k", f"k = {args['k']} exceeds the {num_experts} experts it routes among",
+                f"use k <= {num_experts}")
             return None
-        return O.RouterSpec(kind=call.name, **args)
+        if n == "dynamic_k":
+            args["k_max"] = args["k_max"] or num_experts
+            if not 0 < args["threshold"] <= 1:
+                bad("E0206", "threshold", f"threshold must be in (0, 1], got {args['threshold']}")
+                return None
+            if args["k_max"] > num_experts:
+                bad("E0208", "k_max", f"k_max = {args['k_max']} exceeds the {num_experts} experts", None)
+                return None
+            if args["k_min"] > args["k_max"]:
+                bad("E0206", "k_min", f"k_min = {args['k_min']} exceeds k_max = {args['k_max']}")
+                return None
+            args["k"] = args.pop("k_max")
+        if n == "group_limited":
+            if num_experts % args["groups"]:
+                bad("E0206", "groups", f"{num_experts} experts do not split into {args['groups']} equal groups",
+                    "choose `groups` dividing the expert count")
+                return None
+            if args["top_groups"] > args["groups"]:
+                bad("E0206", "top_groups", f"top_groups = {args['top_groups']} exceeds groups = {args['groups']}")
+                return None
+            if args["k"] > args["top_groups"] * (num_experts // args["groups"]):
+                bad("E0208", "k", f"k = {args['k']} exceeds the {args['top_groups'] * (num_experts // args['groups'])} "
+                                  "experts of the kept groups")
+                return None
+        if n == "deterministic" and args["by"] == "modality" and num_experts < len(self.modalities):
+            bad("E0206", "by", f"routing by modality needs an expert per modality: {num_experts} experts, "
+                               f"{len(self.modalities)} modalities")
+            return None
+        return O.RouterSpec(kind=n, **args)
 
     def _losses(self, decls: list[ast.LossDecl], scope: Scope) -> O.LossSpec | None:
         values: dict[str, float] = {}

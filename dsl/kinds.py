@@ -44,12 +44,40 @@ EXPERTS = {
                 "(act(x W_gate) * x W_up) W_down; act=silu is SwiGLU, act=gelu is GeGLU"),
 }
 
+_SCORES = ("softmax", "sigmoid")
+
 ROUTERS = {
     "top_k": Kind("top_k", (Param("k", "int", positive=True),
-                            Param("score", "symbol", "softmax", ("softmax", "sigmoid")),
+                            Param("score", "symbol", "softmax", _SCORES),
                             Param("renormalize", "bool", False),
-                            Param("scale", "float", 1.0, positive=True)),
-                  "token-choice: each token takes its k highest-scoring experts"),
+                            Param("scale", "float", 1.0, positive=True),
+                            Param("capacity", "float", None, positive=True),
+                            Param("drop", "symbol", "position", ("position", "probability")),
+                            Param("jitter", "float", 0.0, nonnegative=True)),
+                  "token-choice: each token takes its k highest-scoring experts; with `capacity` (a factor) "
+                  "an expert takes at most capacity * T * k / E of them, dropping the rest by `drop`"),
+    "expert_choice": Kind("expert_choice", (Param("capacity", "float", 1.0, positive=True),
+                                            Param("group_size", "int", None, positive=True),
+                                            Param("score", "symbol", "softmax", _SCORES)),
+                          "each expert takes its top capacity * T / E tokens of a routing group (non-causal)"),
+    "dynamic_k": Kind("dynamic_k", (Param("threshold", "float"),
+                                    Param("k_min", "int", 1, positive=True),
+                                    Param("k_max", "int", None, positive=True),
+                                    Param("score", "symbol", "softmax", _SCORES)),
+                      "the fewest experts whose probabilities sum to `threshold`, between k_min and k_max"),
+    "deterministic": Kind("deterministic", (Param("by", "symbol", choices=("modality", "task", "hash")),),
+                          "no learned router: expert = modality id, task id, or a hash of the token position"),
+    "soft": Kind("soft", (Param("score", "symbol", "softmax", _SCORES),),
+                 "dense mixture: every expert, weighted by its probability"),
+    "group_limited": Kind("group_limited", (Param("k", "int", positive=True),
+                                            Param("groups", "int", positive=True),
+                                            Param("top_groups", "int", positive=True),
+                                            Param("score", "symbol", "sigmoid", _SCORES),
+                                            Param("renormalize", "bool", True),
+                                            Param("scale", "float", 1.0, positive=True),
+                                            Param("bias_update", "float", 0.001, nonnegative=True)),
+                          "DeepSeek-V3: top-k among the best `top_groups` of `groups` expert groups, with a "
+                          "selection-only balancing bias updated by `bias_update` after each step"),
 }
 
 LOSSES = {

@@ -183,7 +183,7 @@ CHECK-NEXT: [[R:%[0-9]+]] = add([[X]], [[A]]) : [T,64] f32 {default}  // layers.
 CHECK-NEXT: [[N2:%[0-9]+]] = norm([[R]])
 CHECK-NEXT: [[Y:%[0-9]+]], [[AUX:%[0-9]+]], [[CNT:%[0-9]+]] = moe([[N2]], [[MOD]]) {dim=64, groups=[<modalities=[0],
 CHECK-SAME: num_experts=8, expert=<form=glu, dim=64, hidden=224, act=silu, bias=false>,
-CHECK-SAME: router=<k=2, score=softmax, renormalize=true, scale=1.0>
+CHECK-SAME: router=<kind=top_k, k=2, score=softmax, renormalize=true, scale=1.0>
 CHECK-SAME: losses=<load_balance=0.02, z_loss=0.0>}
 CHECK-SAME: : [T,64] f32 {default}, [] f32, [8] i64
 CHECK-SAME: // layers.0.moe
@@ -203,7 +203,7 @@ def test_mixtral_after_lower_moe(capsys):
     filecheck(out, r"""
 CHECK: [[H:%[0-9]+]] = norm({{%[0-9]+}}) {{.*}}// layers.0.moe_norm
 CHECK-NEXT: [[L:%[0-9]+]] = router_gate([[H]]) {dim=64, num_experts=8} : [T,8] f32 {default}  // layers.0.moe.router
-CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]] = top_k([[L]]) {router=<k=2, score=softmax,
+CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]] = top_k([[L]]) {router=<kind=top_k, k=2, score=softmax,
 CHECK-SAME: : [T,2] f32 {default}, [T,2] i64 {default}, [T,8] f32 {default}
 CHECK-NEXT: [[ORD:%[0-9]+]] = sort_by_expert([[I]]) {num_experts=8} : [T*2] i64
 CHECK-NEXT: [[CNT:%[0-9]+]] = count_experts([[I]]) {num_experts=8} : [8] i64
@@ -230,7 +230,7 @@ def test_fuse_router_merges_gate_and_top_k(capsys):
     filecheck(out, r"""
 CHECK: [[H:%[0-9]+]] = norm({{%[0-9]+}}) {{.*}}// layers.0.moe_norm
 CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]], [[L:%[0-9]+]] = router([[H]]) {dim=64, num_experts=8,
-CHECK-SAME: router=<k=2, score=softmax, renormalize=true, scale=1.0>}
+CHECK-SAME: router=<kind=top_k, k=2, score=softmax, renormalize=true, scale=1.0>}
 CHECK-SAME: // layers.0.moe.router
 CHECK-NEXT: sort_by_expert([[I]])
 CHECK: aux_loss([[L]], [[P]], [[I]])
@@ -280,7 +280,7 @@ CHECK: [[H:%[0-9]+]] = norm({{.*}}// layers.1.moe_norm
 CHECK-NEXT: [[XT:%[0-9]+]], [[IT:%[0-9]+]] = select_tokens([[H]], [[MOD]]) {modalities=[0], modality_names=[text]}
 CHECK-SAME: : [T_text,64] f32 {text}, [T_text] i64 {text}
 CHECK-NEXT: router_gate([[XT]]) {dim=64, num_experts=4} : [T_text,4] f32 {text}
-CHECK-NEXT: top_k({{.*}}router=<k=1,
+CHECK-NEXT: top_k({{.*}}router=<kind=top_k, k=1,
 CHECK: [[YT:%[0-9]+]] = combine({{.*}}: [T_text,64] f32 {text}
 CHECK-NEXT: [[ST:%[0-9]+]] = scatter_tokens([[YT]], [[IT]], [[H]]) : [T,64] f32 {text,image}
 CHECK-NEXT: aux_loss({{.*}}losses=<load_balance=0.01, z_loss=0.001>
