@@ -32,22 +32,20 @@ def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = Fal
     return `Model(seed)`. `pipeline="unfused"` skips the fusion passes (same numerics);
     `static=True` gives the static-shape export form (same numerics, no host syncs).
     Raises moec.CompileError (with rendered diagnostics) on a bad file."""
-    from moec.backends.pytorch import py_name, render, runtime_source, static_runtime_source
+    from moec.backends import write_tree
+    from moec.backends.pytorch import py_name, render, runtime_files
     from moec.driver import compile_model
 
     comp = compile_model(path, pipeline=pipeline)
     code = render(comp.graph, path, static=static)
-    runtime, static_runtime = runtime_source(), static_runtime_source()
-    digest = hashlib.sha256((code + runtime + static_runtime).encode()).hexdigest()[:16]
+    runtimes = runtime_files()
+    digest = hashlib.sha256("".join([code, *runtimes.values()]).encode()).hexdigest()[:16]
     out = os.path.join(cache_dir(), digest)
     module_file = os.path.join(out, f"{py_name(comp.graph.name)}.py")
     if not os.path.exists(module_file):
-        from moec.backends import write_tree
-
-        write_tree(out, {os.path.basename(module_file): code, "moec_runtime.py": runtime,
-                         "moec_static_runtime.py": static_runtime})
-    _import("moec_runtime", os.path.join(out, "moec_runtime.py"), replace=True)
-    _import("moec_static_runtime", os.path.join(out, "moec_static_runtime.py"), replace=True)
+        write_tree(out, {os.path.basename(module_file): code, **runtimes})
+    for name in runtimes:  # the generated file imports them by these names
+        _import(name[:-3], os.path.join(out, name), replace=True)
     module = _import(f"moec_generated_{digest}", module_file)
     return module.Model(seed=seed)
 

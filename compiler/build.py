@@ -10,8 +10,8 @@ from moec.ir import Graph, Value
 def build_graph(spec: ModelSpec) -> Graph:
     g = Graph(spec.name)
     inp = g.add(O.InputOp(name="input", dim=spec.dim, modalities=spec.modalities,
-                          input_modalities=spec.input_modalities, loc=spec.loc), num_outputs=2)
-    x, modality = g.outputs(inp)
+                          input_modalities=spec.input_modalities, loc=spec.loc), num_outputs=3)
+    x, modality, task = g.outputs(inp)
     extras: list[Value] = []  # aux losses and expert counts, gathered by the output op
     for i, block in enumerate(spec.layers):
         def at(op: O.OpBase, i=i, block=block) -> O.OpBase:
@@ -21,7 +21,7 @@ def build_graph(spec: ModelSpec) -> Graph:
             pre = block.residual == "pre_norm"
             h = Value(g.add(at(sub.norm), [x])) if pre else x
             if isinstance(sub.op, O.MoEOp):
-                node = g.add(at(sub.op), [h, modality], num_outputs=3)
+                node = g.add(at(sub.op), [h, modality, task], num_outputs=3)
                 out, aux, counts = g.outputs(node)
                 extras += [aux, counts]
             else:

@@ -180,5 +180,7 @@ def _format_value(v) -> str:
 
 
 def _format_attrs(op: O.OpBase) -> str:
-    fields = [f"{k}={_format_value(v)}" for k, v in op if k not in _SKIP_ATTRS and v is not None]
+    quiet, info = getattr(type(op), "quiet_when_default", ()), type(op).model_fields
+    fields = [f"{k}={_format_value(v)}" for k, v in op
+              if k not in _SKIP_ATTRS and v is not None and not (k in quiet and v == info[k].default)]
     return f" {{{', '.join(fields)}}}" if fields else ""

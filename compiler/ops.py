@@ -6,7 +6,8 @@ small models of their own. Every op keeps the SourceLoc of the `.moe` text it ca
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Annotated, ClassVar, Literal
 
 from moec.diagnostics import SourceLoc
 from pydantic import BaseModel, ConfigDict, Field
@@ -174,13 +175,19 @@ class SelectTokensOp(OpBase):
 
 
 class RouterGateOp(OpBase):
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("jitter", "balance_rate")
     kind: Literal["router_gate"] = "router_gate"
     dim: int
     num_experts: int
+    jitter: float = 0.0  # multiplicative input noise in training
+    balance_rate: float = 0.0  # > 0: a selection-only score bias updated after each step
 
 
-class TopKOp(OpBase):
-    kind: Literal["top_k"] = "top_k"
+class RouteOp(OpBase):
+    """Expert selection from router scores (or, for deterministic routers, from modality / task /
+    position): weights, expert ids ([T, slots], -1 for unused slots) and probabilities."""
+
+    kind: Literal["route"] = "route"
     router: RouterSpec
     num_experts: int
 
@@ -245,10 +252,12 @@ class CombineOp(OpBase):
 class RouterOp(OpBase):
     """fuse-router's result: gate GEMM + score function + top-k (+ renormalisation, scaling)."""
 
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("balance_rate",)
     kind: Literal["router"] = "router"
     dim: int
     num_experts: int
     router: RouterSpec
+    balance_rate: float = 0.0
 
 
 class FusedExpertsOp(OpBase):
@@ -271,6 +280,6 @@ class AuxLossOp(OpBase):
 
 
 Op = Annotated[
-    InputOp | OutputOp | NormOp | AttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | TopKOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
+    InputOp | OutputOp | NormOp | AttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
     Field(discriminator="kind"),
 ]

@@ -53,6 +53,14 @@ def format_report(a: dict) -> str:
                 p = f["padding_overhead"][b]
                 row += f"  {100 * p['uniform']:>5.1f}%/{100 * p['skewed']:>5.1f}%"
             lines.append(row)
+    routed = [(layer["index"], g) for layer in a["layers"] for g in layer.get("routing", [])]
+    if routed:
+        lines.append("")
+        lines.append("routing (experts per token: expected at uniform scores, min..max)")
+        for index, g in routed:
+            ept = g["experts_per_token"]
+            note = "" if g["causal"] else "  NON-CAUSAL: depends on other tokens of the routing group"
+            lines.append(f"{index:>5}  {g['router']:<14} {ept['expected']:>6} ({ept['min']}..{ept['max']}){note}")
     lines.append("")
     lines.append("FLOPs = 2 x multiply-accumulates of weight GEMMs per token (forward); attention's "
                  "context-length terms, norms and activations are not counted.")

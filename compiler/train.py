@@ -66,6 +66,7 @@ def train(model, steps: int = 50, tokens: int = 512, seq: int = 64, lr: float = 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        model.after_step()
         for acc, c in zip(routed, out.expert_counts):
             acc += c.detach()
         stats = StepStats(step, float(mse.detach()), float(out.aux_loss.detach()), load_balance_ratio(out.expert_counts))

@@ -7,16 +7,16 @@ from moec.passes.infer_shapes import infer
 
 # kind -> (allowed input counts, output count); None means "any number".
 ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
-    "input": ((0,), 2),
+    "input": ((0,), 3),
     "output": (None, 0),
     "norm": ((1,), 1),
     "attention": ((1,), 1),
     "ffn": ((1,), 1),
     "add": ((2,), 1),
-    "moe": ((2,), 3),
+    "moe": ((3,), 3),
     "select_tokens": ((2,), 2),
     "router_gate": ((1,), 1),
-    "top_k": ((1,), 3),
+    "route": ((1,), 3),
     "sort_by_expert": ((1,), 1),
     "count_experts": ((1,), 1),
     "expert_offsets": ((1,), 1),

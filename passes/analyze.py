@@ -47,13 +47,25 @@ def _unfused_launches(op: O.OpBase) -> int:
     return _UNFUSED_LAUNCHES.get(op.kind, 1)
 
 
-def _k_of(graph: Graph, node: int) -> int:
-    """Experts per token of the routing feeding a gather/GEMM/fused op."""
-    op = graph.op(node)
-    if op.kind == "fused_experts":
-        return int(graph.type_of(graph.inputs(node)[1]).shape[1])
-    rows = graph.type_of(graph.inputs(node)[1] if op.kind == "gather_rows" else graph.inputs(node)[0])
-    return int(str(rows.shape[0]).rsplit("*", 1)[1])
+def _int(v: float) -> int | float:
+    return int(v) if float(v).is_integer() else v
+
+
+def _router_of(graph: Graph, node: int) -> O.OpBase:
+    """The route/router op whose expert ids feed a gather/GEMM/fused op."""
+    n = node
+    while graph.op(n).kind not in ("route", "router"):
+        op = graph.op(n)
+        port = {"fused_experts": 1, "gather_rows": 1, "expert_gemm": 1, "combine": 2}.get(op.kind, 0)
+        n = graph.inputs(n)[port].node
+    return graph.op(n)
+
+
+def _k_of(graph: Graph, node: int) -> float:
+    """Expected experts per token of the routing feeding a gather/GEMM/fused op."""
+    r = _router_of(graph, node)
+    expected, _, _ = r.router.experts_per_token(r.num_experts)
+    return expected
 
 
 def _num_experts(op: O.OpBase, graph: Graph, node: int) -> int:
@@ -111,10 +123,10 @@ def _cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
     if k == "expert_gemm":
         per = op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
         top = _k_of(graph, node)
-        return op.num_experts * per, top * per, 2 * top * op.in_dim * op.out_dim
+        return op.num_experts * per, _int(top * per), _int(2 * top * op.in_dim * op.out_dim)
     if k == "fused_experts":
         top = _k_of(graph, node)
-        return op.num_experts * op.expert.params, top * op.expert.params, top * op.expert.flops
+        return op.num_experts * op.expert.params, _int(top * op.expert.params), _int(top * op.expert.flops)
     return 0, 0, 0
 
 
@@ -124,14 +136,15 @@ def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str,
     shared_f = op.shared.widened(op.num_shared).flops if op.shared else 0
     params += shared_p
     for g in op.groups:
-        gp = op.dim * g.num_experts + g.num_experts * g.expert.params
+        gate = op.dim * g.num_experts if g.router.learned else 0
+        per_token, _, _ = g.router.experts_per_token(g.num_experts)
         sp = g.shared.widened(g.num_shared).params if g.shared else 0
         sf = g.shared.widened(g.num_shared).flops if g.shared else 0
-        params += gp + sp
+        params += gate + g.num_experts * g.expert.params + sp
         for i in g.modalities:
             m = modalities[i]
-            active[m] = op.dim * g.num_experts + g.router.k * g.expert.params + sp + shared_p
-            flops[m] = 2 * op.dim * g.num_experts + g.router.k * g.expert.flops + sf + shared_f
+            active[m] = _int(gate + per_token * g.expert.params + sp + shared_p)
+            flops[m] = _int(2 * gate + per_token * g.expert.flops + sf + shared_f)
     return params, active, flops
 
 
@@ -148,7 +161,7 @@ class Analyze(Pass):
             if layer not in layers:
                 layers[layer] = {"params": 0, "active": defaultdict(int), "flops": defaultdict(int),
                                  "bytes": defaultdict(int), "moe": False, "block": None, "launches": 0,
-                                 "launches_unfused": 0, "groups": []}
+                                 "launches_unfused": 0, "groups": [], "routing": []}
             return layers[layer]
 
         for node in graph.nodes():
@@ -177,8 +190,11 @@ class Analyze(Pass):
                 e["launches"] += 1
                 e["launches_unfused"] += _unfused_launches(op)
             if op.kind in ("gather_rows", "fused_experts"):
-                k = _k_of(graph, node)
-                e["groups"].append({"experts": _num_experts(op, graph, node), "k": k,
+                r = _router_of(graph, node)
+                expected, lo, hi = r.router.experts_per_token(r.num_experts)
+                e["routing"].append({"router": r.router.kind, "experts_per_token": {
+                    "expected": _int(expected), "min": lo, "max": hi}, "causal": r.router.kind != "expert_choice"})
+                e["groups"].append({"experts": _num_experts(op, graph, node), "k": r.router.slots(r.num_experts),
                                     "dim": graph.type_of(graph.inputs(node)[0]).shape[-1],
                                     "block_m": _block_m(graph, node)})
 
@@ -195,6 +211,7 @@ class Analyze(Pass):
             row = {"index": idx, "block": e["block"], "kind": kind, **finish(e)}
             if e["groups"]:
                 row["fusion"] = _fusion_report(e)
+                row["routing"] = e["routing"]
             per_layer.append(row)
         total = {"params": sum(e["params"] for e in layers.values()),
                  "active": {m: sum(e["active"][m] for e in layers.values()) for m in mods},

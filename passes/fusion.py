@@ -1,6 +1,6 @@
 """Fusion passes: IR -> IR rewrites that merge lowered MoE primitives. Numerics never change.
 
-- fuse-router:      router_gate + top_k                        -> router
+- fuse-router:      router_gate + route                        -> router
 - fuse-permute:     sort_by_expert + count_experts + expert_offsets -> permute {block_m}
 - fuse-expert-gemm: gather_rows + expert_gemm (up/gate) + activation + expert_gemm (down)
                     + combine                                  -> fused_experts
@@ -33,13 +33,14 @@ class FuseRouter(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         changed = False
-        for top in graph.find("top_k"):
+        for top in graph.find("route"):
             gate = _producer(graph, top, 0)
             if graph.op(gate).kind != "router_gate":
                 continue
             g_op, t_op = graph.op(gate), graph.op(top)
             name = g_op.name  # keeps the module path of the gate weights
             node = graph.add(O.RouterOp(name=name, dim=g_op.dim, num_experts=g_op.num_experts, router=t_op.router,
+                                        balance_rate=g_op.balance_rate,
                                         **_common(g_op)), graph.inputs(gate), num_outputs=4, replaces=gate)
             weights, ids, probs, logits = graph.outputs(node)
             for old, new in zip(graph.outputs(top), (weights, ids, probs)):

@@ -28,7 +28,8 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
     k = op.kind
     if k == "input":
         mods = op.input_modalities
-        return [TensorType(shape=("T", op.dim), modalities=mods), TensorType(shape=("T",), dtype="i64", modalities=mods)]
+        return [TensorType(shape=("T", op.dim), modalities=mods), TensorType(shape=("T",), dtype="i64", modalities=mods),
+                TensorType(shape=("T",), dtype="i64", modalities=mods)]  # x, modality ids, task ids
     if k == "output":
         return []
     if k in ("norm", "attention", "ffn"):
@@ -49,9 +50,10 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
                 TensorType(shape=(sym,), dtype="i64", modalities=op.modality_names)]
     if k == "router_gate":
         return [TensorType(shape=(_tokens(ins[0]), op.num_experts))]
-    if k == "top_k":
-        t, k_ = _tokens(ins[0]), op.router.k
-        return [TensorType(shape=(t, k_)), TensorType(shape=(t, k_), dtype="i64"), ins[0]]
+    if k == "route":
+        t, slots = _tokens(ins[0]), op.router.slots(op.num_experts)
+        return [TensorType(shape=(t, slots)), TensorType(shape=(t, slots), dtype="i64"),
+                TensorType(shape=(t, op.num_experts))]
     if k in ("sort_by_expert", "count_experts", "expert_offsets", "permute"):
         t, k_ = ins[0].shape if k != "expert_offsets" else (None, None)
         e = op.num_experts
@@ -67,8 +69,8 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
             raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {op.in_dim}")
         return [TensorType(shape=(ins[0].shape[0], op.out_dim))]
     if k == "router":
-        t = _tokens(ins[0])
-        return [TensorType(shape=(t, op.router.k)), TensorType(shape=(t, op.router.k), dtype="i64"),
+        t, slots = _tokens(ins[0]), op.router.slots(op.num_experts)
+        return [TensorType(shape=(t, slots)), TensorType(shape=(t, slots), dtype="i64"),
                 TensorType(shape=(t, op.num_experts)), TensorType(shape=(t, op.num_experts))]
     if k == "fused_experts":
         return [TensorType(shape=(_tokens(ins[0]), op.expert.dim))]

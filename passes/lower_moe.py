@@ -1,6 +1,6 @@
 """lower-moe: each `moe` op becomes, per expert group,
 
-    select_tokens -> router_gate -> top_k -> sort_by_expert, count_experts -> expert_offsets
+    select_tokens -> router_gate -> route -> sort_by_expert, count_experts -> expert_offsets
     -> gather_rows -> expert_gemm (gate/up) -> activation -> expert_gemm (down) -> combine
     -> scatter_tokens
 
@@ -32,7 +32,7 @@ class LowerMoE(Pass):
 
     def _lower(self, g: Graph, node: int, moe_modalities: tuple[str, ...]) -> None:
         moe: O.MoEOp = g.op(node)
-        h, modality = g.inputs(node)
+        h, modality, task = g.inputs(node)
         y_out, aux_out, counts_out = g.outputs(node)
 
         def mk(op_cls, suffix: str, inputs: list[Value], n_out: int = 1, **attrs) -> list[Value]:
@@ -52,8 +52,15 @@ class LowerMoE(Pass):
                              modalities=grp.modalities,
                              modality_names=tuple(moe_modalities[i] for i in grp.modalities))
             e, ex = grp.num_experts, grp.expert
-            (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=e)
-            weights, ids, probs = mk(O.TopKOp, f"{p}top_k", [logits], 3, router=grp.router, num_experts=e)
+            r = grp.router
+            if r.learned:
+                balance = r.bias_update if r.kind == "group_limited" else 0.0
+                (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=e, jitter=r.jitter,
+                               balance_rate=balance)
+                source = logits
+            else:  # deterministic: experts chosen by modality id, task id or a hash of the token index
+                logits, source = None, {"modality": modality, "task": task, "hash": xg}[r.by]
+            weights, ids, probs = mk(O.RouteOp, f"{p}route", [source], 3, router=r, num_experts=e)
             (order,) = mk(O.SortByExpertOp, f"{p}sort", [ids], num_experts=e)
             (cnt,) = mk(O.CountExpertsOp, f"{p}counts", [ids], num_experts=e)
             (offsets,) = mk(O.ExpertOffsetsOp, f"{p}offsets", [cnt], num_experts=e)
@@ -75,7 +82,7 @@ class LowerMoE(Pass):
                 (yg,) = mk(O.AddOp, f"{p}shared_add", [yg, s])
             if idx is not None:
                 (yg,) = mk(O.ScatterTokensOp, f"{p}scatter", [yg, idx, h])
-            if moe.losses.load_balance or moe.losses.z_loss:
+            if (moe.losses.load_balance or moe.losses.z_loss) and logits is not None:
                 (loss,) = mk(O.AuxLossOp, f"{p}aux_loss", [logits, probs, ids], losses=moe.losses, num_experts=e)
                 losses.append(loss)
             counts.append(cnt)

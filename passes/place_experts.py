@@ -973,12 +973,12 @@ def place(problem: PlacementProblem) -> Plan:
 
 # ---- from the IR ---------------------------------------------------------------------------------
 _NAME = re.compile(r"^(?P<moe>.*?\.moe(?:_\d+)?)(?:\.(?P<group>[^.]+))?"
-                   r"\.(?P<what>router|top_k|select|experts(?:\.(?:up|gate|down)_proj)?)$")
+                   r"\.(?P<what>router|route|select|experts(?:\.(?:up|gate|down)_proj)?)$")
 
 
 def _moe_layers(graph) -> list[dict]:
     """MoE layers in program order: {name, layer, dim, groups: [{name, experts, k, params, modalities}]}.
-    Works on unlowered (`moe` ops), lowered (router_gate / top_k / expert_gemm) and fused
+    Works on unlowered (`moe` ops), lowered (router_gate / route / expert_gemm) and fused
     (router / fused_experts) graphs."""
     inp = graph.find("input")
     modalities = graph.op(inp[0]).modalities if inp else ()
@@ -993,7 +993,7 @@ def _moe_layers(graph) -> list[dict]:
                                            "params": g.expert.params,
                                            "modalities": tuple(modalities[i] for i in g.modalities)}
             continue
-        if op.kind not in ("router_gate", "router", "top_k", "select_tokens", "expert_gemm", "fused_experts"):
+        if op.kind not in ("router_gate", "router", "route", "select_tokens", "expert_gemm", "fused_experts"):
             continue
         m = _NAME.match(op.name)
         if m is None:
@@ -1006,7 +1006,7 @@ def _moe_layers(graph) -> list[dict]:
             g["experts"], entry["dim"] = op.num_experts, op.dim
             if op.kind == "router":
                 g["k"] = op.router.k
-        elif op.kind == "top_k":
+        elif op.kind == "route":
             g["k"] = op.router.k
         elif op.kind == "select_tokens":
             g["modalities"] = tuple(op.modality_names)

@@ -82,50 +82,123 @@ def expert(e: O.ExpertSpec, p: dict, prefix: str, i: int, x):
     return y + p[f"{prefix}.down_bias"][i] if e.bias else y
 
 
-def moe(op: O.MoEOp, p: dict, prefix: str, x, modality):
+def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, bias=None):
+    """Per-token list of (expert, weight) for the group's rows, by the router's plain definition."""
+    E = num_experts
+    T = len(rows)
+    if r.kind == "deterministic":
+        out = []
+        for i, t in enumerate(rows):
+            if r.by == "modality":
+                e = int(mods[t])
+            elif r.by == "task":
+                e = int(tasks[t])
+            else:
+                e = (((i % 2**32) * 2654435761) % 2**32 * E) >> 32
+            out.append([(e, torch.ones((), dtype=probs[0].dtype if probs else torch.float64))])
+        return out
+    if r.kind == "soft":
+        return [[(e, p[e]) for e in range(E)] for p in probs]
+    if r.kind == "dynamic_k":
+        out = []
+        for p in probs:
+            order = sorted(range(E), key=lambda e: (-float(p[e]), e))
+            kept, total = [], 0.0
+            for e in order:
+                if total >= r.threshold and len(kept) >= r.k_min:
+                    break
+                kept.append(e)
+                total += float(p[e])
+            kept = kept[:r.k]
+            out.append([(e, p[e]) for e in kept])
+        return out
+    if r.kind == "expert_choice":
+        picks = [[] for _ in range(T)]
+        size = r.group_size or max(T, 1)
+        for start in range(0, T, size):  # routing groups of consecutive tokens
+            members = list(range(start, min(T, start + size)))
+            cap = max(1, min(len(members), math.ceil(r.capacity * len(members) / E * (1 - 1e-9))))
+            for e in range(E):
+                for t in sorted(members, key=lambda t: -float(probs[t][e]))[:cap]:
+                    picks[t].append((e, probs[t][e]))
+        return [sorted(p, key=lambda c: c[0]) for p in picks]
+    if r.kind == "group_limited":
+        out = []
+        size = E // r.groups
+        for p in probs:
+            sel = [float(p[e]) + (float(bias[e]) if bias is not None else 0.0) for e in range(E)]
+            gscore = [sum(sorted(sel[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(r.groups)]
+            kept = sorted(range(r.groups), key=lambda g: -gscore[g])[:r.top_groups]
+            cand = [e for e in range(E) if e // size in kept]
+            top = sorted(cand, key=lambda e: -sel[e])[:r.k]
+            w = [p[e] for e in top]
+            if r.renormalize:
+                total = sum(w) + 1e-20
+                w = [x / total for x in w]
+            out.append([(e, x * r.scale) for e, x in zip(top, w)])
+        return out
+    # top_k
+    out = []
+    for p in probs:
+        top = torch.topk(p, r.k).indices.tolist()
+        w = p[top]
+        if r.renormalize:
+            w = w / (w.sum() + (1e-20 if r.score == "sigmoid" else 0.0))
+        out.append([(e, w[j] * r.scale) for j, e in enumerate(top)])
+    if r.capacity is not None:  # slot-major priority: every token's first choice before any second
+        cap = max(1, math.ceil(r.capacity * T * r.k / E * (1 - 1e-9)))
+        taken = [0] * E
+        kept = [[] for _ in range(T)]
+        for j in range(r.k):
+            for t in range(T):
+                e, w = out[t][j]
+                if taken[e] < cap:
+                    taken[e] += 1
+                    kept[t].append((e, w))
+        out = kept
+    return out
+
+
+def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None):
     flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
+    tasks = task.reshape(-1) if task is not None else None
     y = torch.zeros_like(flat)
     aux = torch.zeros((), dtype=x.dtype)
     counts = []
     single = len(op.groups) == 1
     for g in op.groups:
         gp = prefix if single else f"{prefix}.{g.name}"
+        r = g.router
         rows = [t for t in range(flat.shape[0]) if single or int(mods[t]) in g.modalities]
         count = torch.zeros(g.num_experts, dtype=torch.long)
-        probs_all, chosen_all, logits_all = [], [], []
-        for t in rows:
-            logits = flat[t] @ p[f"{gp}.router.weight"].T
-            probs = torch.softmax(logits, -1) if g.router.score == "softmax" else torch.sigmoid(logits)
-            top = torch.topk(probs, g.router.k).indices.tolist()
-            w = probs[top]
-            if g.router.renormalize:
-                w = w / w.sum()
-            w = w * g.router.scale
-            for j, e in enumerate(top):
-                y[t] = y[t] + w[j] * expert(g.expert, p, f"{gp}.experts", e, flat[t])
+        logits_all, probs_all = [], []
+        if r.learned:
+            for t in rows:
+                logits = flat[t] @ p[f"{gp}.router.weight"].T
+                logits_all.append(logits)
+                probs_all.append(torch.softmax(logits, -1) if r.score == "softmax" else torch.sigmoid(logits))
+        bias = p.get(f"{gp}.router.score_bias")
+        choices = route(r, logits_all, probs_all, g.num_experts, mods, tasks, rows, bias)
+        for t, chosen in zip(rows, choices):
+            for e, w in chosen:
+                y[t] = y[t] + w * expert(g.expert, p, f"{gp}.experts", e, flat[t])
                 count[e] += 1
             if g.shared is not None:
-                y[t] = y[t] + dense_ffn(g.shared.model_copy(update={"hidden": g.shared.hidden * g.num_shared}),
-                                        p, f"{gp}.shared", flat[t])
-            probs_all.append(probs)
-            chosen_all.append(top)
-            logits_all.append(logits)
-        if rows and op.losses.load_balance:
-            n_assign = len(rows) * g.router.k
-            f = count.to(x.dtype) / n_assign
+                y[t] = y[t] + dense_ffn(g.shared.widened(g.num_shared), p, f"{gp}.shared", flat[t])
+        if rows and r.learned and op.losses.load_balance:
+            f = count.to(x.dtype) / max(int(count.sum()), 1)
             P = torch.stack(probs_all).mean(0)
             aux = aux + op.losses.load_balance * g.num_experts * (f * P).sum()
-        if rows and op.losses.z_loss:
+        if rows and r.learned and op.losses.z_loss:
             lse = torch.stack([torch.logsumexp(lg, -1) for lg in logits_all])
             aux = aux + op.losses.z_loss * (lse ** 2).mean()
         counts.append(count)
     if op.shared is not None:
-        y = y + dense_ffn(op.shared.model_copy(update={"hidden": op.shared.hidden * op.num_shared}),
-                          p, f"{prefix}.shared", flat)
+        y = y + dense_ffn(op.shared.widened(op.num_shared), p, f"{prefix}.shared", flat)
     return y.reshape(x.shape), aux, torch.cat(counts)
 
 
-def forward(spec, params: dict, x, modality):
+def forward(spec, params: dict, x, modality, task=None):
     """Reference forward: (output, aux_loss, [expert counts per MoE layer])."""
     aux_total = torch.zeros((), dtype=x.dtype)
     all_counts = []
@@ -139,7 +212,7 @@ def forward(spec, params: dict, x, modality):
             elif isinstance(sub.op, O.FFNOp):
                 out = dense_ffn(sub.op.expert, params, name, h)
             else:
-                out, aux, counts = moe(sub.op, params, name, h, modality)
+                out, aux, counts = moe(sub.op, params, name, h, modality, task)
                 aux_total = aux_total + aux
                 all_counts.append(counts)
             x = x + out

@@ -174,14 +174,14 @@ def example(name: str) -> str:
 def test_mixtral_after_infer_shapes(capsys):
     filecheck(ir(capsys, example("mixtral.moe"), "infer-shapes"), r"""
 CHECK: graph @mixtral {
-CHECK-NEXT: [[X:%[0-9]+]], [[MOD:%[0-9]+]] = input() {dim=64, modalities=[default], input_modalities=[default]}
-CHECK-SAME: : [T,64] f32 {default}, [T] i64 {default}  // input
+CHECK-NEXT: [[X:%[0-9]+]], [[MOD:%[0-9]+]], [[TASK:%[0-9]+]] = input() {dim=64, modalities=[default], input_modalities=[default]}
+CHECK-SAME: : [T,64] f32 {default}, [T] i64 {default}, [T] i64 {default}  // input
 CHECK-NEXT: [[N:%[0-9]+]] = norm([[X]]) {norm=rms, dim=64, eps=1e-05} : [T,64] f32 {default}
 CHECK-SAME: // layers.0.attention_norm
 CHECK-NEXT: [[A:%[0-9]+]] = attention([[N]]) {dim=64, heads=4, kv_heads=2, head_dim=16, bias=false, causal=true}
 CHECK-NEXT: [[R:%[0-9]+]] = add([[X]], [[A]]) : [T,64] f32 {default}  // layers.0.attention_residual
 CHECK-NEXT: [[N2:%[0-9]+]] = norm([[R]])
-CHECK-NEXT: [[Y:%[0-9]+]], [[AUX:%[0-9]+]], [[CNT:%[0-9]+]] = moe([[N2]], [[MOD]]) {dim=64, groups=[<modalities=[0],
+CHECK-NEXT: [[Y:%[0-9]+]], [[AUX:%[0-9]+]], [[CNT:%[0-9]+]] = moe([[N2]], [[MOD]], [[TASK]]) {dim=64, groups=[<modalities=[0],
 CHECK-SAME: num_experts=8, expert=<form=glu, dim=64, hidden=224, act=silu, bias=false>,
 CHECK-SAME: router=<kind=top_k, k=2, score=softmax, renormalize=true, scale=1.0>
 CHECK-SAME: losses=<load_balance=0.02, z_loss=0.0>}
@@ -203,7 +203,7 @@ def test_mixtral_after_lower_moe(capsys):
     filecheck(out, r"""
 CHECK: [[H:%[0-9]+]] = norm({{%[0-9]+}}) {{.*}}// layers.0.moe_norm
 CHECK-NEXT: [[L:%[0-9]+]] = router_gate([[H]]) {dim=64, num_experts=8} : [T,8] f32 {default}  // layers.0.moe.router
-CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]] = top_k([[L]]) {router=<kind=top_k, k=2, score=softmax,
+CHECK-NEXT: [[W:%[0-9]+]], [[I:%[0-9]+]], [[P:%[0-9]+]] = route([[L]]) {router=<kind=top_k, k=2, score=softmax,
 CHECK-SAME: : [T,2] f32 {default}, [T,2] i64 {default}, [T,8] f32 {default}
 CHECK-NEXT: [[ORD:%[0-9]+]] = sort_by_expert([[I]]) {num_experts=8} : [T*2] i64
 CHECK-NEXT: [[CNT:%[0-9]+]] = count_experts([[I]]) {num_experts=8} : [8] i64
@@ -225,7 +225,7 @@ CHECK-NOT: select_tokens
     assert " moe(" not in out and "select_tokens" not in out and "scatter_tokens" not in out
 
 
-def test_fuse_router_merges_gate_and_top_k(capsys):
+def test_fuse_router_merges_gate_and_route(capsys):
     out = ir(capsys, example("mixtral.moe"), "fuse-router")
     filecheck(out, r"""
 CHECK: [[H:%[0-9]+]] = norm({{%[0-9]+}}) {{.*}}// layers.0.moe_norm
@@ -235,7 +235,7 @@ CHECK-SAME: // layers.0.moe.router
 CHECK-NEXT: sort_by_expert([[I]])
 CHECK: aux_loss([[L]], [[P]], [[I]])
 """)
-    assert "router_gate(" not in out and "top_k(" not in out
+    assert "router_gate(" not in out and "route(" not in out
 
 
 def test_fuse_permute_merges_sort_counts_offsets(capsys):
@@ -275,12 +275,12 @@ CHECK: fused_experts({{.*}}: [T_image,64] f32 {image}  // layers.1.moe.image.exp
 
 def test_moma_after_lower_moe_routes_each_modality_in_its_group(capsys):
     filecheck(ir(capsys, example("moma.moe"), "lower-moe"), r"""
-CHECK: [[X:%[0-9]+]], [[MOD:%[0-9]+]] = input()
+CHECK: [[X:%[0-9]+]], [[MOD:%[0-9]+]], [[TASK:%[0-9]+]] = input()
 CHECK: [[H:%[0-9]+]] = norm({{.*}}// layers.1.moe_norm
 CHECK-NEXT: [[XT:%[0-9]+]], [[IT:%[0-9]+]] = select_tokens([[H]], [[MOD]]) {modalities=[0], modality_names=[text]}
 CHECK-SAME: : [T_text,64] f32 {text}, [T_text] i64 {text}
 CHECK-NEXT: router_gate([[XT]]) {dim=64, num_experts=4} : [T_text,4] f32 {text}
-CHECK-NEXT: top_k({{.*}}router=<kind=top_k, k=1,
+CHECK-NEXT: route({{.*}}router=<kind=top_k, k=1,
 CHECK: [[YT:%[0-9]+]] = combine({{.*}}: [T_text,64] f32 {text}
 CHECK-NEXT: [[ST:%[0-9]+]] = scatter_tokens([[YT]], [[IT]], [[H]]) : [T,64] f32 {text,image}
 CHECK-NEXT: aux_loss({{.*}}losses=<load_balance=0.01, z_loss=0.001>
@@ -305,7 +305,7 @@ CHECK: ffn({{%[0-9]+}}) {expert=<form=glu, dim=64, hidden=256, act=silu, bias=fa
 CHECK-NOT: router_gate
 CHECK: [[H:%[0-9]+]] = norm({{.*}}// layers.1.moe_norm
 CHECK-NEXT: router_gate([[H]]) {dim=64, num_experts=16}
-CHECK-NEXT: top_k({{.*}}k=4
+CHECK-NEXT: route({{.*}}k=4
 CHECK: expert_gemm({{.*}}projection=up, in_dim=64, out_dim=64
 CHECK: [[Y:%[0-9]+]] = combine(
 CHECK: aux_loss({{.*}}losses=<load_balance=0.001, z_loss=0.0001>, num_experts=16
@@ -326,7 +326,7 @@ def test_post_norm_block_and_no_final_norm(tmp_path, capsys):
                     "  layers { repeat 2 { b } }\n}\n")
     out = ir(capsys, str(path))
     filecheck(out, r"""
-CHECK: [[X:%[0-9]+]], {{%[0-9]+}} = input()
+CHECK: [[X:%[0-9]+]], {{%[0-9]+}}, {{%[0-9]+}} = input()
 CHECK-NEXT: [[A:%[0-9]+]] = attention([[X]])
 CHECK-NEXT: [[R:%[0-9]+]] = add([[X]], [[A]])
 CHECK-NEXT: [[N:%[0-9]+]] = norm([[R]]) {norm=layer, dim=8, eps=1e-05}
@@ -372,7 +372,7 @@ def test_golden_is_consistent_with_itself():
             assert int(value) == len(defined), line
             defined.append(int(value))
         assert re.search(r"  // [a-z0-9_.]+$", line), line
-    assert len(defined) == 75
+    assert len(defined) == 76
 
 
 # ---- invariants of every pass ------------------------------------------------------------------------
@@ -486,8 +486,8 @@ def test_printer_is_deterministic_across_processes():
 def _tiny() -> tuple[Graph, int, int]:
     g = Graph("t")
     inp = g.add(InputOp(name="input", dim=4, modalities=("default",), input_modalities=("default",)),
-                num_outputs=2)
-    x, _ = g.outputs(inp)
+                num_outputs=3)
+    x, _, _ = g.outputs(inp)
     norm = g.add(NormOp(name="n", norm="rms", dim=4, eps=1e-6), [x])
     out = g.add(OutputOp(name="output"), [g.outputs(norm)[0]], num_outputs=0)
     return g, norm, out
@@ -500,7 +500,7 @@ def test_verify_rejects_broken_graphs():
     verify(g)
 
     g, norm, _ = _tiny()
-    g.add(InputOp(name="input2", dim=4, modalities=("default",), input_modalities=("default",)), num_outputs=2)
+    g.add(InputOp(name="input2", dim=4, modalities=("default",), input_modalities=("default",)), num_outputs=3)
     with pytest.raises(IRError, match="exactly one input"):
         verify(g)
 

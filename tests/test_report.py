@@ -218,7 +218,7 @@ def test_report_json_keys(capsys, name):
     assert list(report["flops_per_token"]) == mods
     assert list(report["activation_bytes_per_token"]) == mods
     for layer in report["layers"]:
-        assert set(layer) - {"fusion"} == {"index", "block", "kind", "params", "active_params_per_token",
+        assert set(layer) - {"fusion", "routing"} == {"index", "block", "kind", "params", "active_params_per_token",
                                            "flops_per_token", "activation_bytes_per_token"}
         assert ("fusion" in layer) == (layer["kind"] == "moe")
         assert layer["kind"] in ("dense", "moe")

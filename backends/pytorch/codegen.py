@@ -21,13 +21,21 @@ from moec import ops as O
 from moec.backends import BackendError
 from moec.ir import Graph, Value
 
-_RUNTIME_EXPORTS = ("Attention", "Container", "Experts", "FeedForward", "activate", "combine", "expert_counts",
-                    "expert_offsets", "gather_rows", "grouped_linear", "load_balance_loss", "moe_experts", "permute",
-                    "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "z_loss")
-# Names the generated file defines or imports; user names and generated locals never take them.
-_STATIC_EXPORTS = ("expert_counts_static", "load_balance_loss_static", "moe_experts_static", "token_mask_for",
-                   "z_loss_static")
-_RESERVED = {*_RUNTIME_EXPORTS, *_STATIC_EXPORTS, "ModelOutput", "Model", "check_modality", "torch", "nn", "self", "modality"}
+# The runtime modules shipped next to every generated file: module -> (source file, names it exports)
+RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "moec_runtime": ("runtime.py", (
+        "Attention", "Container", "Experts", "FeedForward", "ModelOutput", "activate", "check_modality", "combine",
+        "expert_counts", "expert_offsets", "gather_rows", "grouped_linear", "load_balance_loss", "moe_experts",
+        "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "z_loss")),
+    "moec_routers": ("routers.py", (
+        "BalancedRouter", "apply_capacity", "route_deterministic", "route_dynamic_k", "route_expert_choice",
+        "route_group_limited", "route_soft", "router_jitter")),
+    "moec_static_runtime": ("static_runtime.py", (
+        "expert_counts_static", "load_balance_loss_static", "moe_experts_static", "token_mask_for",
+        "z_loss_static")),
+}
+_RESERVED = {*(n for _, names in RUNTIME_MODULES.values() for n in names), "Model", "torch", "nn", "self",
+             "modality", "task"}
 
 
 def py_name(name: str) -> str:
@@ -101,6 +109,8 @@ class _BlockEmitter:
         self.used: set[str] = set()
         self.tree: dict = {}  # nested attribute tree of submodules
         self.region_inputs: dict[tuple[str, Value], str] = {}
+        self.region_anchor: dict[str, str] = {}
+        self.routers: dict[str, str] = {}  # module path of an expert group -> its router attribute  # region -> name of the [..., d] tensor it flattened
 
     # ---- naming -----------------------------------------------------------------------------
     def rel(self, node: int) -> list[str]:
@@ -121,8 +131,8 @@ class _BlockEmitter:
 
     def ref(self, value: Value, consumer: int) -> str:
         if value.node not in self.in_layer:
-            is_modality = self.g.op(value.node).kind == "input" and value.port == 1
-            base = "modality" if is_modality else "x"
+            port = value.port if self.g.op(value.node).kind == "input" else 0
+            base = ("x", "modality", "task")[port]
             region = self.region(consumer)
             if region is None:
                 return base
@@ -134,8 +144,7 @@ class _BlockEmitter:
         if dst_region is None:  # leaving an MoE region: restore the token layout
             t = self.g.type_of(value)
             if t is not None and t.shape and t.shape[0] == "T":
-                anchor = next(v for (r, _), v in self.region_inputs.items() if r == src_region and v != "modality_flat")
-                return f"{name}.view({anchor.removesuffix('_flat')}.shape)"
+                return f"{name}.view({self.region_anchor[src_region]}.shape)"
             return name
         return self._flat(dst_region, value, name)
 
@@ -143,12 +152,13 @@ class _BlockEmitter:
         key = (region, value)
         if key not in self.region_inputs:
             t = self.g.type_of(value)
-            if name == "modality":
-                flat = self.fresh(f"{region}_modality")
-                self.view.body.append(f"{flat} = modality.reshape(-1)")
+            if name in ("modality", "task"):
+                flat = self.fresh(f"{region}_{name}")
+                self.view.body.append(f"{flat} = {name}.reshape(-1)")
             else:
                 flat = self.fresh(f"{name}_flat")
                 self.view.body.append(f"{flat} = {name}.reshape(-1, {t.shape[-1]})")
+                self.region_anchor.setdefault(region, name)
             self.region_inputs[key] = flat
         return self.region_inputs[key]
 
@@ -249,24 +259,66 @@ class _BlockEmitter:
         (y,) = self.assign(node, ["out"])
         self.line(f"{y} = scatter_tokens({ins[0]}, {ins[1]}, {ins[2]})")
 
-    def _router_module(self, path, op) -> str:
-        return self.module(path, f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
+    def _gate(self, logits: str, path: list[str], op, x: str, jitter: float) -> str:
+        """`logits = router(x)` (with input jitter in training); returns the router module path."""
+        ctor = (f"BalancedRouter({op.dim}, {op.num_experts}, rate={op.balance_rate!r})" if op.balance_rate
+                else f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
+        attr = self.module(path, ctor)
+        if jitter:
+            noisy = self.fresh(f"{logits}_input")
+            self.line(f"{noisy} = router_jitter({x}, {jitter!r}, self.training)")
+            x = noisy
+        self.line(f"{logits} = {attr}({x})")
+        self.routers[self.group_of_path(path)] = attr
+        return attr
 
-    def _route(self, outs: str, logits: str, r: O.RouterSpec) -> None:
-        self.line(_call(outs, "route_top_k", [logits, f"k={r.k}", f"score={r.score!r}",
-                                              f"renormalize={r.renormalize}", f"scale={r.scale!r}"]))
+    def group_of_path(self, path: list[str]) -> str:
+        return ".".join(path[:-1])
+
+    def _route(self, outs: list[str], source: str, r: O.RouterSpec, num_experts: int, path: list[str]) -> None:
+        w, ids, probs = outs
+        lhs = f"{w}, {ids}, {probs}"
+        e = num_experts
+        if r.kind == "top_k":
+            self.line(_call(lhs, "route_top_k", [source, f"k={r.k}", f"score={r.score!r}",
+                                                 f"renormalize={r.renormalize}", f"scale={r.scale!r}"]))
+            if r.capacity is not None:
+                self.line(_call(f"{w}, {ids}, _dropped", "apply_capacity",
+                                [w, ids, str(e), f"capacity_factor={r.capacity!r}", f"policy={r.drop!r}"]))
+        elif r.kind == "expert_choice":
+            self.line(_call(lhs, "route_expert_choice", [source, f"capacity_factor={r.capacity!r}",
+                                                         f"score={r.score!r}", f"group_size={r.group_size!r}"]))
+        elif r.kind == "dynamic_k":
+            self.line(_call(lhs, "route_dynamic_k", [source, f"threshold={r.threshold!r}", f"k_min={r.k_min}",
+                                                     f"k_max={r.k}", f"score={r.score!r}"]))
+        elif r.kind == "soft":
+            self.line(_call(lhs, "route_soft", [source, f"score={r.score!r}"]))
+        elif r.kind == "deterministic":
+            by = {"modality": [f"modality={source}"], "task": [f"task={source}"], "hash": []}[r.by]
+            self.line(_call(lhs, "route_deterministic", [f"{source}.shape[0]", str(e), f"by={r.by!r}", *by]))
+            if r.by != "hash":
+                self.view.sync_notes.append(f"{r.by} id range check")
+        elif r.kind == "group_limited":
+            router = self.routers[self.group_of_path(path)]
+            self.line(_call(lhs, "route_group_limited", [
+                source, f"k={r.k}", f"num_groups={r.groups}", f"topk_groups={r.top_groups}",
+                f"bias={router}.score_bias", f"scale={r.scale!r}", f"renormalize={r.renormalize}",
+                f"score={r.score!r}"]))
+            self.line(f"{router}.observe({ids})")
+        else:  # pragma: no cover - the checker admits only the kinds above
+            raise BackendError(f"no PyTorch lowering for router `{r.kind}`")
 
     def _op_router_gate(self, node, op, ins, path):
         (logits,) = self.assign(node, ["logits"])
-        self.line(f"{logits} = {self._router_module(path, op)}({ins[0]})")
+        self._gate(logits, path, op, ins[0], op.jitter)
 
-    def _op_top_k(self, node, op, ins, path):
-        self._route(", ".join(self.assign(node, ["weights", "expert_ids", "probs"])), ins[0], op.router)
+    def _op_route(self, node, op, ins, path):
+        self._route(self.assign(node, ["weights", "expert_ids", "probs"]), ins[0], op.router, op.num_experts, path)
 
     def _op_router(self, node, op, ins, path):
         w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])
-        self.line(f"{logits} = {self._router_module(path, op)}({ins[0]})")
-        self._route(f"{w}, {ids}, {probs}", logits, op.router)
+        self._gate(logits, path, op, ins[0], op.router.jitter)
+        self._route([w, ids, probs], logits, op.router, op.num_experts, path)
 
     def _op_sort_by_expert(self, node, op, ins, path):
         (order,) = self.assign(node, ["order"])
@@ -444,11 +496,13 @@ def render(graph: Graph, source: str, static: bool = False) -> str:
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     per_layer = {b.class_name: b.host_syncs for b in blocks.values()}
     text = "\n".join(line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules])
-    runtime_imports = sorted({"ModelOutput", "check_modality"} | {
-        n for n in _RUNTIME_EXPORTS if re.search(rf"\b{n}\(", text)}, key=lambda n: (n[0].islower(), n))
-    static_imports = sorted(n for n in _STATIC_EXPORTS if re.search(rf"\b{n}\(", text))
+    used = {"ModelOutput", "check_modality"} | set(re.findall(r"\b([A-Za-z_]\w*)\(", text))
+    imports = [(module, sorted((n for n in names if n in used), key=lambda n: (n[0].islower(), n)))
+               for module, (_, names) in RUNTIME_MODULES.items()]
     return env.get_template("model.py.j2").render(
-        runtime_imports=runtime_imports, static_imports=static_imports, static=static,
+        imports=[(m, names) for m, names in imports if names], static=static,
+        uses_task=any(graph.op(n).kind == "route" and graph.op(n).router.by == "task" for n in graph.nodes())
+        or any(graph.op(n).kind == "router" and graph.op(n).router.by == "task" for n in graph.nodes()),
         version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
         modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim, blocks=list(blocks.values()),
         layers=layer_classes, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
@@ -459,9 +513,7 @@ def _template(name: str) -> str:
     return resources.files("moec.backends.pytorch").joinpath("templates", name).read_text()
 
 
-def static_runtime_source() -> str:
-    return resources.files("moec.backends.pytorch").joinpath("static_runtime.py").read_text()
-
-
-def runtime_source() -> str:
-    return resources.files("moec.backends.pytorch").joinpath("runtime.py").read_text()
+def runtime_files() -> dict[str, str]:
+    """File name -> source of every runtime module a generated model may import."""
+    pkg = resources.files("moec.backends.pytorch")
+    return {f"{module}.py": pkg.joinpath(src).read_text() for module, (src, _) in RUNTIME_MODULES.items()}

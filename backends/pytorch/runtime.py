@@ -485,8 +485,7 @@ def moe_experts(
 ) -> Tensor:
     """Weighted mixture of expert FFNs; see the module docstring for the full contract.
 
-    ``order`` / ``offsets`` (from ``permute``) reuse a sort already done; they are only valid for
-    routings without dropped slots."""
+    ``order`` / ``offsets`` (from ``permute``) reuse a sort already done (dropped slots last)."""
     _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
     act = _activation(activation)
     T, d = x.shape
@@ -497,8 +496,8 @@ def moe_experts(
     # Sort the flat (token, slot) pairs by expert; dropped slots (-1) go last (bin E).
     flat_ids = expert_ids.reshape(-1).long()
     if order is not None and offsets is not None:
-        key = flat_ids
-        counts = torch.cat([offsets.diff(), offsets.new_zeros(1)])
+        key = torch.where(flat_ids < 0, torch.full_like(flat_ids, E), flat_ids)
+        counts = torch.cat([offsets.diff(), (N - offsets[-1]).reshape(1)])
     else:
         key, counts = _counts_with_dropped(flat_ids, E)
         order = None
@@ -590,8 +589,10 @@ def moe_experts(
 
 # ---- unfused primitives (one per IR op of an unfused MoE lowering) ---------------------------------
 def sort_by_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
-    """Flat indices of the (token, slot) pairs ordered by expert id, stable within an expert."""
-    return torch.argsort(expert_ids.reshape(-1), stable=True)
+    """Flat indices of the (token, slot) pairs ordered by expert id, stable within an expert;
+    dropped slots (id -1) come last."""
+    flat = expert_ids.reshape(-1)
+    return torch.argsort(torch.where(flat < 0, torch.full_like(flat, num_experts), flat), stable=True)
 
 
 def expert_offsets(counts: Tensor) -> Tensor:
@@ -613,14 +614,18 @@ def gather_rows(x: Tensor, order: Tensor, k: int) -> Tensor:
 def grouped_linear(rows: Tensor, weight: Tensor, offsets: Tensor, bias: Tensor | None = None) -> Tensor:
     """Segment e of `rows` (offsets[e]:offsets[e+1]) times weight[e] (+ bias[e]); one host sync.
 
-    Empty segments cost nothing; with no rows at all expert 0 runs on the empty slice, so the
-    weights stay in the autograd graph (zero gradients rather than none)."""
+    Rows past offsets[-1] (dropped slots) give zero rows. Empty segments cost nothing; with no
+    routed rows expert 0 runs on an empty slice, so the weights stay in the autograd graph."""
     sizes = offsets.diff().tolist()
+    dropped = rows.shape[0] - sum(sizes)
     parts = []
-    for e, (segment, w) in enumerate(zip(torch.split(rows, sizes), weight.unbind(0), strict=True)):
-        if sizes[e] or (e == 0 and rows.shape[0] == 0):
+    segments = torch.split(rows, [*sizes, dropped])
+    for e, (segment, w) in enumerate(zip(segments, weight.unbind(0))):
+        if sizes[e] or (e == 0 and sum(sizes) == 0):
             out = segment @ w
             parts.append(out + bias[e] if bias is not None else out)
+    if dropped:
+        parts.append(rows.new_zeros(dropped, weight.shape[-1]))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
