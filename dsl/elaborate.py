@@ -572,6 +572,10 @@ class Elaborator:
         n = self._count(routed[0].count, scope)
         spec = self.expert(routed[0].expert, scope)
         router = self.router(router_decl.router, scope, n)
+        if router is not None and router.by in ("modality", "task") and name != "all":
+            self.d.error("E0206", f"routing by {router.by} inside a modality group is not supported",
+                         router_decl.loc, "use deterministic routing in a moe without groups")
+            router = None
         shared_spec, num_shared = self._shared(shared, scope)
         if n is None or spec is None or router is None:
             return None
