@@ -3,10 +3,9 @@ to a model equal to its dynamic form in the static export form."""
 
 from __future__ import annotations
 
+import moec
 import pytest
 import torch
-
-import moec
 from moec.driver import check
 
 MODEL = """model m {{
