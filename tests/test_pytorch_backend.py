@@ -48,10 +48,15 @@ def _check(path, x, modality=None, seed=0, perturb=None, task=None):
     return model, out
 
 
-@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe"])
+ALL_EXAMPLES = sorted(f[:-4] for f in os.listdir(EXAMPLES) if f.endswith(".moe"))
+
+
+@pytest.mark.parametrize("example", ALL_EXAMPLES)
 def test_examples_match_reference(example):
     torch.manual_seed(0)
-    _check(os.path.join(EXAMPLES, f"{example}.moe"), torch.randn(2, 5, 64))
+    path = os.path.join(EXAMPLES, f"{example}.moe")
+    modality = torch.randint(0, len(moec.load(path).modalities), (2, 5))
+    _check(path, torch.randn(2, 5, 64), modality)
 
 
 def test_moma_modality_groups_route_only_their_tokens():
@@ -226,7 +231,7 @@ def test_training_step_reduces_loss():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma"])
+@pytest.mark.parametrize("example", ALL_EXAMPLES)
 def test_train_lowers_the_loss(example, tmp_path, capsys):
     profile = tmp_path / "routing.json"
     rc = main(["train", os.path.join(EXAMPLES, f"{example}.moe"), "--steps", "8", "--tokens", "128",
