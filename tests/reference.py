@@ -102,13 +102,13 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
     if r.kind == "dynamic_k":
         out = []
         for p in probs:
-            order = sorted(range(E), key=lambda e: (-float(p[e]), e))
+            order = sorted(range(E), key=lambda e: (-float(p[e].detach()), e))
             kept, total = [], 0.0
             for e in order:
                 if total >= r.threshold and len(kept) >= r.k_min:
                     break
                 kept.append(e)
-                total += float(p[e])
+                total += float(p[e].detach())
             kept = kept[:r.k]
             out.append([(e, p[e]) for e in kept])
         return out
@@ -119,14 +119,14 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
             members = list(range(start, min(T, start + size)))
             cap = max(1, min(len(members), math.ceil(r.capacity * len(members) / E * (1 - 1e-9))))
             for e in range(E):
-                for t in sorted(members, key=lambda t: -float(probs[t][e]))[:cap]:
+                for t in sorted(members, key=lambda t: -float(probs[t][e].detach()))[:cap]:
                     picks[t].append((e, probs[t][e]))
         return [sorted(p, key=lambda c: c[0]) for p in picks]
     if r.kind == "group_limited":
         out = []
         size = E // r.groups
         for p in probs:
-            sel = [float(p[e]) + (float(bias[e]) if bias is not None else 0.0) for e in range(E)]
+            sel = [float(p[e].detach()) + (float(bias[e]) if bias is not None else 0.0) for e in range(E)]
             gscore = [sum(sorted(sel[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(r.groups)]
             kept = sorted(range(r.groups), key=lambda g: -gscore[g])[:r.top_groups]
             cand = [e for e in range(E) if e // size in kept]
