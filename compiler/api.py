@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import sys
 
@@ -27,17 +28,23 @@ def cache_dir() -> str:
     return os.path.join(root, __version__)
 
 
-def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = False):
+def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = False, plan: dict | str | None = None,
+         rank: int = 0, world_size: int = 1, group=None):
     """Compile `path` to PyTorch, import the generated module (cached by content hash) and
     return `Model(seed)`. `pipeline="unfused"` skips the fusion passes (same numerics);
     `static=True` gives the static-shape export form (same numerics, no host syncs).
+    `plan` (a placement plan from `moec place`, or its path) gives the expert-parallel form: the
+    returned model is rank `rank` of `world_size` in the torch.distributed `group` (default world).
     Raises moec.CompileError (with rendered diagnostics) on a bad file."""
     from moec.backends import write_tree
     from moec.backends.pytorch import py_name, render, runtime_files
     from moec.driver import compile_model
 
     comp = compile_model(path, pipeline=pipeline)
-    code = render(comp.graph, path, static=static)
+    if isinstance(plan, str):
+        with open(plan) as fh:
+            plan = json.load(fh)
+    code = render(comp.graph, path, static=static, plan=plan)
     runtimes = runtime_files()
     digest = hashlib.sha256("".join([code, *runtimes.values()]).encode()).hexdigest()[:16]
     out = os.path.join(cache_dir(), digest)
@@ -47,6 +54,8 @@ def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = Fal
     for name in runtimes:  # the generated file imports them by these names
         _import(name[:-3], os.path.join(out, name), replace=True)
     module = _import(f"moec_generated_{digest}", module_file)
+    if plan is not None:
+        return module.Model(seed=seed, rank=rank, world_size=world_size, group=group)
     return module.Model(seed=seed)
 
 

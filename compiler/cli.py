@@ -88,7 +88,11 @@ def cmd_compile(args) -> int:
                     did_you_mean(args.target, available) or f"targets: {', '.join(sorted(available))}")
         return _fail(diags)
     comp = compile_model(args.file, pipeline=args.pipeline)
-    options = {"static": args.static} if args.target == "pytorch" else {
+    plan = None
+    if args.plan:
+        with open(args.plan) as fh:
+            plan = json.load(fh)
+    options = {"static": args.static, "plan": plan} if args.target == "pytorch" else {
         "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens}
     from moec.backends import BackendError
     from moec.backends.mlir import MlirLoweringError, MlirUnavailableError
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", "-t", default="pytorch", help="pytorch (default) or mlir (needs torch-mlir)")
     c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
     c.add_argument("--static", action="store_true", help="pytorch: static-shape (capacity-padded) export form")
+    c.add_argument("--plan", metavar="JSON", help="pytorch: expert-parallel form for a plan from `moec place`")
     c.add_argument("--dialect", default="linalg", choices=["linalg", "stablehlo", "tosa", "torch", "raw"],
                    help="mlir: output dialect (default linalg-on-tensors)")
     c.add_argument("--tokens", type=_positive, default=8, help="mlir: sequence length of the exported shapes")

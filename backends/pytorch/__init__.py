@@ -11,9 +11,9 @@ from .codegen import py_name, render, runtime_files
 __all__ = ["emit", "py_name", "render"]
 
 
-def emit(comp, out_dir: str, static: bool = False, **options) -> list[str]:
+def emit(comp, out_dir: str, static: bool = False, plan: dict | None = None, **options) -> list[str]:
     """Write `<model>.py` and the runtime modules it imports into `out_dir`; return the paths."""
     source = os.path.relpath(comp.spec.path) if os.path.exists(comp.spec.path) else comp.spec.path
     module = py_name(comp.graph.name)
-    files = {f"{module}.py": render(comp.graph, source, static=static), **runtime_files()}
+    files = {f"{module}.py": render(comp.graph, source, static=static, plan=plan), **runtime_files()}
     return write_tree(out_dir, files)

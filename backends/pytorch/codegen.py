@@ -30,6 +30,7 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_routers": ("routers.py", (
         "BalancedRouter", "apply_capacity", "route_deterministic", "route_dynamic_k", "route_expert_choice",
         "route_group_limited", "route_soft", "router_jitter")),
+    "moec_expert_parallel": ("expert_parallel.py", ("ExpertParallelExperts", "moe_experts_ep")),
     "moec_static_runtime": ("static_runtime.py", (
         "expert_counts_static", "load_balance_loss_static", "moe_experts_static", "token_mask_for",
         "z_loss_static")),
@@ -101,8 +102,9 @@ def _ffn_ctor(e: O.ExpertSpec) -> str:
 class _BlockEmitter:
     """Emits the class of the block kind that layer `layer` instantiates."""
 
-    def __init__(self, graph: Graph, nodes: list[int], view: BlockView):
-        self.g, self.view = graph, view
+    def __init__(self, graph: Graph, nodes: list[int], view: BlockView, expert_parallel: bool = False):
+        self.g, self.view, self.expert_parallel = graph, view, expert_parallel
+        self.expert_offset: dict[str, int] = {}  # MoE region -> experts of its groups emitted so far
         self.nodes = nodes  # the layer's ops in topological order
         self.in_layer = set(self.nodes)
         self.names: dict[Value, str] = {}
@@ -367,6 +369,8 @@ class _BlockEmitter:
         self.line(f"{y} = combine({ins[0]}, {ins[1]}, {ins[2]})")
 
     def _op_fused_experts(self, node, op, ins, path):
+        if self.expert_parallel:
+            return self._experts_ep(node, op, ins, path)
         e = op.expert
         attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
         x, ids, weights, order, offsets = ins
@@ -383,6 +387,18 @@ class _BlockEmitter:
         from moec.backends.pytorch import runtime
 
         self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]
+
+    def _experts_ep(self, node, op, ins, path):
+        """This rank's experts of the group; tokens travel to their experts' ranks by all-to-all."""
+        e, region = op.expert, path[0]
+        start = self.expert_offset.get(region, 0)
+        self.expert_offset[region] = start + op.num_experts
+        attr = self.module(path, f"ExpertParallelExperts.from_plan(ep['plan'], f'layers.{{layer}}.{region}', "
+                                 f"ep['rank'], ep['world_size'], dim={e.dim}, hidden={e.hidden}, "
+                                 f"glu={e.form == 'glu'}, bias={e.bias}, experts=({start}, {op.num_experts}))")
+        (y,) = self.assign(node, ["y"])
+        self.line(_call(y, "moe_experts_ep", [*ins[:3], attr, f"activation={e.act!r}", "group=self.ep_group"]))
+        self.view.sync_notes.append("all-to-all split sizes")
 
     def _op_aux_loss(self, node, op, ins, path):
         (aux,) = self.assign(node, ["aux"])
@@ -467,8 +483,13 @@ def _ctor(sub, indent: int = 8) -> str:
     return f"Container({items}\n{' ' * indent})"
 
 
-def render(graph: Graph, source: str, static: bool = False) -> str:
-    """The generated module's source; `static=True` gives the static-shape export form."""
+def render(graph: Graph, source: str, static: bool = False, plan: dict | None = None) -> str:
+    """The generated module's source; `static=True` gives the static-shape export form; a
+    placement `plan` gives the expert-parallel form (each rank holds its experts)."""
+    if plan is not None and static:
+        raise BackendError("the expert-parallel form has no static variant")
+    if plan is not None and graph.find("expert_gemm"):
+        raise BackendError("the expert-parallel form needs the fused pipeline (drop --pipeline unfused)")
     emitter = _StaticBlockEmitter if static else _BlockEmitter
     inp = graph.op(graph.find("input")[0])
     by_layer: dict[int, list[int]] = {}
@@ -488,7 +509,7 @@ def render(graph: Graph, source: str, static: bool = False) -> str:
             used_class_names.add(cname)
             loc = graph.op(first).loc
             view = BlockView(name=key, class_name=cname, loc=f"{os.path.basename(loc.path)}:{loc.line}" if loc else "?")
-            emitter(graph, by_layer[i], view).emit()
+            emitter(graph, by_layer[i], view, expert_parallel=plan is not None).emit()
             blocks[key] = view
         layer_classes.append(blocks[key].class_name)
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
@@ -496,11 +517,12 @@ def render(graph: Graph, source: str, static: bool = False) -> str:
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     per_layer = {b.class_name: b.host_syncs for b in blocks.values()}
     text = "\n".join(line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules])
-    used = {"ModelOutput", "check_modality"} | set(re.findall(r"\b([A-Za-z_]\w*)\(", text))
+    used = {"ModelOutput", "check_modality"} | set(re.findall(r"\b([A-Za-z_]\w*)[.(]", text))
     imports = [(module, sorted((n for n in names if n in used), key=lambda n: (n[0].islower(), n)))
                for module, (_, names) in RUNTIME_MODULES.items()]
     return env.get_template("model.py.j2").render(
         imports=[(m, names) for m, names in imports if names], static=static,
+        plan=_plan_literal(plan) if plan is not None else None,
         uses_task=any(graph.op(n).kind == "route" and graph.op(n).router.by == "task" for n in graph.nodes())
         or any(graph.op(n).kind == "router" and graph.op(n).router.by == "task" for n in graph.nodes()),
         version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
@@ -511,6 +533,13 @@ def render(graph: Graph, source: str, static: bool = False) -> str:
 
 def _template(name: str) -> str:
     return resources.files("moec.backends.pytorch").joinpath("templates", name).read_text()
+
+
+def _plan_literal(plan: dict) -> str:
+    """The part of a placement plan the generated module needs, as a Python literal."""
+    keep = {"num_devices": plan["num_devices"],
+            "layers": [{"name": layer["name"], "phy2log": layer["phy2log"]} for layer in plan["layers"]]}
+    return repr(keep)
 
 
 def runtime_files() -> dict[str, str]:

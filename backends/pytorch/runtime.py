@@ -755,8 +755,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         seq = shape[-2] if x.dim() >= 2 else 1
-        xs = x.reshape(-1, seq, shape[-1])
-        b = xs.shape[0]
+        b = math.prod(shape[:-2]) if x.dim() > 2 else 1
+        xs = x.reshape(b, seq, shape[-1])
         q = self.q_proj(xs).view(b, seq, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(xs).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(xs).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -764,4 +764,4 @@ class Attention(nn.Module):
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.o_proj(o.transpose(1, 2).reshape(b, seq, -1)).reshape(shape)
+        return self.o_proj(o.transpose(1, 2).reshape(b, seq, self.heads * self.head_dim)).reshape(shape)
