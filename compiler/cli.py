@@ -132,7 +132,7 @@ def cmd_place(args) -> int:
 def cmd_train(args) -> int:
     from moec.train import run_cli
 
-    return run_cli(args.file, args.steps, args.tokens, args.seq, args.lr, args.seed, args.profile)
+    return run_cli(args.file, args.steps, args.tokens, args.seq, args.lr, args.seed, args.profile, args.plan)
 
 
 def _pipeline_option(parser) -> None:
@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--profile", metavar="JSON", help="write tokens per expert per MoE layer (a routing profile)")
+    c.add_argument("--plan", metavar="JSON", help="expert-parallel training with a plan from `moec place` "
+                                                  "(under torchrun --nproc_per_node=N)")
     c.set_defaults(func=cmd_train)
     return p
 

@@ -76,7 +76,10 @@ def train(model, steps: int = 50, tokens: int = 512, seq: int = 64, lr: float = 
     return history, routed
 
 
-def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, profile: str | None) -> int:
+def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, profile: str | None,
+            plan: str | None = None) -> int:
+    if plan is not None:
+        return _run_expert_parallel(path, steps, tokens, seq, lr, seed, plan)
     import moec
 
     model = moec.load(path, seed=seed)
@@ -106,3 +109,73 @@ def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, 
             json.dump(data, fh, indent=1)
         print(f"routing profile (tokens per expert per MoE layer) written to {profile}")
     return 0 if last.loss < first.loss else 1
+
+
+def rank_loads(plan: dict, counts: list, world_size: int) -> list[float]:
+    """Tokens per step each rank's expert replicas process (a replica takes 1/replicas of its expert)."""
+    loads = [0.0] * world_size
+    for layer, c in zip(plan["layers"], counts):
+        slots = len(layer["phy2log"]) // world_size
+        replicas = [layer["phy2log"].count(e) for e in range(len(c))]
+        for slot, e in enumerate(layer["phy2log"]):
+            loads[slot // slots] += float(c[e]) / replicas[e]
+    return loads
+
+
+def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, plan_path: str) -> int:
+    """One rank of an expert-parallel run started by torchrun (gloo on CPU, NCCL on GPUs)."""
+    import os
+
+    import moec
+    import torch.distributed as dist
+
+    if "WORLD_SIZE" not in os.environ:
+        print("moec: error: --plan trains expert-parallel: start it with "
+              "`torchrun --nproc_per_node=N -m moec.cli train FILE --plan PLAN.json`", file=sys.stderr)
+        return 1
+    with open(plan_path) as fh:
+        plan = json.load(fh)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        model = moec.load(path, seed=seed, plan=plan, rank=rank, world_size=world)
+        ep_modules = [m for m in model.modules() if hasattr(m, "sync_replica_grads")]
+        expert_params = {id(p) for m in ep_modules for p in m.parameters()}
+        dense = [p for p in model.parameters() if id(p) not in expert_params]
+        task = SyntheticTask(model.d_model, len(model.modalities), seed)
+        task.g.manual_seed(seed + 1000 * (rank + 1))  # each rank its own tokens, same teacher
+        seq = max(1, min(seq, tokens))
+        x, modality, target = task.batch(max(1, tokens // seq), seq)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        first = last = None
+        for step in range(1, steps + 1):
+            out = model(x, modality)
+            mse = torch.nn.functional.mse_loss(out.output, target)
+            opt.zero_grad(set_to_none=True)
+            (mse + out.aux_loss).backward()
+            for p in dense:  # data parallel over the dense weights: average
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            for m in ep_modules:  # expert grads already hold every rank's tokens
+                m.sync_replica_grads(scale=1.0 / world)
+            opt.step()
+            model.after_step()
+            loss = torch.tensor([float(mse.detach())])
+            dist.all_reduce(loss)
+            counts = [c.detach().clone() for c in out.expert_counts]
+            for c in counts:
+                dist.all_reduce(c)
+            loads = rank_loads(plan, counts, world)
+            mean = sum(loads) / world
+            first = first if first is not None else float(loss) / world
+            last = float(loss) / world
+            if rank == 0 and (step % max(1, steps // 10) == 0 or step in (1, steps)):
+                print(f"step {step:>4}/{steps}  loss {last:.5f}  per-rank expert load "
+                      f"{[round(v) for v in loads]}  max/mean {max(loads) / max(mean, 1e-9):.2f}", flush=True)
+        if rank == 0:
+            print(f"loss {first:.5f} -> {last:.5f} ({'down' if last < first else 'NOT down'}) on {world} ranks")
+        return 0 if last < first else 1
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()

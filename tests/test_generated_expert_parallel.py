@@ -59,3 +59,25 @@ def test_generated_expert_parallel_matches_single_device(tmp_path, capsys, examp
     plan = json.loads(plan_file.read_text())
     results = ep.run_ranks(_rank, 2, path, plan, tokens, timeout=120)
     assert all(r > 0 for r in results)
+
+
+def test_train_with_plan_under_torchrun(tmp_path, capsys):
+    import subprocess
+
+    path = os.path.join(EXAMPLES, "mixtral.moe")
+    plan = tmp_path / "plan.json"
+    assert main(["place", path, "--devices", "2", "--redundant", "2", "-o", str(plan)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "moec.cli", "train", path,
+           "--plan", str(plan), "--steps", "4", "--tokens", "64"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "per-rank expert load" in result.stdout and "(down) on 2 ranks" in result.stdout
+
+
+def test_train_with_plan_needs_torchrun(tmp_path, capsys):
+    path = os.path.join(EXAMPLES, "mixtral.moe")
+    plan = tmp_path / "plan.json"
+    assert main(["place", path, "--devices", "2", "-o", str(plan)]) == 0
+    os.environ.pop("WORLD_SIZE", None)
+    assert main(["train", path, "--plan", str(plan), "--steps", "2"]) == 1
+    assert "torchrun" in capsys.readouterr().err
