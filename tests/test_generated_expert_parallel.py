@@ -67,7 +67,7 @@ def test_train_with_plan_under_torchrun(tmp_path, capsys):
     path = os.path.join(EXAMPLES, "mixtral.moe")
     plan = tmp_path / "plan.json"
     assert main(["place", path, "--devices", "2", "--redundant", "2", "-o", str(plan)]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "moec.cli", "train", path,
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "moec.cli", "train", path,
            "--plan", str(plan), "--steps", "4", "--tokens", "64"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
