@@ -29,8 +29,12 @@ def write_tree(out_dir: str, files: dict[str, str | bytes]) -> list[str]:
             with open(path, mode) as fh:
                 fh.write(content)
         if not os.path.isdir(out_dir):
-            os.rename(tmp, out_dir)
-            return sorted(files)
+            try:
+                os.rename(tmp, out_dir)
+                return sorted(files)
+            except OSError:  # another process created it meanwhile: replace file by file below
+                if not os.path.isdir(out_dir):
+                    raise
         for rel in files:
             dest = os.path.join(out_dir, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)

@@ -386,3 +386,15 @@ def test_task_routing_needs_task(tmp_path):
     model = moec.load(_write(tmp_path, ROUTER_MODEL.format(router="deterministic(by = task)")))
     with pytest.raises(ValueError, match="task"):
         model(torch.randn(3, 16), torch.zeros(3, dtype=torch.long))
+
+
+def test_concurrent_writers_of_one_output_directory(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moec.backends import write_tree
+
+    out = tmp_path / "out"
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: write_tree(str(out), {"a.py": "x = 1\n", "b/c.txt": "y"}), range(32)))
+    assert (out / "a.py").read_text() == "x = 1\n" and (out / "b" / "c.txt").read_text() == "y"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directories left
