@@ -28,6 +28,7 @@ class ExpertSpec(Spec):
     hidden: int
     act: Literal["silu", "gelu", "gelu_tanh", "relu", "identity"]
     bias: bool = False
+    weights: Literal["full", "ternary"] = "full"  # ternary: {-1, 0, 1} x a per-expert absmean scale
 
     @property
     def params(self) -> int:
@@ -230,10 +231,12 @@ class ExpertGemmOp(OpBase):
 
     kind: Literal["expert_gemm"] = "expert_gemm"
     num_experts: int
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("weights",)
     projection: Literal["up", "gate", "down"]
     in_dim: int
     out_dim: int
     bias: bool = False
+    weights: Literal["full", "ternary"] = "full"
 
 
 class ActivationOp(OpBase):

@@ -61,6 +61,12 @@ def format_report(a: dict) -> str:
             ept = g["experts_per_token"]
             note = "" if g["causal"] else "  NON-CAUSAL: depends on other tokens of the routing group"
             lines.append(f"{index:>5}  {g['router']:<14} {ept['expected']:>6} ({ept['min']}..{ept['max']}){note}")
+    if "ternary_weights" in a:
+        t = a["ternary_weights"]
+        lines.append("")
+        lines.append(f"ternary expert weights: {t['params']:,} entries in {{-1, 0, 1}}: "
+                     f"{_human(t['bytes_16bit'])}B at 16 bit, {_human(t['bytes_2bit_packed'])}B packed at 2 bit, "
+                     f"{_human(t['bytes_log2_3_bound'])}B at the log2(3)-bit bound (plus one scale per expert matrix)")
     lines.append("")
     lines.append("FLOPs = 2 x multiply-accumulates of weight GEMMs per token (forward); attention's "
                  "context-length terms, norms and activations are not counted.")

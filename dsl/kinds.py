@@ -34,14 +34,18 @@ class Kind:
 
 
 _ACTS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
+_WEIGHTS = ("full", "ternary")
 
 EXPERTS = {
     "mlp": Kind("mlp", (Param("dim", "int", positive=True), Param("hidden", "int", positive=True),
-                        Param("act", "symbol", "gelu", _ACTS), Param("bias", "bool", False)),
+                        Param("act", "symbol", "gelu", _ACTS), Param("bias", "bool", False),
+                        Param("weights", "symbol", "full", _WEIGHTS)),
                 "act(x W_up) W_down"),
     "glu": Kind("glu", (Param("dim", "int", positive=True), Param("hidden", "int", positive=True),
-                        Param("act", "symbol", "silu", _ACTS), Param("bias", "bool", False)),
-                "(act(x W_gate) * x W_up) W_down; act=silu is SwiGLU, act=gelu is GeGLU"),
+                        Param("act", "symbol", "silu", _ACTS), Param("bias", "bool", False),
+                        Param("weights", "symbol", "full", _WEIGHTS)),
+                "(act(x W_gate) * x W_up) W_down; act=silu is SwiGLU, act=gelu is GeGLU; weights = ternary "
+                "quantises the matrices to {-1, 0, 1} x a per-expert scale (straight-through gradients)"),
 }
 
 _SCORES = ("softmax", "sigmoid")

@@ -14,6 +14,7 @@ graph (an unlowered `moe` op only shows its output).
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 from moec import ops as O
@@ -105,6 +106,26 @@ def _fusion_report(e: dict) -> dict:
             "padding_overhead_at_tokens": REFERENCE_TOKENS, "padding_overhead": padding}
 
 
+def _ternary_matrix_params(op: O.OpBase) -> int:
+    """Weight-matrix entries stored as {-1, 0, 1} (biases and per-expert scales stay full precision)."""
+    def matrices(e: O.ExpertSpec, copies: int) -> int:
+        return copies * (3 if e.form == "glu" else 2) * e.dim * e.hidden if e.weights == "ternary" else 0
+
+    if op.kind == "expert_gemm":
+        return op.num_experts * op.in_dim * op.out_dim if op.weights == "ternary" else 0
+    if op.kind == "fused_experts":
+        return matrices(op.expert, op.num_experts)
+    if op.kind == "ffn":
+        return matrices(op.expert, 1)
+    if op.kind == "moe":
+        total = matrices(op.shared.widened(op.num_shared), 1) if op.shared else 0
+        for g in op.groups:
+            total += matrices(g.expert, g.num_experts)
+            total += matrices(g.shared.widened(g.num_shared), 1) if g.shared else 0
+        return total
+    return 0
+
+
 def _cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
     """(parameters, active parameters per token, forward FLOPs per token) of one op."""
     k = op.kind
@@ -156,6 +177,7 @@ class Analyze(Pass):
         inp = graph.op(graph.find("input")[0])
         mods = inp.input_modalities
         layers: dict[int | None, dict] = {}
+        ternary_matrices = 0
 
         def entry(layer):
             if layer not in layers:
@@ -175,6 +197,7 @@ class Analyze(Pass):
                 for m in (t.modalities or ()):
                     e["bytes"][m] += 4 * _per_token_elements(t)
             p, active, f = _cost(graph, node, op)
+            ternary_matrices += _ternary_matrix_params(op)
             if op.kind == "moe":
                 p_total, act_m, flops_m = _moe_costs(op, inp.modalities)
                 e["params"] += p_total
@@ -225,4 +248,11 @@ class Analyze(Pass):
             "activation_bytes_per_token": total["bytes"],
             "layers": per_layer,
         }
+        if ternary_matrices:
+            ctx.results["analysis"]["ternary_weights"] = {
+                "params": ternary_matrices,
+                "bytes_16bit": 2 * ternary_matrices,
+                "bytes_2bit_packed": ternary_matrices // 4 + (ternary_matrices % 4 > 0),
+                "bytes_log2_3_bound": round(ternary_matrices * math.log2(3) / 8),
+            }
         return False

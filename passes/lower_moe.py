@@ -65,7 +65,7 @@ class LowerMoE(Pass):
             (cnt,) = mk(O.CountExpertsOp, f"{p}counts", [ids], num_experts=e)
             (offsets,) = mk(O.ExpertOffsetsOp, f"{p}offsets", [cnt], num_experts=e)
             (rows,) = mk(O.GatherRowsOp, f"{p}gather", [xg, order])
-            gemm = {"num_experts": e, "bias": ex.bias}
+            gemm = {"num_experts": e, "bias": ex.bias, "weights": ex.weights}
             (up,) = mk(O.ExpertGemmOp, f"{p}experts.up_proj", [rows, offsets], projection="up", in_dim=ex.dim,
                        out_dim=ex.hidden, **gemm)
             if ex.form == "glu":

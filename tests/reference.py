@@ -57,28 +57,44 @@ def attention(op: O.AttentionOp, p: dict, prefix: str, x):
     return linear(p, f"{prefix}.o_proj", out).reshape(x.shape)
 
 
+def ternary(w):
+    """Absmean ternary quantisation with a straight-through gradient, written out plainly."""
+    scale = max(float(w.detach().abs().mean()), 1e-8)
+    q = torch.tensor([[max(-1.0, min(1.0, round(float(v) / scale))) * scale for v in row] for row in w.detach()],
+                     dtype=w.dtype)
+    return w + (q - w).detach()
+
+
+def maybe_ternary(e: O.ExpertSpec, w):
+    return ternary(w) if e.weights == "ternary" else w
+
+
 def dense_ffn(e: O.ExpertSpec, p: dict, prefix: str, x):
-    up = linear(p, f"{prefix}.up_proj", x)
+    def lin(name, v):
+        y = v @ maybe_ternary(e, p[f"{prefix}.{name}.weight"]).T
+        return y + p[f"{prefix}.{name}.bias"] if f"{prefix}.{name}.bias" in p else y
+
+    up = lin("up_proj", x)
     if e.form == "glu":
-        hidden = act(e.act, linear(p, f"{prefix}.gate_proj", x)) * up
+        hidden = act(e.act, lin("gate_proj", x)) * up
     else:
         hidden = act(e.act, up)
-    return linear(p, f"{prefix}.down_proj", hidden)
+    return lin("down_proj", hidden)
 
 
 def expert(e: O.ExpertSpec, p: dict, prefix: str, i: int, x):
     """Expert i of stacked weights, one token row x [d]."""
-    up = x @ p[f"{prefix}.up_proj"][i]
+    up = x @ maybe_ternary(e, p[f"{prefix}.up_proj"][i])
     if e.bias:
         up = up + p[f"{prefix}.up_bias"][i]
     if e.form == "glu":
-        gate = x @ p[f"{prefix}.gate_proj"][i]
+        gate = x @ maybe_ternary(e, p[f"{prefix}.gate_proj"][i])
         if e.bias:
             gate = gate + p[f"{prefix}.gate_bias"][i]
         hidden = act(e.act, gate) * up
     else:
         hidden = act(e.act, up)
-    y = hidden @ p[f"{prefix}.down_proj"][i]
+    y = hidden @ maybe_ternary(e, p[f"{prefix}.down_proj"][i])
     return y + p[f"{prefix}.down_bias"][i] if e.bias else y
 
 

@@ -103,6 +103,9 @@ model routing {{
          "causal": "true"},
     {"expert": "mlp(d, 20, act = gelu, bias = true)", "k": 3, "score": "sigmoid", "renorm": "true", "scale": 2.5,
          "extra": "shared 2 x mlp(d, 8, act = relu)", "settings": "residual = post_norm", "causal": "false"},
+    {"expert": "mlp(d, 20, act = relu, bias = true, weights = ternary)", "k": 2, "score": "softmax",
+     "renorm": "true", "scale": 1.0, "extra": "shared 1 x glu(d, 8, weights = ternary)", "settings": "",
+     "causal": "true"},
     {"expert": "glu(d, 12, act = gelu_tanh, bias = true)", "k": 1, "score": "sigmoid", "renorm": "false", "scale": 1.0,
          "extra": "", "settings": "norm = layer(eps = 1e-5)", "causal": "true"},
 ])
@@ -274,7 +277,7 @@ def test_single_token_fp32_matches_reference():
     torch.testing.assert_close(out.aux_loss, aux.float(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma"])
+@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma", "ternary_experts"])
 def test_fused_and_unfused_ir_give_the_same_model(example):
     path = os.path.join(EXAMPLES, f"{example}.moe")
     fused, unfused = moec.load(path).double(), moec.load(path, pipeline="unfused").double()
@@ -398,3 +401,22 @@ def test_concurrent_writers_of_one_output_directory(tmp_path):
         list(pool.map(lambda i: write_tree(str(out), {"a.py": "x = 1\n", "b/c.txt": "y"}), range(32)))
     assert (out / "a.py").read_text() == "x = 1\n" and (out / "b" / "c.txt").read_text() == "y"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directories left
+
+
+def test_ternary_weights_are_ternary_and_reported(capsys):
+    import json
+
+    from moec.backends.pytorch.runtime import ternarize
+
+    w = torch.randn(3, 8, 5)
+    q = ternarize(w)
+    for e in range(3):
+        levels = torch.unique(torch.round(q[e] / w[e].abs().mean() * 1e6) / 1e6)
+        assert set(levels.tolist()) <= {-1.0, 0.0, 1.0}
+    g = torch.autograd.grad(ternarize(w.requires_grad_()).sum(), w)[0]
+    assert torch.equal(g, torch.ones_like(w))  # straight-through
+    assert main(["report", os.path.join(EXAMPLES, "ternary_experts.moe"), "--json"]) == 0
+    t = json.loads(capsys.readouterr().out)["ternary_weights"]
+    n = 2 * 8 * 3 * 64 * 128  # layers x experts x (gate, up, down) x d x f; the shared expert is full precision
+    assert t == {"params": n, "bytes_16bit": 2 * n, "bytes_2bit_packed": n // 4,
+                 "bytes_log2_3_bound": round(n * 1.584962500721156 / 8)}

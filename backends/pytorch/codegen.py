@@ -26,7 +26,7 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
         "Attention", "Container", "Experts", "FeedForward", "ModelOutput", "activate", "check_modality", "combine",
         "expert_counts", "expert_offsets", "gather_rows", "grouped_linear", "load_balance_loss", "moe_experts",
-        "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "z_loss")),
+        "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
         "BalancedRouter", "apply_capacity", "route_deterministic", "route_dynamic_k", "route_expert_choice",
         "route_group_limited", "route_soft", "router_jitter")),
@@ -95,8 +95,14 @@ def _norm_ctor(op: O.NormOp) -> str:
 
 
 def _ffn_ctor(e: O.ExpertSpec) -> str:
+    ternary = ", ternary=True" if e.weights == "ternary" else ""
     return (f"FeedForward(dim={e.dim}, hidden={e.hidden}, glu={e.form == 'glu'}, "
-            f"activation={e.act!r}, bias={e.bias})")
+            f"activation={e.act!r}, bias={e.bias}{ternary})")
+
+
+def _weight(attr: str, name: str, weights: str) -> str:
+    """An expert weight as the kernels see it: ternary weights are quantised on the fly."""
+    return f"ternarize({attr}.{name})" if weights == "ternary" else f"{attr}.{name}"
 
 
 class _BlockEmitter:
@@ -356,7 +362,8 @@ class _BlockEmitter:
         attr = self._experts_module(path[:-1], op, glu, dim, hidden, op.bias)
         (out,) = self.assign(node, [op.projection])
         bias = [f"{attr}.{op.projection}_bias"] if op.bias else []
-        self.line(_call(out, "grouped_linear", [ins[0], f"{attr}.{op.projection}_proj", ins[1], *bias]))
+        self.line(_call(out, "grouped_linear", [ins[0], _weight(attr, f"{op.projection}_proj", op.weights), ins[1],
+                                                *bias]))
         self.view.sync_notes.append("segment sizes of an unfused grouped GEMM")
 
     def _op_activation(self, node, op, ins, path):
@@ -374,9 +381,9 @@ class _BlockEmitter:
         e = op.expert
         attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
         x, ids, weights, order, offsets = ins
-        args = [x, ids, weights, f"{attr}.up_proj", f"{attr}.down_proj"]
+        args = [x, ids, weights, _weight(attr, "up_proj", e.weights), _weight(attr, "down_proj", e.weights)]
         if e.form == "glu":
-            args.append(f"gate_proj={attr}.gate_proj")
+            args.append(f"gate_proj={_weight(attr, 'gate_proj', e.weights)}")
         if e.bias:
             args += [f"up_bias={attr}.up_bias", f"down_bias={attr}.down_bias"]
             if e.form == "glu":
@@ -391,6 +398,8 @@ class _BlockEmitter:
     def _experts_ep(self, node, op, ins, path):
         """This rank's experts of the group; tokens travel to their experts' ranks by all-to-all."""
         e, region = op.expert, path[0]
+        if e.weights == "ternary":
+            raise BackendError("ternary experts have no expert-parallel form yet")
         start = self.expert_offset.get(region, 0)
         self.expert_offset[region] = start + op.num_experts
         attr = self.module(path, f"ExpertParallelExperts.from_plan(ep['plan'], f'layers.{{layer}}.{region}', "
@@ -445,9 +454,9 @@ class _StaticBlockEmitter(_BlockEmitter):
         e = op.expert
         attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
         x, ids, weights = ins[:3]
-        args = [x, ids, weights, f"{attr}.up_proj", f"{attr}.down_proj"]
+        args = [x, ids, weights, _weight(attr, "up_proj", e.weights), _weight(attr, "down_proj", e.weights)]
         if e.form == "glu":
-            args.append(f"gate_proj={attr}.gate_proj")
+            args.append(f"gate_proj={_weight(attr, 'gate_proj', e.weights)}")
         if e.bias:
             args += [f"up_bias={attr}.up_bias", f"down_bias={attr}.down_bias"]
             if e.form == "glu":

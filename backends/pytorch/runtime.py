@@ -159,6 +159,7 @@ __all__ = [
     "scatter_tokens",
     "select_tokens",
     "sort_by_expert",
+    "ternarize",
     "z_loss",
 ]
 
@@ -699,20 +700,38 @@ def scatter_tokens(y: Tensor, index: Tensor, like: Tensor) -> Tensor:
     return torch.zeros_like(like, dtype=y.dtype).index_copy(0, index, y)
 
 
-class FeedForward(nn.Module):
-    """A dense expert: act(x W_up) W_down, or (act(x W_gate) * x W_up) W_down when glu."""
+def ternarize(weight: Tensor) -> Tensor:
+    """{-1, 0, 1} x scale, scale = mean |w| per expert (dim 0 of a stacked [E, in, out] weight; the
+    whole matrix for a 2-D one), as BitNet b1.58's absmean quantiser; gradients pass straight
+    through to the full-precision weight (straight-through estimator)."""
+    dims = tuple(range(1, weight.dim())) if weight.dim() == 3 else tuple(range(weight.dim()))
+    scale = weight.abs().mean(dim=dims, keepdim=True).clamp_min(1e-8)
+    quantised = torch.clamp(torch.round(weight / scale), -1, 1) * scale
+    return weight + (quantised - weight).detach()
 
-    def __init__(self, dim: int, hidden: int, glu: bool, activation: str, bias: bool = False):
+
+class FeedForward(nn.Module):
+    """A dense expert: act(x W_up) W_down, or (act(x W_gate) * x W_up) W_down when glu;
+    `ternary` quantises the matrices with ``ternarize`` in every forward."""
+
+    def __init__(self, dim: int, hidden: int, glu: bool, activation: str, bias: bool = False,
+                 ternary: bool = False):
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.gate_proj = nn.Linear(dim, hidden, bias=bias) if glu else None
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = _activation(activation)
+        self.ternary = ternary
+
+    def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        weight = ternarize(layer.weight) if self.ternary else layer.weight
+        return F.linear(x, weight, layer.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        up = self._linear(self.up_proj, x)
         if self.gate_proj is not None:
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+            return self._linear(self.down_proj, self.act(self._linear(self.gate_proj, x)) * up)
+        return self._linear(self.down_proj, self.act(up))
 
 
 class Experts(nn.Module):
