@@ -94,7 +94,7 @@ CASES = [
     ("E0204", OK_MODEL.replace("block b {", "block b { resid = 1;"), "resid", 1, "unknown block setting"),
     ("E0205", OK_MODEL.replace("heads = 2", "heads = 2.5"), "heads = 2.5", 1, "must be an integer, got 2.5"),
     ("E0205", OK_MODEL.replace("attention(heads = 2)", "attention"), "attention", 1, "needs `heads`"),
-    ("E0205", OK_MODEL.replace("glu(8, 16)", "glu(8, 16, silu, false, 7)"), "7)", 1, "at most 4 arguments"),
+    ("E0205", OK_MODEL.replace("glu(8, 16)", "glu(8, 16, silu, false, full, 7)"), "7)", 1, "at most 5 arguments"),
     ("E0205", OK_MODEL.replace("glu(8, 16)", "glu(8, 16, dim = 8)"), "dim = 8)", 2, "`dim` given twice"),
     ("E0206", OK_MODEL.replace("glu(8, 16)", "glu(8, 16, act = swish)"), "act = swish", 1,
      "`act` must be one of silu"),

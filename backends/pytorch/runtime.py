@@ -121,6 +121,9 @@ Unfused primitives, one per op of an unfused lowering (``moec ir --after lower-m
 ``grouped_linear`` (one host sync: the segment sizes), ``activate``, ``combine``.
 ``moe_experts`` is their fusion; with ``order`` / ``offsets`` from ``permute`` it reuses that sort.
 
+``ternarize(weight)``: {-1, 0, 1} x mean|w| per expert (absmean), straight-through gradient; used
+for experts declared with ``weights = ternary`` (``FeedForward(ternary=True)`` for dense ones).
+
 ``ACTIVATIONS``: tuple of the supported activation names.
 ``METHODS``: tuple of the accepted ``method`` names.
 """
