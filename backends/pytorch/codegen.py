@@ -378,22 +378,26 @@ class _BlockEmitter:
     def _op_fused_experts(self, node, op, ins, path):
         if self.expert_parallel:
             return self._experts_ep(node, op, ins, path)
+        order, offsets = ins[3:]
+        (y,) = self.assign(node, ["y"])
+        self.line(_call(y, "moe_experts", [*self._expert_args(op, ins, path), f"order={order}",
+                                           f"offsets={offsets}"]))
+        from moec.backends.pytorch import runtime
+
+        self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]
+
+    def _expert_args(self, op: O.FusedExpertsOp, ins: list[str], path: list[str]) -> list[str]:
+        """Arguments shared by the fused expert calls: rows, routing, stacked weights, activation."""
         e = op.expert
         attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
-        x, ids, weights, order, offsets = ins
-        args = [x, ids, weights, _weight(attr, "up_proj", e.weights), _weight(attr, "down_proj", e.weights)]
+        args = [*ins[:3], _weight(attr, "up_proj", e.weights), _weight(attr, "down_proj", e.weights)]
         if e.form == "glu":
             args.append(f"gate_proj={_weight(attr, 'gate_proj', e.weights)}")
         if e.bias:
             args += [f"up_bias={attr}.up_bias", f"down_bias={attr}.down_bias"]
             if e.form == "glu":
                 args.append(f"gate_bias={attr}.gate_bias")
-        args += [f"activation={e.act!r}", f"order={order}", f"offsets={offsets}"]
-        (y,) = self.assign(node, ["y"])
-        self.line(_call(y, "moe_experts", args))
-        from moec.backends.pytorch import runtime
-
-        self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]
+        return [*args, f"activation={e.act!r}"]
 
     def _experts_ep(self, node, op, ins, path):
         """This rank's experts of the group; tokens travel to their experts' ranks by all-to-all."""
@@ -451,19 +455,8 @@ class _StaticBlockEmitter(_BlockEmitter):
         self.line(_call(name, "expert_counts_static", [ins[0], str(op.num_experts), *self.mask_arg(node)]))
 
     def _op_fused_experts(self, node, op, ins, path):
-        e = op.expert
-        attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
-        x, ids, weights = ins[:3]
-        args = [x, ids, weights, _weight(attr, "up_proj", e.weights), _weight(attr, "down_proj", e.weights)]
-        if e.form == "glu":
-            args.append(f"gate_proj={_weight(attr, 'gate_proj', e.weights)}")
-        if e.bias:
-            args += [f"up_bias={attr}.up_bias", f"down_bias={attr}.down_bias"]
-            if e.form == "glu":
-                args.append(f"gate_bias={attr}.gate_bias")
-        args += [f"activation={e.act!r}", *self.mask_arg(node)]
         (y,) = self.assign(node, ["y"])
-        self.line(_call(y, "moe_experts_static", args))
+        self.line(_call(y, "moe_experts_static", [*self._expert_args(op, ins, path), *self.mask_arg(node)]))
 
     def _op_aux_loss(self, node, op, ins, path):
         (aux,) = self.assign(node, ["aux"])
