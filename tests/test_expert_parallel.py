@@ -353,7 +353,7 @@ def test_run_ranks_kills_a_hang():
 
 
 def test_standalone_imports():
-    """The file ships next to generated code: torch and the standard library only."""
+    """The file ships next to generated code: torch, the standard library and its sibling moec_runtime."""
     tree = ast.parse(EP_PATH.read_text())
     roots = set()
     for node in ast.walk(tree):
@@ -361,7 +361,8 @@ def test_standalone_imports():
             roots |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "math", "os", "socket", "tempfile", "time", "warnings", "datetime", "torch"}, roots
+    assert roots <= {"__future__", "math", "os", "socket", "tempfile", "time", "warnings", "datetime", "torch",
+                     "moec_runtime"}, roots
 
 
 @pytest.mark.parametrize("glu,bias,act", [(True, False, "silu"), (False, True, "gelu"), (True, True, "relu")])

@@ -1,7 +1,7 @@
 """moec expert-parallel (EP) runtime: MoE expert layers whose experts are spread over ranks.
 
-Ships next to generated model code (like ``moec_runtime.py``); depends only on ``torch`` and the
-standard library, never on ``moec``.
+Ships next to generated model code, beside ``moec_runtime.py`` (whose activations it shares);
+otherwise it depends only on ``torch`` and the standard library, never on ``moec``.
 
 A placement plan (``moec place ... -o plan.json``, ``Plan.to_json()``) gives, per MoE layer,
 ``phy2log``: the logical expert of each physical slot.  With ``P = len(phy2log)`` slots over
@@ -120,8 +120,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+try:  # inside the moec package
+    from .runtime import _activation
+except ImportError:  # shipped next to generated code, beside moec_runtime.py
+    from moec_runtime import _activation
 
 __all__ = [
     "HOST_SYNCS_EP",
@@ -179,21 +183,6 @@ def all_to_all(x: Tensor, out_splits: list[int], in_splits: list[int], group=Non
 # --------------------------------------------------------------------------- the local experts
 
 
-def _activation(name: str):
-    if name == "silu":
-        return F.silu
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda t: F.gelu(t, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    if name == "identity":
-        return lambda t: t
-    raise ValueError(f"moe_experts_ep: unknown activation {name!r}; expected one of "
-                     "('silu', 'gelu', 'gelu_tanh', 'relu', 'identity')")
-
-
 def _ffn(xs, act, up, down, gate, ub, db, gb):
     u = xs @ up
     if ub is not None:
@@ -215,7 +204,7 @@ def local_grouped_ffn(rows: Tensor, sizes: list[int], local: ExpertParallelExper
     """Rows sorted by local slot (``sizes[j]`` rows for slot j) through their slot's FFN; one ``mm``
     per non-empty slot.  With no rows, slot 0 runs on the empty slice so the parameters stay in the
     graph (zero gradients rather than None)."""
-    act = _activation(activation)
+    act = _activation(activation, "moe_experts_ep")
     n_slots = len(sizes)
     if n_slots == 0:
         return rows[:0]  # no slot here, so no rows either; keeps the result connected to `rows`
@@ -447,7 +436,7 @@ def moe_experts_ep(
     if world != local.world_size or rank != local.rank:
         raise ValueError(f"moe_experts_ep: the module was built for rank {local.rank} of {local.world_size}, "
                          f"but this is rank {rank} of {world}")
-    _activation(activation)  # fail early, the same on every rank
+    _activation(activation, "moe_experts_ep")  # fail early, the same on every rank
     if log2phy is not None or logcnt is not None:
         _check_tables(local, log2phy, logcnt)
     l2p = local.log2phy if log2phy is None else _table(log2phy, x)

@@ -307,7 +307,7 @@ def z_loss(logits: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- experts
 
 
-def _activation(name: str):
+def _activation(name: str, caller: str = "moe_experts"):
     if name == "silu":
         return F.silu
     if name == "gelu":
@@ -318,7 +318,7 @@ def _activation(name: str):
         return F.relu
     if name == "identity":
         return lambda t: t
-    raise ValueError(f"moe_experts: unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    raise ValueError(f"{caller}: unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
 _GMM_PROBE: dict[tuple[str, torch.dtype], bool] = {}
@@ -423,18 +423,22 @@ def resolve_method(
     return method
 
 
-def _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias):
+def _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias,
+                  caller: str = "moe_experts"):
+    """Shapes of an expert call's arguments; ValueError naming the caller otherwise."""
     if x.dim() != 2:
-        raise ValueError(f"moe_experts: x must be [T, d], got {tuple(x.shape)}")
+        raise ValueError(f"{caller}: x must be [T, d], got {tuple(x.shape)}")
     T, d = x.shape
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T:
-        raise ValueError(f"moe_experts: expert_ids must be [T={T}, k], got {tuple(expert_ids.shape)}")
+        raise ValueError(f"{caller}: expert_ids must be [T={T}, k], got {tuple(expert_ids.shape)}")
+    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
+        raise ValueError(f"{caller}: expert_ids must be an integer tensor")
     if weights.shape != expert_ids.shape:
         raise ValueError(
-            f"moe_experts: weights {tuple(weights.shape)} != expert_ids {tuple(expert_ids.shape)}"
+            f"{caller}: weights {tuple(weights.shape)} != expert_ids {tuple(expert_ids.shape)}"
         )
     if up_proj.dim() != 3 or up_proj.shape[1] != d:
-        raise ValueError(f"moe_experts: up_proj must be [E, d={d}, f], got {tuple(up_proj.shape)}")
+        raise ValueError(f"{caller}: up_proj must be [E, d={d}, f], got {tuple(up_proj.shape)}")
     E, _, f = up_proj.shape
     expected = {
         "down_proj": (down_proj, (E, f, d)),
@@ -445,9 +449,9 @@ def _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias
     }
     for name, (t, shape) in expected.items():
         if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"moe_experts: {name} must be {list(shape)}, got {tuple(t.shape)}")
+            raise ValueError(f"{caller}: {name} must be {list(shape)}, got {tuple(t.shape)}")
     if gate_bias is not None and gate_proj is None:
-        raise ValueError("moe_experts: gate_bias given without gate_proj")
+        raise ValueError(f"{caller}: gate_bias given without gate_proj")
 
 
 def _unbind(t: Tensor | None, n: int):

@@ -1,8 +1,8 @@
 """moec static-shape runtime: capacity-padded MoE dispatch for ``torch.export`` and torch-mlir.
 
-This file is copied verbatim next to generated model code in static mode (``moec compile
---static``).  It depends only on ``torch``, ``math`` and ``contextlib`` (never on ``moec``
-or on ``moec_runtime``); routing itself stays ``moec_runtime.route_top_k``, which exports
+This file is copied verbatim next to generated model code, beside ``moec_runtime.py``, whose
+argument checks and activations it shares.  Beyond those it depends only on ``torch``,
+``math`` and ``contextlib`` (never on ``moec``); routing itself stays ``moec_runtime.route_top_k``, which exports
 and lowers as it is (``torch.topk`` + ``gather`` + ``softmax``/``sigmoid``).
 
 Every function here produces tensors whose shapes depend only on the *shapes* of its inputs
@@ -113,8 +113,12 @@ import contextlib
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+try:  # inside the moec package
+    from .runtime import _activation, _at_least_fp32, _check_shapes
+except ImportError:  # shipped next to generated code, beside moec_runtime.py
+    from moec_runtime import _activation, _at_least_fp32, _check_shapes
 
 __all__ = [
     "ACTIVATIONS",
@@ -137,24 +141,6 @@ HOST_SYNCS: dict[str, int] = {
 }
 
 _EXACT_FP32_COUNT = 2**24  # integer counts up to this are exact in fp32
-
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
-def _activation(name: str):
-    if name == "silu":
-        return F.silu
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_tanh":
-        return lambda t: F.gelu(t, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    if name == "identity":
-        return lambda t: t
-    raise ValueError(f"moe_experts_static: unknown activation {name!r}; expected one of {ACTIVATIONS}")
 
 
 def _check_mask(token_mask: Tensor | None, T: int, where: str) -> None:
@@ -216,35 +202,6 @@ def _exclusive_prefix_counts(onehot: Tensor) -> Tensor:
     return (within + before.unsqueeze(1)).reshape(B * S, E)[:N]
 
 
-def _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias):
-    if x.dim() != 2:
-        raise ValueError(f"moe_experts_static: x must be [T, d], got {tuple(x.shape)}")
-    T, d = x.shape
-    if expert_ids.dim() != 2 or expert_ids.shape[0] != T:
-        raise ValueError(f"moe_experts_static: expert_ids must be [T={T}, k], got {tuple(expert_ids.shape)}")
-    if expert_ids.dtype.is_floating_point or expert_ids.dtype == torch.bool:
-        raise ValueError("moe_experts_static: expert_ids must be an integer tensor")
-    if weights.shape != expert_ids.shape:
-        raise ValueError(
-            f"moe_experts_static: weights {tuple(weights.shape)} != expert_ids {tuple(expert_ids.shape)}"
-        )
-    if up_proj.dim() != 3 or up_proj.shape[1] != d:
-        raise ValueError(f"moe_experts_static: up_proj must be [E, d={d}, f], got {tuple(up_proj.shape)}")
-    E, _, f = up_proj.shape
-    expected = {
-        "down_proj": (down_proj, (E, f, d)),
-        "gate_proj": (gate_proj, (E, d, f)),
-        "up_bias": (up_bias, (E, f)),
-        "gate_bias": (gate_bias, (E, f)),
-        "down_bias": (down_bias, (E, d)),
-    }
-    for name, (t, shape) in expected.items():
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"moe_experts_static: {name} must be {list(shape)}, got {tuple(t.shape)}")
-    if gate_bias is not None and gate_proj is None:
-        raise ValueError("moe_experts_static: gate_bias given without gate_proj")
-
-
 def _ffn_bmm(xp, act, up, down, gate, ub, db, gb):
     """Expert FFN on ``xp [E, C, d]``: one bmm per projection, biases broadcast over C."""
     u = torch.bmm(xp, up)
@@ -293,7 +250,8 @@ def moe_experts_static(
     token_mask: Tensor | None = None,
 ) -> Tensor:
     """Capacity-padded static-shape mixture of expert FFNs; see the module docstring."""
-    _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
+    _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias,
+                  caller="moe_experts_static")
     T, d = x.shape
     k = expert_ids.shape[1]
     E = up_proj.shape[0]
@@ -303,7 +261,7 @@ def moe_experts_static(
     if C < 0:
         raise ValueError(f"moe_experts_static: capacity must be >= 0, got {capacity}")
     Cb = max(C, 1)  # buffer rows per expert (C = 0 drops every slot but keeps shapes non-empty)
-    act = _activation(activation)
+    act = _activation(activation, "moe_experts_static")
     dev = x.device
 
     flat, valid, onehot = _slot_masks(expert_ids, E, token_mask)
