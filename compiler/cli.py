@@ -90,8 +90,12 @@ def cmd_compile(args) -> int:
     comp = compile_model(args.file, pipeline=args.pipeline)
     plan = None
     if args.plan:
-        with open(args.plan) as fh:
-            plan = json.load(fh)
+        try:
+            with open(args.plan) as fh:
+                plan = json.load(fh)
+        except (OSError, ValueError) as exc:
+            print(f"moec: error: cannot read placement plan `{args.plan}`: {exc}", file=sys.stderr)
+            return 1
     options = {"static": args.static, "plan": plan} if args.target == "pytorch" else {
         "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens}
     from moec.backends import BackendError
@@ -210,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CompileError as exc:
         return _fail(exc.diagnostics)
+    except OSError as exc:  # a file the user named cannot be read or written
+        print(f"moec: error: {exc.strerror or exc}: `{exc.filename}`" if exc.filename else f"moec: error: {exc}",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("moec: interrupted", file=sys.stderr)
         return 130

@@ -80,8 +80,14 @@ def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, 
             plan: str | None = None) -> int:
     if plan is not None:
         return _run_expert_parallel(path, steps, tokens, seq, lr, seed, plan)
+    import os
+
     import moec
 
+    if profile and not os.path.isdir(os.path.dirname(os.path.abspath(profile))):
+        print(f"moec: error: cannot write the routing profile: no directory `{os.path.dirname(profile)}`",
+              file=sys.stderr)
+        return 1
     model = moec.load(path, seed=seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {path}: {n_params:,} parameters, {steps} steps of {tokens} tokens "
@@ -133,8 +139,12 @@ def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float
         print("moec: error: --plan trains expert-parallel: start it with "
               "`torchrun --nproc_per_node=N -m moec.cli train FILE --plan PLAN.json`", file=sys.stderr)
         return 1
-    with open(plan_path) as fh:
-        plan = json.load(fh)
+    try:
+        with open(plan_path) as fh:
+            plan = json.load(fh)
+    except (OSError, ValueError) as exc:
+        print(f"moec: error: cannot read placement plan `{plan_path}`: {exc}", file=sys.stderr)
+        return 1
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:

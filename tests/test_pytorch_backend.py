@@ -420,3 +420,14 @@ def test_ternary_weights_are_ternary_and_reported(capsys):
     n = 2 * 8 * 3 * 64 * 128  # layers x experts x (gate, up, down) x d x f; the shared expert is full precision
     assert t == {"params": n, "bytes_16bit": 2 * n, "bytes_2bit_packed": n // 4,
                  "bytes_log2_3_bound": round(n * 1.584962500721156 / 8)}
+
+
+def test_file_errors_on_the_command_line_are_clean(tmp_path, capsys):
+    path = os.path.join(EXAMPLES, "mixtral.moe")
+    cases = [["compile", path, "--plan", str(tmp_path / "none.json"), "-o", str(tmp_path / "o")],
+             ["train", path, "--steps", "1", "--profile", str(tmp_path / "no" / "dir" / "p.json")],
+             ["report", "--plan", str(tmp_path / "none.json")]]
+    for argv in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert "moec: error:" in err and "Traceback" not in err and "internal error" not in err, err
