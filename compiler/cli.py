@@ -117,9 +117,17 @@ def cmd_place(args) -> int:
     from moec.passes.place_experts import PlaceExperts, format_plan
 
     comp = compile_model(args.file)
+    defaults = comp.spec.placement
+    devices = args.devices or defaults.get("devices")
+    if devices is None:
+        print("moec: error: how many devices? give --devices N or `placement { devices = N }` in the file",
+              file=sys.stderr)
+        return 1
+    memory = args.memory if args.memory is not None else defaults.get("memory")
+    redundant = args.redundant if args.redundant is not None else defaults.get("redundant", 0)
     ctx = PassContext()
     try:
-        PlaceExperts(devices=args.devices, memory=args.memory, redundant=args.redundant, profile=args.profile,
+        PlaceExperts(devices=devices, memory=memory, redundant=redundant, profile=args.profile,
                      method=args.method, modality_devices=args.modality_devices).run(comp.graph, ctx)
     except (ValueError, OSError) as exc:  # a bad profile, memory size or device count: the user's to fix
         print(f"moec: error: {exc}", file=sys.stderr)
@@ -184,9 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("place", help="assign experts and redundant replicas to expert-parallel devices")
     c.add_argument("file")
-    c.add_argument("--devices", "-n", type=_positive, required=True)
+    c.add_argument("--devices", "-n", type=_positive, help="devices (default: the file's placement section)")
     c.add_argument("--memory", help="expert-weight memory per device, e.g. 80GB, 512MiB")
-    c.add_argument("--redundant", type=int, default=0, help="extra replicas of hot experts per MoE layer")
+    c.add_argument("--redundant", type=int, help="extra replicas of hot experts per MoE layer (default 0)")
     c.add_argument("--profile", metavar="JSON", help="routing profile from `moec train --profile`")
     c.add_argument("--method", choices=["place", "eplb", "round-robin"], default="place")
     c.add_argument("--modality-devices", metavar="SPEC", help="where tokens live, e.g. image=0-3,text=4-7")

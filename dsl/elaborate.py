@@ -726,8 +726,47 @@ class Elaborator:
             input_modalities=self.input_modalities, layers=stack, final_norm=final, loc=m.loc,
             targets={t.name.name: {s.name.name: self.eval(s.value, scope, symbols=True) for s in t.settings}
                      for t in targets},
-            placement={s.name.name: self.eval(s.value, scope, symbols=True) for p in placement for s in p.settings},
-        )
+            placement=self._placement(placement, scope),
+        ) if self._check_targets(targets) else None
+
+    def _check_targets(self, targets: list[ast.TargetDecl]) -> bool:
+        """Target sections hold per-target knobs; the name must be a target moec knows."""
+        ok = True
+        for t in targets:
+            if t.name.name not in K.TARGETS:
+                self.d.error("E0204", f"unknown target `{t.name.name}`", t.name.loc,
+                             did_you_mean(t.name.name, K.TARGETS) or f"targets: {', '.join(K.TARGETS)}")
+                ok = False
+        return ok
+
+    def _placement(self, decls: list[ast.PlacementDecl], scope: Scope) -> dict:
+        """`placement { devices = 8; memory = "80GB"; redundant = 8 }`: defaults for `moec place`
+        (never numerics). Checked here; the command line overrides them."""
+        out: dict = {}
+        for s in (s for p in decls for s in p.settings):
+            key = s.name.name
+            if key not in K.PLACEMENT_SETTINGS:
+                self.d.error("E0204", f"unknown placement setting `{key}`", s.name.loc,
+                             did_you_mean(key, K.PLACEMENT_SETTINGS)
+                             or "placement settings: " + ", ".join(K.PLACEMENT_SETTINGS))
+                continue
+            if key in out:
+                self.d.error("E0203", f"placement setting `{key}` is already given", s.name.loc)
+                continue
+            v = self.eval(s.value, scope)
+            if v is BAD:
+                continue
+            if key == "memory":
+                if not isinstance(v, str):
+                    self.d.error("E0205", "`memory` must be a string such as \"80GB\"", s.value.loc)
+                    continue
+            elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "devices" else 0):
+                self.d.error("E0207" if isinstance(v, int) and not isinstance(v, bool) else "E0205",
+                             f"`{key}` must be a {'positive' if key == 'devices' else 'non-negative'} integer, "
+                             f"got {_show(v)}", s.value.loc)
+                continue
+            out[key] = v
+        return out
 
     def _expand(self, items, scope: Scope, out: list[BlockSpec]) -> bool:
         """Append the blocks of `items` to `out`; False once the stack grew past MAX_LAYERS."""

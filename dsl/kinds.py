@@ -115,3 +115,10 @@ INPUT = Kind("input", (Param("dim", "int", positive=True), Param("modalities", "
 
 # Names of built-in kinds: a user definition may not take one (calls would become ambiguous).
 BUILTIN_NAMES = frozenset(EXPERTS) | frozenset(ROUTERS) | frozenset(LOSSES) | frozenset(SUBLAYERS) | {"moe"}
+
+# `placement { ... }` settings: defaults of `moec place` (the command line overrides them).
+PLACEMENT_SETTINGS = {"devices": "expert-parallel devices", "memory": 'expert-weight memory per device, e.g. "80GB"',
+                      "redundant": "extra replicas of hot experts per MoE layer"}
+
+# `target NAME { ... }` sections: per-target knobs (read by the backends that take them).
+TARGETS = ("pytorch", "mlir", "triton", "hls")

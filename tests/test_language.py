@@ -42,12 +42,12 @@ def test_constant_arithmetic(tmp_path):
   input(dim = 8)
   block b {{ glu(8, 16) }}
   layers {{ b }}
-  target t {{
+  target hls {{
 {settings}
   }}
 }}
 """)
-    got = spec.targets["t"]
+    got = spec.targets["hls"]
     for n, (expr, want) in zip(names, ARITH.items()):
         assert got[n] == want and type(got[n]) is type(want), (expr, got[n], want)
 
@@ -397,12 +397,12 @@ def test_targets_and_placement(tmp_path):
   block b { glu(8, 16) }
   layers { b }
   target pytorch { dtype = bf16; compile = true; capacity = 1.25 }
-  target other { x2 = [1, ep] }
-  placement { experts_per_device = ep / 2 }
+  target triton { x2 = [1, ep] }
+  placement { devices = ep / 2; memory = "80GB" }
 }""")
     assert spec.targets == {"pytorch": {"dtype": Symbol("bf16"), "compile": True, "capacity": 1.25},
-                            "other": {"x2": [1, 8]}}
-    assert spec.placement == {"experts_per_device": 4}
+                            "triton": {"x2": [1, 8]}}
+    assert spec.placement == {"devices": 4, "memory": "80GB"}
 
 
 def test_keywords_of_other_languages_are_plain_names(tmp_path):

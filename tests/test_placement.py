@@ -431,3 +431,34 @@ def test_cli_place_and_report_plan(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "do not divide evenly" in err and "Traceback" not in err
     assert main(["place", path, "--devices", "4", "--memory", "lots"]) == 1
+
+
+def test_placement_section_gives_defaults_and_is_checked(tmp_path, capsys):
+    import json
+
+    from moec.cli import main
+    from moec.driver import check
+
+    src = """model m {
+  input(dim = 16)
+  block b { moe { experts 8 x glu(16, 8); router top_k(k = 2) } }
+  layers { b b }
+  placement { devices = 4; redundant = 4; memory = "1GB" }
+}
+"""
+    path = tmp_path / "m.moe"
+    path.write_text(src)
+    out = tmp_path / "plan.json"
+    assert main(["place", str(path), "-o", str(out)]) == 0
+    plan = json.loads(out.read_text())
+    assert plan["num_devices"] == 4 and plan["redundant"] == 4
+    assert main(["place", str(path), "--devices", "2", "--redundant", "0", "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["num_devices"] == 2  # the command line wins
+    bad = tmp_path / "bad.moe"
+    bad.write_text(src.replace("devices = 4", "devics = 4").replace("redundant = 4", "redundant = -1"))
+    codes = sorted(d.code for d in check(str(bad)).items)
+    assert codes == ["E0204", "E0207"], codes
+    nodev = tmp_path / "nodev.moe"
+    nodev.write_text(src.replace("devices = 4; ", ""))
+    capsys.readouterr()
+    assert main(["place", str(nodev)]) == 1 and "--devices" in capsys.readouterr().err
