@@ -185,7 +185,14 @@ def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float
                       f"{[round(v) for v in loads]}  max/mean {max(loads) / max(mean, 1e-9):.2f}", flush=True)
         if rank == 0:
             print(f"loss {first:.5f} -> {last:.5f} ({'down' if last < first else 'NOT down'}) on {world} ranks")
-        return 0 if last < first else 1
-    finally:
-        dist.barrier()
+        status = 0 if last < first else 1
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    dist.barrier()
+    dist.destroy_process_group()
+    # gloo can abort ("terminate called without an active exception") while the interpreter tears
+    # down its threads after a finished run; the run is complete, so leave without that teardown
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
