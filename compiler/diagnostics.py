@@ -35,6 +35,7 @@ ERROR_CODES: dict[str, str] = {
     "E0211": "missing declaration",
     "E0212": "arithmetic error",
     "E0213": "name is reserved",
+    "E0220": "construct not allowed in this place",
     "E0301": "import cannot be resolved",
     "E0302": "import cycle",
     "E0401": "unknown compilation target",

@@ -113,6 +113,13 @@ class GroupSpec(Spec):
     router: RouterSpec
     shared: ExpertSpec | None = None  # always-on experts of the group, run as one wide FFN
     num_shared: int = 0
+    num_identity: int = 0  # zero-computation experts in the routed pool: ids E .. E+I-1 return the input,
+    num_zero: int = 0      # ids E+I .. E+I+Z-1 return zero; the router chooses among all of them
+
+    @property
+    def routed_experts(self) -> int:
+        """Experts the router chooses among: computed ones first, then identity, then zero."""
+        return self.num_experts + self.num_identity + self.num_zero
 
 
 class OpBase(Spec):
@@ -220,6 +227,23 @@ class PermuteOp(OpBase):
     block_m: int = 1
 
 
+class MaskExpertsOp(OpBase):
+    """Expert ids of the computed experts only: slots routed to a zero-computation expert
+    (id >= num_experts) become -1, so no GEMM sees them."""
+
+    kind: Literal["mask_experts"] = "mask_experts"
+    num_experts: int
+
+
+class IdentityExpertsOp(OpBase):
+    """The identity experts' share of the output: x times the routing weight of every slot whose
+    expert id is in [first, first + count)."""
+
+    kind: Literal["identity_experts"] = "identity_experts"
+    first: int
+    count: int
+
+
 class GatherRowsOp(OpBase):
     """The permuted copy of the token rows: row i is token order[i] // k."""
 
@@ -283,6 +307,6 @@ class AuxLossOp(OpBase):
 
 
 Op = Annotated[
-    InputOp | OutputOp | NormOp | AttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
+    InputOp | OutputOp | NormOp | AttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
     Field(discriminator="kind"),
 ]

@@ -17,6 +17,8 @@ ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "select_tokens": ((2,), 2),
     "router_gate": ((1,), 1),
     "route": ((1,), 3),
+    "mask_experts": ((1,), 1),
+    "identity_experts": ((3,), 1),
     "sort_by_expert": ((1,), 1),
     "count_experts": ((1,), 1),
     "expert_offsets": ((1,), 1),

@@ -311,6 +311,11 @@ class Elaborator:
                 return self.expert(definition.body, def_scope.child(bound))
             finally:
                 self._def_depth -= 1
+        if call.name in K.ZERO_COMPUTATION:
+            self.d.error("E0220", f"the zero-computation expert `{call.name}` belongs in a routed pool",
+                         call.name_loc or call.loc,
+                         f"write `experts N x {call.name}` beside the computed experts of a moe or group")
+            return None
         kind = K.EXPERTS.get(call.name)
         if kind is None:
             names = scope.names("experts") | set(K.EXPERTS)
@@ -438,7 +443,7 @@ class Elaborator:
         if call.name in K.SUBLAYERS:
             args = self.bind(call, K.SUBLAYERS[call.name], scope, "sublayer")
             return None if args is None else self.attention(call, args)
-        if scope.lookup("experts", call.name) is not None or call.name in K.EXPERTS:
+        if scope.lookup("experts", call.name) is not None or call.name in K.EXPERTS or call.name in K.ZERO_COMPUTATION:
             spec = self.expert(call, scope)
             return None if spec is None else O.FFNOp(name="ffn", expert=spec, loc=call.loc)
         names = set(K.SUBLAYERS) | set(K.EXPERTS) | scope.names("experts")
@@ -552,6 +557,15 @@ class Elaborator:
 
     def _group(self, name, modalities, stmts, default_router, loc, scope) -> O.GroupSpec | None:
         routed = [s for s in stmts if isinstance(s, ast.ExpertsDecl) and not s.shared]
+        zero_computation = {"identity": 0, "zero": 0}
+        for s in [s for s in routed if s.expert.name in K.ZERO_COMPUTATION]:
+            routed.remove(s)
+            if s.expert.args:
+                self.d.error("E0205", f"`{s.expert.name}` takes no arguments", s.expert.loc)
+            n = self._count(s.count, scope)
+            if zero_computation[s.expert.name]:
+                self.d.error("E0203", f"`{s.expert.name}` experts are already given for this pool", s.loc)
+            zero_computation[s.expert.name] = n or 0
         shared = [s for s in stmts if isinstance(s, ast.ExpertsDecl) and s.shared]
         routers = [s for s in stmts if isinstance(s, ast.RouterDecl)]
         for s in stmts:
@@ -571,7 +585,8 @@ class Elaborator:
             return None
         n = self._count(routed[0].count, scope)
         spec = self.expert(routed[0].expert, scope)
-        router = self.router(router_decl.router, scope, n)
+        n_routed = None if n is None else n + sum(zero_computation.values())
+        router = self.router(router_decl.router, scope, n_routed)
         if router is not None and router.by in ("modality", "task") and name != "all":
             self.d.error("E0206", f"routing by {router.by} inside a modality group is not supported",
                          router_decl.loc, "use deterministic routing in a moe without groups")
@@ -580,7 +595,8 @@ class Elaborator:
         if n is None or spec is None or router is None:
             return None
         return O.GroupSpec(name=name, modalities=modalities, num_experts=n, expert=spec, router=router,
-                           shared=shared_spec, num_shared=num_shared)
+                           shared=shared_spec, num_shared=num_shared, num_identity=zero_computation["identity"],
+                           num_zero=zero_computation["zero"])
 
     def router(self, call: ast.Call, scope: Scope, num_experts: int | None) -> O.RouterSpec | None:
         kind = K.ROUTERS.get(call.name)

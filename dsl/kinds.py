@@ -48,6 +48,13 @@ EXPERTS = {
                 "quantises the matrices to {-1, 0, 1} x a per-expert scale (straight-through gradients)"),
 }
 
+# Zero-computation experts: routable like any expert, but no weights and no FLOPs. They sit in a
+# routed pool beside one computed expert kind: `experts 8 x ffn; experts 2 x identity`.
+ZERO_COMPUTATION = {
+    "identity": "returns its input: a routed token skips the FFN (weighted by its routing weight)",
+    "zero": "returns zero: a routed token's slot contributes nothing",
+}
+
 _SCORES = ("softmax", "sigmoid")
 
 ROUTERS = {
@@ -114,7 +121,7 @@ RESIDUALS = ("pre_norm", "post_norm")
 INPUT = Kind("input", (Param("dim", "int", positive=True), Param("modalities", "list", None)))
 
 # Names of built-in kinds: a user definition may not take one (calls would become ambiguous).
-BUILTIN_NAMES = frozenset(EXPERTS) | frozenset(ROUTERS) | frozenset(LOSSES) | frozenset(SUBLAYERS) | {"moe"}
+BUILTIN_NAMES = frozenset(EXPERTS) | frozenset(ZERO_COMPUTATION) | frozenset(ROUTERS) | frozenset(LOSSES) | frozenset(SUBLAYERS) | {"moe"}
 
 # `placement { ... }` settings: defaults of `moec place` (the command line overrides them).
 PLACEMENT_SETTINGS = {"devices": "expert-parallel devices", "memory": 'expert-weight memory per device, e.g. "80GB"',

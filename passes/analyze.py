@@ -62,11 +62,12 @@ def _router_of(graph: Graph, node: int) -> O.OpBase:
     return graph.op(n)
 
 
-def _k_of(graph: Graph, node: int) -> float:
-    """Expected experts per token of the routing feeding a gather/GEMM/fused op."""
+def _k_of(graph: Graph, node: int, computed: int) -> float:
+    """Expected computed experts per token of the routing feeding a gather/GEMM/fused op over
+    `computed` experts (zero-computation experts take their uniform share of the slots)."""
     r = _router_of(graph, node)
     expected, _, _ = r.router.experts_per_token(r.num_experts)
-    return expected
+    return expected * computed / r.num_experts
 
 
 def _num_experts(op: O.OpBase, graph: Graph, node: int) -> int:
@@ -143,30 +144,32 @@ def _cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
         return p, p, 2 * p
     if k == "expert_gemm":
         per = op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
-        top = _k_of(graph, node)
+        top = _k_of(graph, node, op.num_experts)
         return op.num_experts * per, _int(top * per), _int(2 * top * op.in_dim * op.out_dim)
     if k == "fused_experts":
-        top = _k_of(graph, node)
+        top = _k_of(graph, node, op.num_experts)
         return op.num_experts * op.expert.params, _int(top * op.expert.params), _int(top * op.expert.flops)
     return 0, 0, 0
 
 
 def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str, int], dict[str, int]]:
-    params, active, flops = 0, {}, {}
     shared_p = op.shared.widened(op.num_shared).params if op.shared else 0
     shared_f = op.shared.widened(op.num_shared).flops if op.shared else 0
-    params += shared_p
-    for g in op.groups:
-        gate = op.dim * g.num_experts if g.router.learned else 0
-        per_token, _, _ = g.router.experts_per_token(g.num_experts)
+    params = shared_p
+    active: dict[str, float] = defaultdict(float)
+    flops: dict[str, float] = defaultdict(float)
+    for g in op.groups:  # a token's cost sums over every group it belongs to
+        gate = op.dim * g.routed_experts if g.router.learned else 0
+        per_token, _, _ = g.router.experts_per_token(g.routed_experts)
+        computed = per_token * g.num_experts / g.routed_experts  # zero-computation experts are free
         sp = g.shared.widened(g.num_shared).params if g.shared else 0
         sf = g.shared.widened(g.num_shared).flops if g.shared else 0
         params += gate + g.num_experts * g.expert.params + sp
         for i in g.modalities:
-            m = modalities[i]
-            active[m] = _int(gate + per_token * g.expert.params + sp + shared_p)
-            flops[m] = _int(2 * gate + per_token * g.expert.flops + sf + shared_f)
-    return params, active, flops
+            active[modalities[i]] += gate + computed * g.expert.params + sp
+            flops[modalities[i]] += 2 * gate + computed * g.expert.flops + sf
+    return (params, {m: _int(v + shared_p) for m, v in active.items()},
+            {m: _int(v + shared_f) for m, v in flops.items()})
 
 
 class Analyze(Pass):

@@ -42,7 +42,7 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
             raise IRError(f"{op.name}: adding {ins[0]} and {ins[1]}")
         return [ins[0]]
     if k == "moe":
-        experts = sum(g.num_experts for g in op.groups)
+        experts = sum(g.routed_experts for g in op.groups)
         return [ins[0], TensorType(shape=(), dtype="f32"), TensorType(shape=(experts,), dtype="i64")]
     if k == "select_tokens":
         sym = f"T_{'_'.join(op.modality_names)}"
@@ -54,6 +54,10 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
         t, slots = _tokens(ins[0]), op.router.slots(op.num_experts)
         return [TensorType(shape=(t, slots)), TensorType(shape=(t, slots), dtype="i64"),
                 TensorType(shape=(t, op.num_experts))]
+    if k == "mask_experts":
+        return [ins[0]]
+    if k == "identity_experts":  # (x, weights, ids) -> x's shape
+        return [ins[0]]
     if k in ("sort_by_expert", "count_experts", "expert_offsets", "permute"):
         t, k_ = ins[0].shape if k != "expert_offsets" else (None, None)
         e = op.num_experts

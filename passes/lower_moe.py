@@ -5,7 +5,9 @@
     -> scatter_tokens
 
 plus an `ffn` for always-on shared experts, `add`s summing the groups, an `aux_loss` per group
-with loss terms, and the per-group expert counts handed to the output op.
+with loss terms, and the per-group expert counts handed to the output op. Zero-computation
+experts (identity / zero) are masked out of the expert GEMMs before the sort (`mask_experts`);
+`identity_experts` adds their share (the routing-weighted input).
 """
 
 from __future__ import annotations
@@ -52,17 +54,25 @@ class LowerMoE(Pass):
                              modalities=grp.modalities,
                              modality_names=tuple(moe_modalities[i] for i in grp.modalities))
             e, ex = grp.num_experts, grp.expert
+            routed = grp.routed_experts  # with zero-computation experts after the computed ones
             r = grp.router
             if r.learned:
                 balance = r.bias_update if r.kind == "group_limited" else 0.0
-                (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=e, jitter=r.jitter,
-                               balance_rate=balance)
+                (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=routed,
+                               jitter=r.jitter, balance_rate=balance)
                 source = logits
             else:  # deterministic: experts chosen by modality id, task id or a hash of the token index
                 logits, source = None, {"modality": modality, "task": task, "hash": xg}[r.by]
-            weights, ids, probs = mk(O.RouteOp, f"{p}route", [source], 3, router=r, num_experts=e)
-            (order,) = mk(O.SortByExpertOp, f"{p}sort", [ids], num_experts=e)
-            (cnt,) = mk(O.CountExpertsOp, f"{p}counts", [ids], num_experts=e)
+            weights, ids, probs = mk(O.RouteOp, f"{p}route", [source], 3, router=r, num_experts=routed)
+            computed_ids, skip = ids, None
+            if routed > e:
+                (routed_cnt,) = mk(O.CountExpertsOp, f"{p}routed_counts", [ids], num_experts=routed)
+                (computed_ids,) = mk(O.MaskExpertsOp, f"{p}mask_zero_computation", [ids], num_experts=e)
+                if grp.num_identity:
+                    (skip,) = mk(O.IdentityExpertsOp, f"{p}identity_experts", [xg, weights, ids], first=e,
+                                 count=grp.num_identity)
+            (order,) = mk(O.SortByExpertOp, f"{p}sort", [computed_ids], num_experts=e)
+            (cnt,) = mk(O.CountExpertsOp, f"{p}counts", [computed_ids], num_experts=e)
             (offsets,) = mk(O.ExpertOffsetsOp, f"{p}offsets", [cnt], num_experts=e)
             (rows,) = mk(O.GatherRowsOp, f"{p}gather", [xg, order])
             gemm = {"num_experts": e, "bias": ex.bias, "weights": ex.weights}
@@ -77,15 +87,18 @@ class LowerMoE(Pass):
             (down,) = mk(O.ExpertGemmOp, f"{p}experts.down_proj", [act, offsets], projection="down",
                          in_dim=ex.hidden, out_dim=ex.dim, **gemm)
             (yg,) = mk(O.CombineOp, f"{p}combine", [down, weights, order], dim=moe.dim)
+            if skip is not None:
+                (yg,) = mk(O.AddOp, f"{p}identity_add", [yg, skip])
             if grp.shared is not None:
                 (s,) = mk(O.FFNOp, f"{p}shared", [xg], expert=grp.shared.widened(grp.num_shared))
                 (yg,) = mk(O.AddOp, f"{p}shared_add", [yg, s])
             if idx is not None:
                 (yg,) = mk(O.ScatterTokensOp, f"{p}scatter", [yg, idx, h])
             if (moe.losses.load_balance or moe.losses.z_loss) and logits is not None:
-                (loss,) = mk(O.AuxLossOp, f"{p}aux_loss", [logits, probs, ids], losses=moe.losses, num_experts=e)
+                (loss,) = mk(O.AuxLossOp, f"{p}aux_loss", [logits, probs, ids], losses=moe.losses,
+                             num_experts=routed)
                 losses.append(loss)
-            counts.append(cnt)
+            counts.append(cnt if routed == e else routed_cnt)
             total = yg if total is None else mk(O.AddOp, f"sum_{len(counts) - 1}", [total, yg])[0]
         if moe.shared is not None:
             (s,) = mk(O.FFNOp, "shared", [h], expert=moe.shared.widened(moe.num_shared))

@@ -989,7 +989,8 @@ def _moe_layers(graph) -> list[dict]:
             entry = layers.setdefault(op.name, {"name": op.name, "layer": op.layer, "dim": op.dim,
                                                 "groups": {}})
             for g in op.groups:
-                entry["groups"][g.name] = {"name": g.name, "experts": g.num_experts, "k": g.router.k,
+                entry["groups"][g.name] = {"name": g.name, "experts": g.num_experts, "routed": g.routed_experts,
+                                           "k": g.router.k,
                                            "params": g.expert.params,
                                            "modalities": tuple(modalities[i] for i in g.modalities)}
             continue
@@ -1000,10 +1001,10 @@ def _moe_layers(graph) -> list[dict]:
             continue
         entry = layers.setdefault(m["moe"], {"name": m["moe"], "layer": op.layer, "dim": None, "groups": {}})
         gname = m["group"] or "all"
-        g = entry["groups"].setdefault(gname, {"name": gname, "experts": None, "k": 1, "params": 0,
-                                               "modalities": ()})
+        g = entry["groups"].setdefault(gname, {"name": gname, "experts": None, "routed": None, "k": 1,
+                                               "params": 0, "modalities": ()})
         if op.kind in ("router_gate", "router"):
-            g["experts"], entry["dim"] = op.num_experts, op.dim
+            g["routed"], entry["dim"] = op.num_experts, op.dim  # zero-computation experts included
             if op.kind == "router":
                 g["k"] = op.router.k
         elif op.kind == "route":
@@ -1012,16 +1013,17 @@ def _moe_layers(graph) -> list[dict]:
             g["modalities"] = tuple(op.modality_names)
         elif op.kind == "expert_gemm":
             g["params"] += op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
-            g["experts"] = g["experts"] or op.num_experts
+            g["experts"] = op.num_experts
         else:  # fused_experts
             g["params"] += op.expert.params
-            g["experts"] = g["experts"] or op.num_experts
+            g["experts"] = op.num_experts
     out = []
     for entry in layers.values():
         groups = [g for g in entry["groups"].values() if g["experts"]]
         if not groups:
             continue
         for g in groups:
+            g["routed"] = g["routed"] or g["experts"]
             if not g["modalities"]:
                 g["modalities"] = tuple(modalities)
         out.append({**entry, "groups": groups})
@@ -1083,8 +1085,11 @@ def problem_from_graph(graph, devices: int, memory_bytes: int | str | None = Non
                              f"the model has {len(moes)} ({where}); was it recorded for another model?")
     layers = []
     for i, m in enumerate(moes):
-        groups, start, sizes = [], 0, []
+        groups, start, sizes, columns = [], 0, [], []
         for g in m["groups"]:
+            # profile columns of this group's computed experts (its zero-computation ones follow them)
+            first = sum(h["routed"] for h in m["groups"][:len(groups)])
+            columns += range(first, first + g["experts"])
             homes = None
             if modality_devices:
                 devs = sorted({d for mod in g["modalities"] for d in modality_devices.get(mod, ())})
@@ -1093,10 +1098,11 @@ def problem_from_graph(graph, devices: int, memory_bytes: int | str | None = Non
             start += g["experts"]
             sizes += [g["params"] * bytes_per_param] * g["experts"]
         if loads is not None:
-            load = loads[i]
-            if len(load) != start:
-                raise PlacementError(f"routing profile layer {i} has {len(load)} experts but {m['name']} has "
-                                     f"{start}")
+            routed = sum(g["routed"] for g in m["groups"])
+            if len(loads[i]) != routed:
+                raise PlacementError(f"routing profile layer {i} has {len(loads[i])} experts but {m['name']} has "
+                                     f"{routed}")
+            load = [loads[i][c] for c in columns]
         else:
             load = [1.0] * start
         layers.append(LayerProblem(m["layer"] if m["layer"] is not None else i, list(load), sizes, groups,

@@ -186,7 +186,7 @@ def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None):
         gp = prefix if single else f"{prefix}.{g.name}"
         r = g.router
         rows = [t for t in range(flat.shape[0]) if single or int(mods[t]) in g.modalities]
-        count = torch.zeros(g.num_experts, dtype=torch.long)
+        count = torch.zeros(g.routed_experts, dtype=torch.long)
         logits_all, probs_all = [], []
         if r.learned:
             for t in rows:
@@ -194,17 +194,20 @@ def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None):
                 logits_all.append(logits)
                 probs_all.append(torch.softmax(logits, -1) if r.score == "softmax" else torch.sigmoid(logits))
         bias = p.get(f"{gp}.router.score_bias")
-        choices = route(r, logits_all, probs_all, g.num_experts, mods, tasks, rows, bias)
+        choices = route(r, logits_all, probs_all, g.routed_experts, mods, tasks, rows, bias)
         for t, chosen in zip(rows, choices):
             for e, w in chosen:
-                y[t] = y[t] + w * expert(g.expert, p, f"{gp}.experts", e, flat[t])
-                count[e] += 1
+                if e < g.num_experts:
+                    y[t] = y[t] + w * expert(g.expert, p, f"{gp}.experts", e, flat[t])
+                elif e < g.num_experts + g.num_identity:  # identity expert: the input itself
+                    y[t] = y[t] + w * flat[t]
+                count[e] += 1  # (a zero expert adds nothing)
             if g.shared is not None:
                 y[t] = y[t] + dense_ffn(g.shared.widened(g.num_shared), p, f"{gp}.shared", flat[t])
         if rows and r.learned and op.losses.load_balance:
             f = count.to(x.dtype) / max(int(count.sum()), 1)
             P = torch.stack(probs_all).mean(0)
-            aux = aux + op.losses.load_balance * g.num_experts * (f * P).sum()
+            aux = aux + op.losses.load_balance * g.routed_experts * (f * P).sum()
         if rows and r.learned and op.losses.z_loss:
             lse = torch.stack([torch.logsumexp(lg, -1) for lg in logits_all])
             aux = aux + op.losses.z_loss * (lse ** 2).mean()

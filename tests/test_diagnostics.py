@@ -116,6 +116,7 @@ CASES = [
     ("E0211", OK_MODEL.replace("glu(8, 16)", "moe { experts 4 x glu(8, 16) }"), "moe", 1, "no router"),
     ("E0211", OK_MODEL.replace("layers { b }", "layers { }"), "layers", 1, "the layer stack is empty"),
     ("E0212", OK_MODEL.replace("  layers", "  const z = 1 / 0\n  layers"), "1 / 0", 1, "division by zero"),
+    ("E0220", OK_MODEL.replace("glu(8, 16)", "identity"), "identity", 1, "belongs in a routed pool"),
     ("E0212", OK_MODEL.replace("  layers", "  const z = 7 % (2 - 2)\n  layers"), "7 %", 1, "division by zero"),
     ("E0212", OK_MODEL.replace("  layers", "  const z = 10 // 0\n  layers"), "10 //", 1, "division by zero"),
     ("E0301", 'import ""\n' + OK_MODEL, 'import ""', 1, "empty import path"),

@@ -25,7 +25,8 @@ from moec.ir import Graph, Value
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
         "Attention", "Container", "Experts", "FeedForward", "ModelOutput", "activate", "check_modality", "combine",
-        "expert_counts", "expert_offsets", "gather_rows", "grouped_linear", "load_balance_loss", "moe_experts",
+        "expert_counts", "expert_offsets", "gather_rows", "grouped_linear", "identity_experts", "load_balance_loss",
+        "mask_experts", "moe_experts",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
         "BalancedRouter", "apply_capacity", "route_deterministic", "route_dynamic_k", "route_expert_choice",
@@ -328,6 +329,18 @@ class _BlockEmitter:
         self._gate(logits, path, op, ins[0], op.router.jitter)
         self._route([w, ids, probs], logits, op.router, op.num_experts, path)
 
+    def _op_mask_experts(self, node, op, ins, path):
+        (ids,) = self.assign(node, ["computed_ids"])
+        self.line(f"{ids} = mask_experts({ins[0]}, {op.num_experts})")
+
+    def _op_identity_experts(self, node, op, ins, path):
+        (y,) = self.assign(node, ["skip"])
+        self.line(_call(y, "identity_experts", [*ins, f"first={op.first}", f"count={op.count}",
+                                                *self.mask_arg(node)]))
+
+    def mask_arg(self, node: int) -> list[str]:
+        return []
+
     def _op_sort_by_expert(self, node, op, ins, path):
         (order,) = self.assign(node, ["order"])
         self.line(f"{order} = sort_by_expert({ins[0]}, {op.num_experts})")
@@ -469,10 +482,16 @@ class _StaticBlockEmitter(_BlockEmitter):
             terms.append(f"{op.losses.z_loss!r} * z_loss_static({', '.join([ins[0], *mask])})")
         self.line(f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
 
+    def _op_count_experts(self, node, op, ins, path):
+        if any(self.g.op(u).kind == "expert_offsets" for u, _ in self.g.users(self.g.outputs(node)[0])):
+            return self._unfused(node, op, ins, path)
+        (counts,) = self.assign(node, ["counts"])  # counts of all routed experts, zero-computation ones too
+        self.line(_call(counts, "expert_counts_static", [ins[0], str(op.num_experts), *self.mask_arg(node)]))
+
     def _unfused(self, node, op, ins, path):
         raise BackendError("the static form needs the fused pipeline (drop --pipeline unfused)")
 
-    _op_sort_by_expert = _op_count_experts = _op_expert_offsets = _unfused
+    _op_sort_by_expert = _op_expert_offsets = _unfused
     _op_gather_rows = _op_expert_gemm = _op_activation = _op_combine = _unfused
 
 

@@ -282,6 +282,22 @@ def expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
     return _counts_with_dropped(flat, num_experts)[1][:num_experts]
 
 
+def mask_experts(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """``expert_ids`` with every id >= ``num_experts`` (a zero-computation expert) set to -1."""
+    return expert_ids.masked_fill(expert_ids >= num_experts, -1)
+
+
+def identity_experts(x: Tensor, weights: Tensor, expert_ids: Tensor, first: int, count: int,
+                     token_mask: Tensor | None = None) -> Tensor:
+    """``x[t] * sum_j weights[t, j]`` over the slots routed to an identity expert (ids ``first ..
+    first + count - 1``); tokens outside ``token_mask`` (if given) get zero."""
+    hit = (expert_ids >= first) & (expert_ids < first + count)
+    if token_mask is not None:
+        hit = hit & token_mask.unsqueeze(-1)
+    share = torch.where(hit, weights, torch.zeros_like(weights)).sum(-1, keepdim=True)
+    return x * share.to(x.dtype)
+
+
 # --------------------------------------------------------------------------- losses
 
 

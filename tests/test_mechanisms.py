@@ -1,0 +1,112 @@
+"""Zero-computation experts, the shared inter-modality pool and other routed-pool mechanisms:
+generated modules against the plain reference, accounting invariants and misuse diagnostics."""
+
+from __future__ import annotations
+
+import moec
+import pytest
+import torch
+from moec.driver import check, compile_model
+from test_pytorch_backend import _check, _write
+
+ZERO_COMPUTATION = """
+model zc {{
+  const d = 16
+  input(dim = d)
+  block b {{
+    attention(heads = 2)
+    moe {{
+      experts 4 x glu(d, 12)
+      {pool}
+      router {router}
+      loss load_balance(0.1), z_loss(0.01)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("pool,router", [
+    ("experts 2 x identity; experts 1 x zero", "top_k(k = 2, renormalize = true)"),
+    ("experts 3 x identity", "top_k(k = 3, score = sigmoid)"),
+    ("experts 2 x zero", "top_k(k = 2, capacity = 0.75)"),
+    ("experts 1 x identity; experts 1 x zero", "dynamic_k(threshold = 0.5, k_max = 3)"),
+    ("experts 2 x identity", "expert_choice(capacity = 1.5)"),
+])
+def test_zero_computation_experts_match_reference(tmp_path, pool, router):
+    path = _write(tmp_path, ZERO_COMPUTATION.format(pool=pool, router=router))
+    torch.manual_seed(11)
+    _, out = _check(path, torch.randn(2, 9, 16))
+    assert out.expert_counts[0].numel() == 4 + sum(int(p.split()[1]) for p in pool.split(";"))
+
+
+def test_all_tokens_to_zero_computation_experts(tmp_path):
+    """Every token routed to identity/zero experts: the FFN experts are all empty and cost nothing."""
+    path = _write(tmp_path, ZERO_COMPUTATION.format(pool="experts 1 x identity; experts 1 x zero",
+                                                    router="top_k(k = 2)"))
+
+    def route_to_zero_computation(model):
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight"):
+                    p.zero_()  # scores tie among the FFN experts ...
+                    p[4:, 0] = 50.0  # ... and identity / zero win for every token with x[0] > 0
+
+    torch.manual_seed(12)
+    x = torch.randn(2, 9, 16)
+    x[..., 0] = x[..., 0].abs() + 1.0
+    _, out = _check(path, x, perturb=route_to_zero_computation)
+    for counts in out.expert_counts:
+        assert counts[:4].sum() == 0 and counts[4:].tolist() == [18, 18]
+
+
+def test_zero_computation_accounting():
+    """FFN FLOPs scale with the computed share of the routed pool: k * E / (E + I + Z)."""
+    def moe_flops(pool):
+        text = ZERO_COMPUTATION.format(pool=pool, router="top_k(k = 2)")
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".moe", delete=False) as fh:
+            fh.write(text)
+        a = compile_model(fh.name).results["analysis"]
+        return a["layers"][0]["flops_per_token"]["default"], a["layers"][0]["params"]
+
+    base_flops, base_params = moe_flops("")
+    zc_flops, zc_params = moe_flops("experts 2 x identity; experts 2 x zero")
+    d, ffn = 16, 3 * 16 * 12
+    attention = 2 * 4 * d * d
+    assert base_flops - attention - 2 * d * 4 == 2 * 2 * ffn
+    assert zc_flops - attention - 2 * d * 8 == 2 * 2 * ffn * 4 / 8
+    assert zc_params - base_params == d * 4  # only the router grows
+
+
+def test_zero_computation_static_form_matches(tmp_path):
+    path = _write(tmp_path, ZERO_COMPUTATION.format(pool="experts 2 x identity; experts 1 x zero",
+                                                    router="top_k(k = 2)"))
+    dynamic, static = moec.load(path).double(), moec.load(path, static=True).double()
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    a, b = dynamic(x), static(x)
+    torch.testing.assert_close(a.output, b.output, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
+
+
+@pytest.mark.parametrize("body,code,text", [
+    ("experts 2 x identity; router top_k(k = 1)", "E0211", "no routed experts"),
+    ("experts 4 x glu(d, 8); shared 1 x identity; router top_k(k = 1)", "E0220", "routed pool"),
+    ("experts 4 x glu(d, 8); experts 1 x zero(3); router top_k(k = 1)", "E0205", "takes no arguments"),
+    ("experts 4 x glu(d, 8); experts 1 x zero; experts 2 x zero; router top_k(k = 1)", "E0203", "already"),
+    ("experts 2 x glu(d, 8); experts 1 x zero; router top_k(k = 4)", "E0208", ""),
+])
+def test_zero_computation_misuse(tmp_path, body, code, text):
+    src = f"model m {{ const d = 16\n input(dim = d)\n block b {{ moe {{ {body} }} }}\n layers {{ b }} }}"
+    diags = check(_write(tmp_path, src))
+    assert diags.has_errors
+    found = [d for d in diags.items if d.code == code]
+    assert found, diags.render()
+    assert text in found[0].message
+
+
+def test_zero_computation_expert_as_a_dense_sublayer_is_an_error(tmp_path):
+    diags = check(_write(tmp_path, "model m { input(dim = 8)\n block b { zero }\n layers { b } }"))
+    assert [d.code for d in diags.items] == ["E0220"]
