@@ -98,6 +98,9 @@ def _loc_str(loc: SourceLoc | None) -> str:
     return f"{loc.path}:{loc.line}:{loc.col}" if loc else "?"
 
 
+SHARED_POOL = "shared_pool"  # the group name of routed experts beside modality groups (MoIIE's inter-modality pool)
+
+
 class Elaborator:
     def __init__(self, diags: Diagnostics):
         self.d = diags
@@ -485,14 +488,10 @@ class Elaborator:
         if routers_top:
             default_router = routers_top[0]
         groups: list[O.GroupSpec] = []
-        if groups_ast and routed_top:
-            self.d.error("E0206", "routed experts beside modality groups (a shared inter-modality pool) are not "
-                                  "supported yet", routed_top[0].loc,
-                         "move the experts into a `group` or use `shared N x expert` for always-on experts")
+        mods = tuple(range(len(self.modalities)))
+        carried = tuple(i for i in mods if self.modalities[i] in self.input_modalities)
         if not groups_ast:
             stmts = routed_top + ([default_router] if default_router else [])
-            mods = tuple(range(len(self.modalities)))
-            carried = tuple(i for i in mods if self.modalities[i] in self.input_modalities)
             g = self._group("all", carried, stmts, None, m.loc, scope)
             if g is not None:
                 groups.append(g)
@@ -519,7 +518,15 @@ class Elaborator:
             g = self._group(label, tuple(idx), gst.stmts, default_router, gst.loc, scope)
             if g is not None:
                 groups.append(g)
-        if groups_ast:
+        if groups_ast and routed_top:  # an inter-modality pool: every token also routes among these experts
+            if SHARED_POOL in self.modalities:
+                self.d.error("E0203", f"a modality named `{SHARED_POOL}` clashes with the inter-modality pool",
+                             routed_top[0].loc, "rename the modality")
+            pool = self._group(SHARED_POOL, carried, routed_top + ([default_router] if default_router else []),
+                               None, routed_top[0].loc, scope)
+            if pool is not None:
+                groups.append(pool)
+        if groups_ast and not routed_top:
             missing = [x for x in self.input_modalities if x not in seen]
             if missing and len(self.d.items) == before:
                 self.d.error("E0211", f"this moe has no group for modality {', '.join(f'`{x}`' for x in missing)}",

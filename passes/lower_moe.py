@@ -25,14 +25,14 @@ class LowerMoE(Pass):
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         moes = graph.find("moe")
-        modalities = graph.op(graph.find("input")[0]).modalities
+        inp = graph.op(graph.find("input")[0])
         for node in moes:
-            self._lower(graph, node, modalities)
+            self._lower(graph, node, inp.modalities, inp.input_modalities)
         if moes:
             InferShapes().run(graph, ctx)
         return bool(moes)
 
-    def _lower(self, g: Graph, node: int, moe_modalities: tuple[str, ...]) -> None:
+    def _lower(self, g: Graph, node: int, moe_modalities: tuple[str, ...], carried: tuple[str, ...]) -> None:
         moe: O.MoEOp = g.op(node)
         h, modality, task = g.inputs(node)
         y_out, aux_out, counts_out = g.outputs(node)
@@ -47,7 +47,7 @@ class LowerMoE(Pass):
         for grp in moe.groups:
             prefix = grp.name if n_groups > 1 or grp.name != "all" else ""
             p = f"{prefix}." if prefix else ""
-            if n_groups == 1:  # every carried modality has a group, so a single group sees all tokens
+            if {moe_modalities[i] for i in grp.modalities} >= set(carried):  # the group sees every token
                 xg, idx = h, None
             else:
                 xg, idx = mk(O.SelectTokensOp, f"{p}select".lstrip("."), [h, modality], 2,

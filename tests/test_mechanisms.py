@@ -110,3 +110,60 @@ def test_zero_computation_misuse(tmp_path, body, code, text):
 def test_zero_computation_expert_as_a_dense_sublayer_is_an_error(tmp_path):
     diags = check(_write(tmp_path, "model m { input(dim = 8)\n block b { zero }\n layers { b } }"))
     assert [d.code for d in diags.items] == ["E0220"]
+
+
+POOL = """
+model pool {{
+  const d = 16
+  modality text, image, {third}
+  input(dim = d, modalities = [text, image, {third}])
+  block b {{
+    attention(heads = 2)
+    moe {{
+      group text  {{ experts 3 x glu(d, 8); router top_k(k = 1) }}
+      group image {{ experts 2 x mlp(d, 12); router expert_choice(capacity = 1.0) }}
+      experts 4 x glu(d, 10)
+      router top_k(k = 2, renormalize = true)
+      loss load_balance(0.1)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_inter_modality_pool_matches_reference(tmp_path, static):
+    """Text and image tokens route in their own group and in the pool; speech has only the pool."""
+    path = _write(tmp_path, POOL.format(third="speech"))
+    torch.manual_seed(13)
+    modality = torch.randint(0, 3, (2, 11))
+    model, out = _check(path, torch.randn(2, 11, 16), modality)
+    assert [n for n, _ in model.named_parameters() if "shared_pool.router" in n]
+    assert out.expert_counts[0].numel() == 3 + 2 + 4
+    assert out.expert_counts[0][5:].sum() == 2 * 22  # every token takes 2 pool experts
+    if static:  # expert-choice in a masked group has no static form; the pool itself has one
+        with pytest.raises(moec.backends.BackendError, match="expert_choice routing inside a modality group"):
+            moec.load(path, static=True)
+        s = moec.load(_write(tmp_path, POOL.format(third="speech").replace("expert_choice(capacity = 1.0)",
+                                                                          "top_k(k = 2)"), "s.moe"))
+        static_model = moec.load(str(tmp_path / "s.moe"), static=True)
+        x = torch.randn(2, 11, 16)
+        torch.testing.assert_close(s(x, modality).output, static_model(x, modality).output)
+
+
+def test_inter_modality_pool_accounting(tmp_path):
+    """A token's active parameters are its own group's plus the pool's."""
+    a = compile_model(_write(tmp_path, POOL.format(third="speech"))).results["analysis"]
+    moe = a["layers"][0]["active_params_per_token"]
+    d, attention, norms = 16, 4 * 16 * 16, 2 * 16
+    pool = d * 4 + 2 * 3 * d * 10
+    text, image = d * 3 + 3 * d * 8, d * 2 + 1.0 * 2 * d * 12
+    assert moe == {"text": attention + norms + text + pool, "image": attention + norms + image + pool,
+                   "speech": attention + norms + pool}
+
+
+def test_inter_modality_pool_name_clash(tmp_path):
+    diags = check(_write(tmp_path, POOL.format(third="shared_pool")))
+    assert [d.code for d in diags.items] == ["E0203"]
+    assert "clashes" in diags.items[0].message

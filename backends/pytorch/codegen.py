@@ -461,6 +461,22 @@ class _StaticBlockEmitter(_BlockEmitter):
     def _op_scatter_tokens(self, node, op, ins, path):
         self.names[self.g.outputs(node)[0]] = ins[0]  # already [T, d], zero outside the mask
 
+    def _op_router(self, node, op, ins, path):
+        self._check_group_routing(node, op.router)
+        super()._op_router(node, op, ins, path)
+
+    def _op_route(self, node, op, ins, path):
+        self._check_group_routing(node, op.router)
+        super()._op_route(node, op, ins, path)
+
+    def _check_group_routing(self, node: int, r: O.RouterSpec) -> None:
+        """Masked groups see all T tokens: routers whose choices depend on the group's token count
+        (expert capacity) would rank the other modalities' tokens too."""
+        if self.masks.get(self.group_of(node)) and (r.kind == "expert_choice" or r.capacity is not None):
+            what = "expert_choice routing" if r.kind == "expert_choice" else "a top_k capacity"
+            raise BackendError(f"the static form has no {what} inside a modality group (the capacity depends "
+                               "on the group's token count); use the dynamic form")
+
     def _op_permute(self, node, op, ins, path):
         order, counts, offsets = self.g.outputs(node)
         self.names[order] = self.names[offsets] = "None"  # the static dispatch needs no sort
