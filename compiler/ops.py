@@ -167,12 +167,14 @@ class AddOp(OpBase):
 
 
 class MoEOp(OpBase):
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("iterations",)
     kind: Literal["moe"] = "moe"
     dim: int
     groups: tuple[GroupSpec, ...]
     shared: ExpertSpec | None = None  # always-on experts over all tokens, fused into one FFN
     num_shared: int = 0
     losses: LossSpec = LossSpec()
+    iterations: int = 1  # chain-of-experts: h_{c+1} = h_c + moe_c(h_c), a router per iteration, shared experts
 
 
 # ---- primitives produced by lower-moe ------------------------------------------------------

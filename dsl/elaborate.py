@@ -479,9 +479,16 @@ class Elaborator:
         default_router = None
         routed_top = [s for s in top if isinstance(s, ast.ExpertsDecl) and not s.shared]
         shared_top = [s for s in top if isinstance(s, ast.ExpertsDecl) and s.shared]
+        iterations = 1
         for s in top:
-            if isinstance(s, ast.Setting):
-                self.d.error("E0204", f"unknown moe setting `{s.name.name}`", s.name.loc)
+            if not isinstance(s, ast.Setting):
+                continue
+            if s.name.name == "iterations":
+                iterations = self._count(s.value, scope, "iterations") or 1
+            else:
+                self.d.error("E0204", f"unknown moe setting `{s.name.name}`", s.name.loc,
+                             did_you_mean(s.name.name, K.MOE_SETTINGS)
+                             or "moe settings: " + ", ".join(K.MOE_SETTINGS))
         routers_top = [s for s in top if isinstance(s, ast.RouterDecl)]
         for extra in routers_top[1:]:
             self.d.error("E0203", "router is already given for this moe", extra.loc)
@@ -536,7 +543,7 @@ class Elaborator:
         if len(self.d.items) != before or losses is None:
             return None
         return O.MoEOp(name="moe", dim=self.dim, groups=tuple(groups), shared=shared, num_shared=num_shared,
-                       losses=losses, loc=m.loc)
+                       losses=losses, iterations=iterations, loc=m.loc)
 
     def _shared(self, decls: list[ast.ExpertsDecl], scope: Scope) -> tuple[O.ExpertSpec | None, int]:
         for extra in decls[1:]:

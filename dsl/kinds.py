@@ -118,6 +118,12 @@ BLOCK_SETTINGS = {
 }
 RESIDUALS = ("pre_norm", "post_norm")
 
+# `moe { ... }` settings.
+MOE_SETTINGS = {
+    "iterations": "chain-of-experts: route and run the experts this many times, each iteration with its own "
+                  "router and a residual between (the experts are shared)",
+}
+
 INPUT = Kind("input", (Param("dim", "int", positive=True), Param("modalities", "list", None)))
 
 # Names of built-in kinds: a user definition may not take one (calls would become ambiguous).

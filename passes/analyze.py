@@ -5,7 +5,8 @@ Conventions (also printed by `moec report`):
   one token in the forward pass. Attention's QK^T and AV products grow with the context length and
   are not included; norms, activations, softmax and top-k are not counted either.
 - Active parameters of a token: the weights its forward pass reads (k routed experts of its
-  modality's group, the router, shared experts, attention, norms).
+  modality's group, the router, shared experts, attention, norms); a chain of experts counts
+  every iteration's k experts.
 - Activation bytes per token: the elements of every value the token produces in the forward pass
   (the permuted expert rows count k times), times 4 bytes (fp32).
 Parameters and FLOPs are the same before and after lower-moe; activation bytes need the lowered
@@ -158,18 +159,19 @@ def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str,
     params = shared_p
     active: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
+    c = op.iterations  # a chain runs routers and experts c times (new routers, the same experts)
     for g in op.groups:  # a token's cost sums over every group it belongs to
         gate = op.dim * g.routed_experts if g.router.learned else 0
         per_token, _, _ = g.router.experts_per_token(g.routed_experts)
         computed = per_token * g.num_experts / g.routed_experts  # zero-computation experts are free
         sp = g.shared.widened(g.num_shared).params if g.shared else 0
         sf = g.shared.widened(g.num_shared).flops if g.shared else 0
-        params += gate + g.num_experts * g.expert.params + sp
+        params += c * gate + g.num_experts * g.expert.params + sp
         for i in g.modalities:
-            active[modalities[i]] += gate + computed * g.expert.params + sp
-            flops[modalities[i]] += 2 * gate + computed * g.expert.flops + sf
-    return (params, {m: _int(v + shared_p) for m, v in active.items()},
-            {m: _int(v + shared_f) for m, v in flops.items()})
+            active[modalities[i]] += c * (gate + computed * g.expert.params + sp)
+            flops[modalities[i]] += c * (2 * gate + computed * g.expert.flops + sf)
+    return (params, {m: _int(v + c * shared_p) for m, v in active.items()},
+            {m: _int(v + c * shared_f) for m, v in flops.items()})
 
 
 class Analyze(Pass):
@@ -181,6 +183,7 @@ class Analyze(Pass):
         mods = inp.input_modalities
         layers: dict[int | None, dict] = {}
         ternary_matrices = 0
+        weights_seen: set[str] = set()
 
         def entry(layer):
             if layer not in layers:
@@ -200,7 +203,11 @@ class Analyze(Pass):
                 for m in (t.modalities or ()):
                     e["bytes"][m] += 4 * _per_token_elements(t)
             p, active, f = _cost(graph, node, op)
-            ternary_matrices += _ternary_matrix_params(op)
+            if op.kind in ("fused_experts", "expert_gemm", "ffn"):  # a chain's iterations share their experts
+                if op.name in weights_seen:
+                    p = 0
+                weights_seen.add(op.name)
+            ternary_matrices += _ternary_matrix_params(op) if p else 0
             if op.kind == "moe":
                 p_total, act_m, flops_m = _moe_costs(op, inp.modalities)
                 e["params"] += p_total

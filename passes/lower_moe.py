@@ -41,10 +41,30 @@ class LowerMoE(Pass):
             op = op_cls(name=f"{moe.name}.{suffix}", layer=moe.layer, block=moe.block, loc=moe.loc, **attrs)
             return g.outputs(g.add(op, inputs, num_outputs=n_out, replaces=node))
 
+        losses: list[Value] = []
+        counts: dict[str, Value] = {}  # per group, summed over the iterations
+        total: Value | None = None  # the sum of the iterations' outputs
+        for it in range(moe.iterations):
+            x_it = h if total is None else mk(O.AddOp, f"iteration_{it}_input", [h, total])[0]
+            y_it = self._iteration(g, moe, it, x_it, modality, task, moe_modalities, carried, mk, losses, counts)
+            total = y_it if total is None else mk(O.AddOp, f"iteration_{it}_sum", [total, y_it])[0]
+        g.replace_uses(y_out, total)
+        for user, _ in g.users(aux_out) + g.users(counts_out):
+            new_inputs = []
+            for v in g.inputs(user):
+                new_inputs += losses if v == aux_out else list(counts.values()) if v == counts_out else [v]
+            g.set_inputs(user, new_inputs)
+        g.remove(node)
+
+    def _iteration(self, g: Graph, moe: O.MoEOp, it: int, h: Value, modality: Value, task: Value,
+                   moe_modalities: tuple[str, ...], carried: tuple[str, ...], mk, losses: list[Value],
+                   counts: dict[str, Value]) -> Value:
+        """One pass of every group (and the shared experts) over h; iteration `it` > 0 of a chain has
+        its own routers (`router_1`, ...) and reuses the experts."""
         total: Value | None = None
-        losses, counts = [], []
         n_groups = len(moe.groups)
-        for grp in moe.groups:
+        suffix = f"_{it}" if it else ""
+        for index, grp in enumerate(moe.groups):
             prefix = grp.name if n_groups > 1 or grp.name != "all" else ""
             p = f"{prefix}." if prefix else ""
             if {moe_modalities[i] for i in grp.modalities} >= set(carried):  # the group sees every token
@@ -58,12 +78,12 @@ class LowerMoE(Pass):
             r = grp.router
             if r.learned:
                 balance = r.bias_update if r.kind == "group_limited" else 0.0
-                (logits,) = mk(O.RouterGateOp, f"{p}router", [xg], dim=moe.dim, num_experts=routed,
+                (logits,) = mk(O.RouterGateOp, f"{p}router{suffix}", [xg], dim=moe.dim, num_experts=routed,
                                jitter=r.jitter, balance_rate=balance)
                 source = logits
             else:  # deterministic: experts chosen by modality id, task id or a hash of the token index
                 logits, source = None, {"modality": modality, "task": task, "hash": xg}[r.by]
-            weights, ids, probs = mk(O.RouteOp, f"{p}route", [source], 3, router=r, num_experts=routed)
+            weights, ids, probs = mk(O.RouteOp, f"{p}route{suffix}", [source], 3, router=r, num_experts=routed)
             computed_ids, skip = ids, None
             if routed > e:
                 (routed_cnt,) = mk(O.CountExpertsOp, f"{p}routed_counts", [ids], num_experts=routed)
@@ -98,17 +118,13 @@ class LowerMoE(Pass):
                 (loss,) = mk(O.AuxLossOp, f"{p}aux_loss", [logits, probs, ids], losses=moe.losses,
                              num_experts=routed)
                 losses.append(loss)
-            counts.append(cnt if routed == e else routed_cnt)
-            total = yg if total is None else mk(O.AddOp, f"sum_{len(counts) - 1}", [total, yg])[0]
+            cnt = cnt if routed == e else routed_cnt
+            counts[grp.name] = cnt if grp.name not in counts else mk(
+                O.AddOp, f"{p}counts_sum{suffix}", [counts[grp.name], cnt])[0]
+            total = yg if total is None else mk(O.AddOp, f"sum{suffix}_{index}", [total, yg])[0]
         if moe.shared is not None:
             (s,) = mk(O.FFNOp, "shared", [h], expert=moe.shared.widened(moe.num_shared))
-            (total,) = mk(O.AddOp, "shared_add", [total, s])
-        g.replace_uses(y_out, total)
-        for user, _ in g.users(aux_out) + g.users(counts_out):
-            new_inputs = []
-            for v in g.inputs(user):
-                new_inputs += losses if v == aux_out else counts if v == counts_out else [v]
-            g.set_inputs(user, new_inputs)
-        g.remove(node)
+            (total,) = mk(O.AddOp, f"shared_add{suffix}", [total, s])
+        return total
 
 

@@ -176,6 +176,19 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
 
 
 def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None):
+    """A chain of `op.iterations` MoE passes, h_{c+1} = h_c + moe_c(h_c); returns the sum of the
+    passes' outputs, their aux losses and the expert counts summed over the passes."""
+    total, aux, counts = None, 0.0, None
+    for it in range(op.iterations):
+        y, a, c = moe_once(op, p, prefix, x if total is None else x + total, modality, task,
+                           router=f"router_{it}" if it else "router")
+        total = y if total is None else total + y
+        aux = aux + a
+        counts = c if counts is None else counts + c
+    return total, aux, counts
+
+
+def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="router"):
     flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
     tasks = task.reshape(-1) if task is not None else None
     y = torch.zeros_like(flat)
@@ -190,10 +203,10 @@ def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None):
         logits_all, probs_all = [], []
         if r.learned:
             for t in rows:
-                logits = flat[t] @ p[f"{gp}.router.weight"].T
+                logits = flat[t] @ p[f"{gp}.{router}.weight"].T
                 logits_all.append(logits)
                 probs_all.append(torch.softmax(logits, -1) if r.score == "softmax" else torch.sigmoid(logits))
-        bias = p.get(f"{gp}.router.score_bias")
+        bias = p.get(f"{gp}.{router}.score_bias")
         choices = route(r, logits_all, probs_all, g.routed_experts, mods, tasks, rows, bias)
         for t, chosen in zip(rows, choices):
             for e, w in chosen:

@@ -167,3 +167,65 @@ def test_inter_modality_pool_name_clash(tmp_path):
     diags = check(_write(tmp_path, POOL.format(third="shared_pool")))
     assert [d.code for d in diags.items] == ["E0203"]
     assert "clashes" in diags.items[0].message
+
+
+CHAIN = """
+model chain {{
+  const d = 16
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  block b {{
+    attention(heads = 2)
+    moe {{
+      {body}
+      iterations = {iterations}
+      loss load_balance(0.1), z_loss(0.01)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("body", [
+    "experts 6 x glu(d, 12); router top_k(k = 2, renormalize = true); shared 1 x mlp(d, 8)",
+    "group text { experts 4 x glu(d, 8); router top_k(k = 1) }\n"
+    "group image { experts 4 x glu(d, 8); experts 1 x identity; router group_limited(k = 2, groups = 5, top_groups = 2) }",
+])
+def test_chain_of_experts_matches_reference(tmp_path, body):
+    path = _write(tmp_path, CHAIN.format(body=body, iterations=3))
+    torch.manual_seed(14)
+    modality = torch.randint(0, 2, (2, 8))
+    model, out = _check(path, torch.randn(2, 8, 16), modality)
+    routers = sorted(n for n, _ in model.named_parameters() if "layers.1" in n and "router" in n)
+    assert len(routers) == 3 * (1 if "group" not in body else 2)  # a router per iteration (and group)
+    experts = [n for n, _ in model.named_parameters() if "layers.1" in n and "experts" in n]
+    assert len(experts) == 3 * (1 if "group" not in body else 2)  # experts once: shared by the iterations
+    slots = 2 if "group" not in body else None
+    if slots:
+        assert int(out.expert_counts[0].sum()) == 3 * 16 * slots  # counts add up over the iterations
+
+
+def test_chain_of_experts_accounting(tmp_path):
+    body = "experts 6 x glu(d, 12); router top_k(k = 2)"
+    one = compile_model(_write(tmp_path, CHAIN.format(body=body, iterations=1), "a.moe")).results["analysis"]
+    three = compile_model(_write(tmp_path, CHAIN.format(body=body, iterations=3), "b.moe")).results["analysis"]
+    attention = 2 * 4 * 16 * 16
+    moe_one = one["layers"][0]["flops_per_token"]["text"] - attention
+    assert three["layers"][0]["flops_per_token"]["text"] - attention == 3 * moe_one
+    assert three["layers"][0]["params"] - one["layers"][0]["params"] == 2 * 16 * 6  # two more routers only
+
+
+@pytest.mark.parametrize("value,code", [("0", "E0207"), ("1.5", "E0205")])
+def test_chain_of_experts_misuse(tmp_path, value, code):
+    diags = check(_write(tmp_path, CHAIN.format(body="experts 4 x glu(d, 8); router top_k(k = 1)",
+                                                iterations=value)))
+    assert [d.code for d in diags.items] == [code]
+
+
+def test_unknown_moe_setting_names_the_settings(tmp_path):
+    src = CHAIN.format(body="experts 4 x glu(d, 8); router top_k(k = 1)", iterations=2).replace(
+        "iterations", "iteratons")
+    diags = check(_write(tmp_path, src))
+    assert [d.code for d in diags.items] == ["E0204"]
+    assert "iterations" in (diags.items[0].hint or "")
