@@ -18,6 +18,8 @@ from .loader import Program
 
 MAX_LAYERS = 100_000
 MAX_DEF_DEPTH = 32
+MAX_EXPERTS = 1 << 20  # experts per pool: far above any published model, low enough to analyse quickly
+MAX_ITERATIONS = 64  # chain-of-experts iterations per moe (each one is a router and an expert pass)
 
 
 class _Bad:
@@ -484,7 +486,7 @@ class Elaborator:
             if not isinstance(s, ast.Setting):
                 continue
             if s.name.name == "iterations":
-                iterations = self._count(s.value, scope, "iterations") or 1
+                iterations = self._count(s.value, scope, "iterations", MAX_ITERATIONS) or 1
             else:
                 self.d.error("E0204", f"unknown moe setting `{s.name.name}`", s.name.loc,
                              did_you_mean(s.name.name, K.MOE_SETTINGS)
@@ -557,7 +559,7 @@ class Elaborator:
             return None, 0
         return spec, n
 
-    def _count(self, expr: ast.Expr, scope: Scope, what: str = "expert count") -> int | None:
+    def _count(self, expr: ast.Expr, scope: Scope, what: str = "expert count", limit: int = MAX_EXPERTS) -> int | None:
         v = self.eval(expr, scope)
         if v is BAD:
             return None
@@ -566,6 +568,9 @@ class Elaborator:
             return None
         if v <= 0:
             self.d.error("E0207", f"{what} must be positive, got {v}", expr.loc)
+            return None
+        if v > limit:
+            self.d.error("E0206", f"{what} {v} exceeds the limit of {limit}", expr.loc)
             return None
         return v
 

@@ -97,8 +97,9 @@ def _fusion_report(e: dict) -> dict:
         uniform = skewed = rows = worst = 0
         for g in e["groups"]:
             n, E, k = REFERENCE_TOKENS * g["k"], g["experts"], g["k"]
-            uniform += padded_rows([n // E + (1 if i < n % E else 0) for i in range(E)], b)
-            skewed += padded_rows([REFERENCE_TOKENS] * k + [0] * (E - k), b)  # every token to the same k
+            q, r = divmod(n, E)  # uniform: r experts get q + 1 rows, the others q
+            uniform += r * padded_rows([q + 1], b) + (E - r) * padded_rows([q], b)
+            skewed += k * padded_rows([REFERENCE_TOKENS], b)  # every token to the same k experts
             rows += n
             worst += n + E * (b - 1)
         padding[str(b)] = {"uniform": uniform / rows - 1, "skewed": skewed / rows - 1, "worst_case_rows": worst}

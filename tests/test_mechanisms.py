@@ -189,8 +189,9 @@ model chain {{
 
 @pytest.mark.parametrize("body", [
     "experts 6 x glu(d, 12); router top_k(k = 2, renormalize = true); shared 1 x mlp(d, 8)",
-    "group text { experts 4 x glu(d, 8); router top_k(k = 1) }\n"
-    "group image { experts 4 x glu(d, 8); experts 1 x identity; router group_limited(k = 2, groups = 5, top_groups = 2) }",
+    ("group text { experts 4 x glu(d, 8); router top_k(k = 1) }\n"
+     "group image { experts 4 x glu(d, 8); experts 1 x identity\n"
+     "              router group_limited(k = 2, groups = 5, top_groups = 2) }"),
 ])
 def test_chain_of_experts_matches_reference(tmp_path, body):
     path = _write(tmp_path, CHAIN.format(body=body, iterations=3))
@@ -216,7 +217,7 @@ def test_chain_of_experts_accounting(tmp_path):
     assert three["layers"][0]["params"] - one["layers"][0]["params"] == 2 * 16 * 6  # two more routers only
 
 
-@pytest.mark.parametrize("value,code", [("0", "E0207"), ("1.5", "E0205")])
+@pytest.mark.parametrize("value,code", [("0", "E0207"), ("1.5", "E0205"), ("100000", "E0206")])
 def test_chain_of_experts_misuse(tmp_path, value, code):
     diags = check(_write(tmp_path, CHAIN.format(body="experts 4 x glu(d, 8); router top_k(k = 1)",
                                                 iterations=value)))
