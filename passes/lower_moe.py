@@ -88,7 +88,7 @@ class LowerMoE(Pass):
             counts.append(cnt)
             total = yg if total is None else mk(O.AddOp, f"sum_{len(counts) - 1}", [total, yg])[0]
         if moe.shared is not None:
-            (s,) = mk(O.FFNOp, "shared", [h], expert=moe.shared.widened(moe.num_shared))
+            (s,) = mk(O.FFNOp, "shared", [h], expert=moe.shared.widened(moe.num_shared), gate=moe.shared_gate)
             (total,) = mk(O.AddOp, "shared_add", [total, s])
         g.replace_uses(y_out, total)
         for user, _ in g.users(aux_out) + g.users(counts_out):

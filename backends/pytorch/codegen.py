@@ -24,7 +24,7 @@ from moec.ir import Graph, Value
 # The runtime modules shipped next to every generated file: module -> (source file, names it exports)
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
-        "Attention", "Container", "Experts", "FeedForward", "ModelOutput", "activate", "check_modality", "combine",
+        "Attention", "Container", "Experts", "FeedForward", "LatentAttention", "ModelOutput", "activate", "check_modality", "combine",
         "expert_counts", "expert_offsets", "gather_rows", "grouped_linear", "load_balance_loss", "moe_experts",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
@@ -94,10 +94,28 @@ def _norm_ctor(op: O.NormOp) -> str:
     return f"{cls}({op.dim}, eps={op.eps!r})"
 
 
-def _ffn_ctor(e: O.ExpertSpec) -> str:
+def _ffn_ctor(e: O.ExpertSpec, gate: str = "none") -> str:
     ternary = ", ternary=True" if e.weights == "ternary" else ""
+    ternary += ", output_gate=True" if gate == "sigmoid" else ""
     return (f"FeedForward(dim={e.dim}, hidden={e.hidden}, glu={e.form == 'glu'}, "
             f"activation={e.act!r}, bias={e.bias}{ternary})")
+
+
+def _attention_ctor(op: O.AttentionOp) -> str:
+    """Attention(...) with the rotary / q-k norm / output-bias arguments only where they are set."""
+    extra = f", rope_theta={op.rope_theta!r}" if op.rope_theta is not None else ""
+    if op.qk_norm != "none":
+        extra += f", qk_norm={op.qk_norm!r}, norm_eps={op.norm_eps!r}"
+    if op.out_bias is not None and op.out_bias != op.bias:
+        extra += f", out_bias={op.out_bias}"
+    return (f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
+            f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal}{extra})")
+
+
+def _latent_attention_ctor(op: O.LatentAttentionOp) -> str:
+    return (f"LatentAttention(dim={op.dim}, heads={op.heads}, kv_rank={op.kv_rank}, "
+            f"qk_nope_dim={op.qk_nope_dim}, qk_rope_dim={op.qk_rope_dim}, v_dim={op.v_dim}, q_rank={op.q_rank}, "
+            f"rope_theta={op.rope_theta!r}, rope_interleave={op.rope_interleave}, bias={op.bias}, eps={op.eps!r})")
 
 
 def _weight(attr: str, name: str, weights: str) -> str:
@@ -243,13 +261,17 @@ class _BlockEmitter:
         self.line(f"{h} = {attr}({ins[0]})")
 
     def _op_attention(self, node, op, ins, path):
-        attr = self.module(path, f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
-                                 f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal})")
+        attr = self.module(path, _attention_ctor(op))
+        (h,) = self.assign(node, ["h"])
+        self.line(f"{h} = {attr}({ins[0]})")
+
+    def _op_latent_attention(self, node, op, ins, path):
+        attr = self.module(path, _latent_attention_ctor(op))
         (h,) = self.assign(node, ["h"])
         self.line(f"{h} = {attr}({ins[0]})")
 
     def _op_ffn(self, node, op, ins, path):
-        attr = self.module(path, _ffn_ctor(op.expert))
+        attr = self.module(path, _ffn_ctor(op.expert, op.gate))
         (h,) = self.assign(node, ["h" if self.region(node) is None else path[-1]])
         self.line(f"{h} = {attr}({ins[0]})")
 
@@ -269,8 +291,8 @@ class _BlockEmitter:
 
     def _gate(self, logits: str, path: list[str], op, x: str, jitter: float) -> str:
         """`logits = router(x)` (with input jitter in training); returns the router module path."""
-        ctor = (f"BalancedRouter({op.dim}, {op.num_experts}, rate={op.balance_rate!r})" if op.balance_rate
-                else f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
+        ctor = (f"BalancedRouter({op.dim}, {op.num_experts}, rate={op.balance_rate!r})"
+                if op.balance_rate or self._group_limited(op) else f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
         attr = self.module(path, ctor)
         if jitter:
             noisy = self.fresh(f"{logits}_input")
@@ -279,6 +301,14 @@ class _BlockEmitter:
         self.line(f"{logits} = {attr}({x})")
         self.routers[self.group_of_path(path)] = attr
         return attr
+
+    def _group_limited(self, op) -> bool:
+        """A group-limited router reads its gate's score bias (kept, unchanged, with bias_update = 0)."""
+        if op.kind == "router":
+            return op.router.kind == "group_limited"
+        node = next(n for n in self.nodes if self.g.op(n) is op)
+        return any(self.g.op(u).kind == "route" and self.g.op(u).router.kind == "group_limited"
+                   for u, _ in self.g.users(self.g.outputs(node)[0]))
 
     def group_of_path(self, path: list[str]) -> str:
         return ".".join(path[:-1])
