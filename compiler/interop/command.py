@@ -42,6 +42,7 @@ def _load_weights(paths: list[str]) -> dict:
 
 def run(args) -> int:
     from moec.backends import write_tree
+    from moec.diagnostics import CompileError
     from moec.driver import frontend
 
     from .transformers import config_to_moe, from_hf
@@ -55,7 +56,13 @@ def run(args) -> int:
     except ValueError as exc:  # UnsupportedConfig is a ValueError
         print(f"moec: error: {exc}", file=sys.stderr)
         return 1
-    frontend(args.out, text)  # the written file must check; raises CompileError with diagnostics otherwise
+    try:
+        frontend(args.out, text)  # what we write must check
+    except CompileError as exc:
+        print(exc.diagnostics.render(), file=sys.stderr)
+        print(f"moec: error: `{args.config}` describes a model moec rejects (errors above, in the text it would "
+              "give; nothing written)", file=sys.stderr)
+        return 1
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if args.weights:
         import torch
