@@ -105,6 +105,12 @@ def test_decoder_output_and_routing_match(pair, monkeypatch):
                 for layer in hf.model.layers]
     moec_layers = []
     handles += [layer.register_forward_hook(lambda m, i, out: moec_layers.append(out[0])) for layer in model.layers]
+    # the MoE block alone: transformers' `mlp` output; moec's is the layer output minus its input to moe_norm
+    hf_moe, moec_moe_in = [], []
+    handles += [layer.mlp.register_forward_hook(lambda m, i, out: hf_moe.append(out))
+                for layer in hf.model.layers if hasattr(layer.mlp, "experts")]
+    handles += [layer.moe_norm.register_forward_pre_hook(lambda m, i: moec_moe_in.append(i[0]))
+                for layer in model.layers if hasattr(layer, "moe_norm")]
     moec_chosen = _moec_routing(model, monkeypatch)
     try:
         with torch.no_grad():
@@ -118,6 +124,11 @@ def test_decoder_output_and_routing_match(pair, monkeypatch):
     assert len(hf_layers) == len(moec_layers) == hf.config.num_hidden_layers
     for i, (a, b) in enumerate(zip(hf_layers, moec_layers)):  # every decoder layer (attention + MoE/MLP block)
         assert (a - b).abs().max().item() < ATOL, f"{name}: layer {i} output differs"
+    moe_layers = [i for i, layer in enumerate(model.layers) if hasattr(layer, "moe_norm")]
+    assert len(hf_moe) == len(moec_moe_in) == len(moe_layers) > 0
+    for y_hf, x_in, i in zip(hf_moe, moec_moe_in, moe_layers):
+        y = moec_layers[i] - x_in
+        assert (y - y_hf).abs().max().item() < ATOL, f"{name}: MoE block of layer {i} differs"
     assert len(hf_chosen) == len(moec_chosen) == len(out.expert_counts) > 0
     for a, b in zip(hf_chosen, moec_chosen):  # the same experts for every token
         assert torch.equal(a, b)

@@ -289,10 +289,11 @@ class _BlockEmitter:
         (y,) = self.assign(node, ["out"])
         self.line(f"{y} = scatter_tokens({ins[0]}, {ins[1]}, {ins[2]})")
 
-    def _gate(self, logits: str, path: list[str], op, x: str, jitter: float) -> str:
-        """`logits = router(x)` (with input jitter in training); returns the router module path."""
+    def _gate(self, logits: str, path: list[str], op, x: str, jitter: float, score_bias: bool = False) -> str:
+        """`logits = router(x)` (with input jitter in training); returns the router module path.
+        `score_bias`: the router keeps a selection bias (group-limited routing), even when not updated."""
         ctor = (f"BalancedRouter({op.dim}, {op.num_experts}, rate={op.balance_rate!r})"
-                if op.balance_rate or self._group_limited(op) else f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
+                if op.balance_rate or score_bias else f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
         attr = self.module(path, ctor)
         if jitter:
             noisy = self.fresh(f"{logits}_input")
@@ -302,11 +303,8 @@ class _BlockEmitter:
         self.routers[self.group_of_path(path)] = attr
         return attr
 
-    def _group_limited(self, op) -> bool:
-        """A group-limited router reads its gate's score bias (kept, unchanged, with bias_update = 0)."""
-        if op.kind == "router":
-            return op.router.kind == "group_limited"
-        node = next(n for n in self.nodes if self.g.op(n) is op)
+    def _feeds_group_limited(self, node: int) -> bool:
+        """Whether a router gate's logits feed group-limited routing (which reads the gate's score bias)."""
         return any(self.g.op(u).kind == "route" and self.g.op(u).router.kind == "group_limited"
                    for u, _ in self.g.users(self.g.outputs(node)[0]))
 
@@ -348,14 +346,14 @@ class _BlockEmitter:
 
     def _op_router_gate(self, node, op, ins, path):
         (logits,) = self.assign(node, ["logits"])
-        self._gate(logits, path, op, ins[0], op.jitter)
+        self._gate(logits, path, op, ins[0], op.jitter, score_bias=self._feeds_group_limited(node))
 
     def _op_route(self, node, op, ins, path):
         self._route(self.assign(node, ["weights", "expert_ids", "probs"]), ins[0], op.router, op.num_experts, path)
 
     def _op_router(self, node, op, ins, path):
         w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])
-        self._gate(logits, path, op, ins[0], op.router.jitter)
+        self._gate(logits, path, op, ins[0], op.router.jitter, score_bias=op.router.kind == "group_limited")
         self._route([w, ids, probs], logits, op.router, op.num_experts, path)
 
     def _op_sort_by_expert(self, node, op, ins, path):

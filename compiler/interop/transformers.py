@@ -293,8 +293,9 @@ def _properties(config: dict, table: ModelTable) -> dict:
             out[prop] = default
         else:
             out[prop] = reader(key, config[key])
-    for prop, (_, default) in SCHEMA.items():
-        out.setdefault(prop, default)
+    for prop, (_, default) in SCHEMA.items():  # properties this model type does not have
+        if default is not REQUIRED:
+            out.setdefault(prop, default)
     out["rope_theta"] = _rope_theta(config, table)
     return out
 
