@@ -261,3 +261,47 @@ def test_imported_text_is_readable_and_checks(tmp_path):
     deepseek = H.config_to_moe(H.config_dict(CONFIGS["deepseek_v3"]()))
     assert "layers { dense_layer; repeat 2 { moe_layer } }" in deepseek
     assert "group_limited(k = 4, groups = 4, top_groups = 2, score = sigmoid, renormalize = true, scale = 2.5" in deepseek
+
+
+def test_hub_style_configs_import():
+    """config.json files as published (transformers 4 layout: top-level rope_theta, rope_scaling null,
+    fields of the original code) import without a transformers installation in the loop."""
+    mixtral = {"architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+               "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336,
+               "max_position_embeddings": 32768, "model_type": "mixtral", "num_attention_heads": 32,
+               "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+               "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
+               "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+               "transformers_version": "4.36.0.dev0", "use_cache": True, "vocab_size": 32000}
+    text = H.config_to_moe(mixtral)
+    assert "attention(heads = 32, kv_heads = 8, head_dim = 128, rope_theta = 1000000.0)" in text
+    assert "layers { repeat 32 { moe_layer } }" in text
+    deepseek = {"architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                "aux_loss_alpha": 0.001, "ep_size": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+                "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+                "model_type": "deepseek_v3", "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8,
+                "n_routed_experts": 256, "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128,
+                "num_experts_per_tok": 8, "num_hidden_layers": 61, "num_key_value_heads": 128,
+                "num_nextn_predict_layers": 1, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 10000, "routed_scaling_factor": 2.5,
+                "scoring_func": "sigmoid", "seq_aux": True, "tie_word_embeddings": False, "topk_group": 4,
+                "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "use_cache": True, "v_head_dim": 128,
+                "vocab_size": 129280}
+    text = H.config_to_moe(deepseek)
+    assert "layers { repeat 3 { dense_layer }; repeat 58 { moe_layer } }" in text
+    assert "group_limited(k = 8, groups = 8, top_groups = 4" in text
+    with pytest.raises(H.UnsupportedConfig, match="topk_method"):
+        H.config_to_moe({**deepseek, "topk_method": "greedy"})
+    with pytest.raises(H.UnsupportedConfig, match="quantization_config"):
+        H.config_to_moe({**deepseek, "quantization_config": {"quant_method": "fp8"}})
+
+
+def test_omitted_fields_take_transformers_defaults_or_stop():
+    qwen2 = H.config_dict(CONFIGS["qwen2_moe"]())
+    del qwen2["qkv_bias"]  # transformers' Qwen2-MoE default: q/k/v biases
+    assert "bias = true, out_bias = false" in H.config_to_moe(qwen2)
+    mixtral = H.config_dict(CONFIGS["mixtral"]())
+    del mixtral["hidden_size"]
+    with pytest.raises(H.UnsupportedConfig, match="hidden_size") as info:
+        H.config_to_moe(mixtral)
+    assert info.value.field == "hidden_size"

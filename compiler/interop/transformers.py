@@ -94,7 +94,7 @@ def _act(key, v):
     return _ACTIVATIONS[v]
 
 
-# neutral property -> (reader, default when the config lacks the field)
+# property -> (reader, its value for model types whose table does not give it)
 SCHEMA: dict[str, tuple[Callable, object]] = {
     "dim": (_pos_int, REQUIRED),
     "num_layers": (_pos_int, REQUIRED),
@@ -149,6 +149,7 @@ class ModelTable:
     fields: dict[str, str | tuple[str, ...]]  # property -> config field (or aliases, first present wins)
     fixed: dict[str, object]  # properties the model type fixes
     requires: dict[str, tuple] = field(default_factory=dict)  # config field -> the values moec reproduces
+    defaults: dict[str, object] = field(default_factory=dict)  # transformers' value of a field a file may omit
     ignored: frozenset[str] = frozenset()  # fields that do not change the decoder stack's numerics
     default_theta: float = 10000.0
     weights: Weights = Weights()
@@ -157,6 +158,8 @@ class ModelTable:
 _ATTENTION_FIELDS = {"dim": "hidden_size", "num_layers": "num_hidden_layers", "heads": "num_attention_heads",
                      "kv_heads": "num_key_value_heads", "eps": "rms_norm_eps", "act": "hidden_act"}
 _TOP_K_FIELDS = {"k": "num_experts_per_tok", "load_balance": "router_aux_loss_coef"}
+_QWEN_DEFAULTS = {"head_dim": None, "hidden_act": "silu", "mlp_only_layers": [], "decoder_sparse_step": 1,
+                  "norm_topk_prob": False, "router_aux_loss_coef": 0.001}
 _QWEN_LAYOUT = {"sparse_step": "decoder_sparse_step", "mlp_only_layers": "mlp_only_layers",
                 "dense_width": "intermediate_size", "expert_width": "moe_intermediate_size"}
 
@@ -167,6 +170,7 @@ TABLES: dict[str, ModelTable] = {t.model_type: t for t in (
                 "num_experts": ("num_local_experts", "num_experts")},
         fixed={"attention": "attention", "router": "top_k", "score": "softmax", "renormalize": True},
         requires={"sliding_window": (None,), "router_jitter_noise": (0,)},
+        defaults={"head_dim": None, "num_key_value_heads": 8, "hidden_act": "silu", "router_aux_loss_coef": 0.001},
         default_theta=1e6,
         weights=Weights(per_expert="block_sparse_moe", expert_names=("w1", "w3", "w2"))),
     ModelTable(
@@ -177,6 +181,7 @@ TABLES: dict[str, ModelTable] = {t.model_type: t for t in (
         fixed={"attention": "attention", "router": "top_k", "score": "softmax", "shared_count": 1,
                "shared_gate": True, "out_bias": False},
         requires={"use_sliding_window": (False,)},
+        defaults={**_QWEN_DEFAULTS, "qkv_bias": True},
         ignored=frozenset({"sliding_window", "max_window_layers"})),
     ModelTable(
         "qwen3_moe",
@@ -185,6 +190,7 @@ TABLES: dict[str, ModelTable] = {t.model_type: t for t in (
                 "attn_bias": "attention_bias", "out_bias": "attention_bias"},
         fixed={"attention": "attention", "router": "top_k", "score": "softmax", "qk_norm": "head"},
         requires={"use_sliding_window": (False,), "sliding_window": (None,)},
+        defaults={**_QWEN_DEFAULTS, "attention_bias": False},
         ignored=frozenset({"max_window_layers"})),
     ModelTable(
         "olmoe",
@@ -192,7 +198,9 @@ TABLES: dict[str, ModelTable] = {t.model_type: t for t in (
                 "num_experts": ("num_experts", "num_local_experts"), "renormalize": "norm_topk_prob",
                 "attn_bias": "attention_bias", "out_bias": "attention_bias"},
         fixed={"attention": "attention", "router": "top_k", "score": "softmax", "qk_norm": "projection"},
-        requires={"clip_qkv": (None,)}),
+        requires={"clip_qkv": (None,)},
+        defaults={"hidden_act": "silu", "attention_bias": False, "norm_topk_prob": False,
+                  "router_aux_loss_coef": 0.01}),
     ModelTable(
         "deepseek_v3",
         fields={**_ATTENTION_FIELDS, "k": "num_experts_per_tok", "dense_width": "intermediate_size",
@@ -204,6 +212,8 @@ TABLES: dict[str, ModelTable] = {t.model_type: t for t in (
                 "rope_interleave": "rope_interleave", "attn_bias": "attention_bias"},
         fixed={"attention": "latent_attention", "router": "group_limited", "score": "sigmoid"},
         requires={"topk_method": ("noaux_tc",), "scoring_func": ("sigmoid",), "moe_layer_freq": (1,)},
+        defaults={"hidden_act": "silu", "attention_bias": False, "rope_interleave": True, "norm_topk_prob": True,
+                  "n_shared_experts": 1, "first_k_dense_replace": 3, "routed_scaling_factor": 2.5},
         # not read by transformers' forward: training-loss settings of the original code, the
         # multi-token-prediction modules (outside the decoder stack), expert-parallel size, derived sizes
         ignored=frozenset({"aux_loss_alpha", "seq_aux", "num_nextn_predict_layers", "num_mtp_layers", "ep_size",
@@ -281,18 +291,19 @@ def _rope_theta(config: dict, table: ModelTable) -> float:
 
 
 def _properties(config: dict, table: ModelTable) -> dict:
-    """Every property the table gives, read and checked; absent fields take the SCHEMA default."""
+    """Every property the table gives, read and checked. A field the file omits takes transformers'
+    default for this model type (`table.defaults`); moec never guesses one."""
     out = dict(table.fixed)
     for prop, keys in table.fields.items():
-        reader, default = SCHEMA[prop]
+        reader = SCHEMA[prop][0]
         keys = (keys,) if isinstance(keys, str) else keys
         key = next((k for k in keys if k in config), None)
-        if key is None:
-            if default is REQUIRED:
-                raise UnsupportedConfig(keys[0], "missing from the config")
-            out[prop] = default
-        else:
+        if key is not None:
             out[prop] = reader(key, config[key])
+        elif keys[0] in table.defaults:
+            out[prop] = reader(keys[0], table.defaults[keys[0]])
+        else:
+            raise UnsupportedConfig(keys[0], "missing from the config")
     for prop, (_, default) in SCHEMA.items():  # properties this model type does not have
         if default is not REQUIRED:
             out.setdefault(prop, default)
