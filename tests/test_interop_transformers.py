@@ -191,7 +191,7 @@ def test_from_hf_reports_missing_and_unexpected_keys():
 # ---- the command line ---------------------------------------------------------------------------------
 def _moec(*args):
     return subprocess.run([sys.executable, "-m", "moec.cli", *args], check=False, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=300)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
