@@ -2,8 +2,9 @@
 converted to moec must compute the same decoder stack, route to the same experts, give the same
 gradients, and map their weights both ways without missing or unexpected keys.
 
-Tolerance (fp32): 1e-5 absolute on hidden states and input gradients (observed <= 3e-7); weight
-gradients, which sum over every token, within 1e-5 of their largest entry (observed <= 2e-6).
+Tolerance (fp32): hidden states within 1e-5 absolute (observed <= 2e-6 on outputs of magnitude ~4);
+gradients (input and weights) within 1e-5 of their largest entry, at least 1e-5 absolute
+(observed <= 2e-6 of it).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def test_gradients_match(pair):
     model.zero_grad()
     (hf.model(inputs_embeds=x_hf).last_hidden_state * g).sum().backward()
     (model(x_m).output * g).sum().backward()
-    torch.testing.assert_close(x_m.grad, x_hf.grad, atol=ATOL, rtol=1e-4)
+    _close_grad(name, "inputs_embeds", x_m.grad, x_hf.grad)
     grads = {k: p.grad if p.grad is not None else torch.zeros_like(p) for k, p in model.named_parameters()}
     grads.update({k: torch.zeros_like(b) for k, b in model.named_buffers() if k in model.state_dict()})
     as_hf = H.to_hf(grads, H.config_dict(hf.config))
@@ -153,8 +154,13 @@ def test_gradients_match(pair):
     for key, grad in as_hf.items():
         if key in hf_params:  # buffers (DeepSeek's selection bias) have no gradient
             ref = hf_params[key].grad if hf_params[key].grad is not None else torch.zeros_like(grad)
-            err, scale = (grad - ref).abs().max().item(), ref.abs().max().item()
-            assert err <= ATOL * max(1.0, scale), f"{name} {key}: gradient differs by {err} (largest entry {scale})"
+            _close_grad(name, key, grad, ref)
+
+
+def _close_grad(name: str, key: str, got: torch.Tensor, ref: torch.Tensor) -> None:
+    """Gradients sum over tokens and layers: compare within ATOL of their largest entry (>= ATOL absolute)."""
+    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= ATOL * max(1.0, scale), f"{name} {key}: gradient differs by {err} (largest entry {scale})"
 
 
 @pytest.mark.parametrize("experts", ["fused", "per_expert"])
