@@ -311,3 +311,14 @@ def test_omitted_fields_take_transformers_defaults_or_stop():
     with pytest.raises(H.UnsupportedConfig, match="hidden_size") as info:
         H.config_to_moe(mixtral)
     assert info.value.field == "hidden_size"
+
+
+def test_load_bare_decoder_model():
+    """`XModel` (no LM head, keys without the `model.` prefix) loads as well, and maps back."""
+    hf = hf_model("qwen2_moe", seed=5)
+    model = H.load(hf.model)
+    x = torch.randn(1, 6, D)
+    with torch.no_grad():
+        assert (model(x).output - hf.model(inputs_embeds=x).last_hidden_state).abs().max().item() < ATOL
+    back = H.to_hf(model.state_dict(), H.config_dict(hf.config), prefix="")
+    assert set(back) == set(hf.model.state_dict()) - {"embed_tokens.weight"}
