@@ -1,4 +1,4 @@
-"""The `moec` command line: check, ir, report, compile."""
+"""The `moec` command line: check, ir, report, compile, place, train, import."""
 
 from __future__ import annotations
 
@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--plan", metavar="JSON", help="expert-parallel training with a plan from `moec place` "
                                                   "(under torchrun --nproc_per_node=N)")
     c.set_defaults(func=cmd_train)
+
+    from moec.interop.command import add_parser as add_import_parser
+
+    add_import_parser(sub)
     return p
 
 

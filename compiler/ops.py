@@ -148,6 +148,7 @@ class NormOp(OpBase):
 
 
 class AttentionOp(OpBase):
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("rope_theta", "qk_norm", "norm_eps", "out_bias")
     kind: Literal["attention"] = "attention"
     dim: int
     heads: int
@@ -155,11 +156,58 @@ class AttentionOp(OpBase):
     head_dim: int
     bias: bool = False
     causal: bool = True
+    rope_theta: float | None = None  # rotary position embeddings (rotate-half) with this base
+    qk_norm: Literal["none", "head", "projection"] = "none"  # RMSNorm of q and k, per head or whole projection
+    norm_eps: float = 1e-6  # eps of the q/k norms
+    out_bias: bool | None = None  # None: the output projection follows `bias`
+
+    @property
+    def o_bias(self) -> bool:
+        return self.bias if self.out_bias is None else self.out_bias
+
+
+class LatentAttentionOp(OpBase):
+    """DeepSeek-V2/V3 multi-head latent attention (causal, rotary on the decoupled qk_rope_dim part)."""
+
+    kind: Literal["latent_attention"] = "latent_attention"
+    dim: int
+    heads: int
+    kv_rank: int
+    qk_nope_dim: int
+    qk_rope_dim: int
+    v_dim: int
+    q_rank: int | None = None  # None: one q projection, no query latent
+    rope_theta: float = 10000.0
+    rope_interleave: bool = False
+    bias: bool = False
+    eps: float = 1e-6  # eps of the latent RMSNorms
+
+    @property
+    def params(self) -> int:
+        h, qk = self.heads, self.qk_nope_dim + self.qk_rope_dim
+        q = self.dim * h * qk if self.q_rank is None else (
+            self.dim * self.q_rank + self.q_rank + self.q_rank * h * qk + (self.q_rank if self.bias else 0))
+        kv = (self.dim * (self.kv_rank + self.qk_rope_dim) + self.kv_rank
+              + self.kv_rank * h * (self.qk_nope_dim + self.v_dim))
+        if self.bias:
+            kv += self.kv_rank + self.qk_rope_dim
+        out = h * self.v_dim * self.dim + (self.dim if self.bias else 0)
+        return q + kv + out
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs per token of the projections (2 per multiply-accumulate)."""
+        h, qk = self.heads, self.qk_nope_dim + self.qk_rope_dim
+        q = self.dim * h * qk if self.q_rank is None else self.dim * self.q_rank + self.q_rank * h * qk
+        kv = self.dim * (self.kv_rank + self.qk_rope_dim) + self.kv_rank * h * (self.qk_nope_dim + self.v_dim)
+        return 2 * (q + kv + h * self.v_dim * self.dim)
 
 
 class FFNOp(OpBase):
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("gate",)
     kind: Literal["ffn"] = "ffn"
     expert: ExpertSpec
+    gate: Literal["none", "sigmoid"] = "none"  # sigmoid: output scaled by sigmoid(x . w) per token
 
 
 class AddOp(OpBase):
@@ -167,7 +215,7 @@ class AddOp(OpBase):
 
 
 class MoEOp(OpBase):
-    quiet_when_default: ClassVar[tuple[str, ...]] = ("iterations",)
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("iterations", "shared_gate")
     kind: Literal["moe"] = "moe"
     dim: int
     groups: tuple[GroupSpec, ...]
@@ -175,6 +223,7 @@ class MoEOp(OpBase):
     num_shared: int = 0
     losses: LossSpec = LossSpec()
     iterations: int = 1  # chain-of-experts: h_{c+1} = h_c + moe_c(h_c), a router per iteration, shared experts
+    shared_gate: Literal["none", "sigmoid"] = "none"  # gate on the shared experts' output
 
 
 # ---- primitives produced by lower-moe ------------------------------------------------------
@@ -309,6 +358,6 @@ class AuxLossOp(OpBase):
 
 
 Op = Annotated[
-    InputOp | OutputOp | NormOp | AttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
+    InputOp | OutputOp | NormOp | AttentionOp | LatentAttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
     Field(discriminator="kind"),
 ]

@@ -11,6 +11,7 @@ ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "output": (None, 0),
     "norm": ((1,), 1),
     "attention": ((1,), 1),
+    "latent_attention": ((1,), 1),
     "ffn": ((1,), 1),
     "add": ((2,), 1),
     "moe": ((3,), 3),

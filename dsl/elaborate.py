@@ -430,6 +430,8 @@ class Elaborator:
             counters[base] = n + 1
             name = base if n == 0 else f"{base}_{n}"
             op = op.model_copy(update={"name": name})
+            if isinstance(op, O.AttentionOp) and op.qk_norm != "none":
+                op = op.model_copy(update={"norm_eps": norm_args["eps"]})  # q/k norms take the block's eps
             norm = O.NormOp(name=f"{name}_norm", norm=norm_kind, dim=self.dim, eps=norm_args["eps"], loc=st.loc)
             sublayers.append(Sublayer(norm, op))
         if not sublayers and len(self.d.items) == before:
@@ -447,7 +449,9 @@ class Elaborator:
         call: ast.Call = st
         if call.name in K.SUBLAYERS:
             args = self.bind(call, K.SUBLAYERS[call.name], scope, "sublayer")
-            return None if args is None else self.attention(call, args)
+            if args is None:
+                return None
+            return self.latent_attention(call, args) if call.name == "latent_attention" else self.attention(call, args)
         if scope.lookup("experts", call.name) is not None or call.name in K.EXPERTS or call.name in K.ZERO_COMPUTATION:
             spec = self.expert(call, scope)
             return None if spec is None else O.FFNOp(name="ffn", expert=spec, loc=call.loc)
@@ -470,8 +474,20 @@ class Elaborator:
             self.d.error("E0210", f"heads = {heads} is not a multiple of kv_heads = {kv}", call.loc,
                          "grouped-query attention shares each kv head among heads / kv_heads query heads")
             return None
+        if a["rope_theta"] is not None and head_dim % 2:
+            self.d.error("E0210", f"rotary embeddings need an even head_dim, got {head_dim}", call.loc,
+                         "rotate-half pairs dimension i with i + head_dim / 2")
+            return None
         return O.AttentionOp(name="attention", dim=self.dim, heads=heads, kv_heads=kv, head_dim=head_dim,
-                             bias=a["bias"], causal=a["causal"], loc=call.loc)
+                             bias=a["bias"], causal=a["causal"], rope_theta=a["rope_theta"], qk_norm=a["qk_norm"],
+                             out_bias=a["out_bias"], loc=call.loc)
+
+    def latent_attention(self, call: ast.Call, a: dict) -> O.LatentAttentionOp | None:
+        if a["qk_rope_dim"] % 2:
+            self.d.error("E0210", f"rotary embeddings need an even qk_rope_dim, got {a['qk_rope_dim']}", call.loc,
+                         "rotary embeddings rotate pairs of dimensions")
+            return None
+        return O.LatentAttentionOp(name="latent_attention", dim=self.dim, loc=call.loc, **a)
 
     # ---- moe ------------------------------------------------------------------------------
     def moe(self, m: ast.MoE, scope: Scope) -> O.MoEOp | None:
@@ -481,16 +497,7 @@ class Elaborator:
         default_router = None
         routed_top = [s for s in top if isinstance(s, ast.ExpertsDecl) and not s.shared]
         shared_top = [s for s in top if isinstance(s, ast.ExpertsDecl) and s.shared]
-        iterations = 1
-        for s in top:
-            if not isinstance(s, ast.Setting):
-                continue
-            if s.name.name == "iterations":
-                iterations = self._count(s.value, scope, "iterations", MAX_ITERATIONS) or 1
-            else:
-                self.d.error("E0204", f"unknown moe setting `{s.name.name}`", s.name.loc,
-                             did_you_mean(s.name.name, K.MOE_SETTINGS)
-                             or "moe settings: " + ", ".join(K.MOE_SETTINGS))
+        settings = self._moe_settings([s for s in top if isinstance(s, ast.Setting)], scope)
         routers_top = [s for s in top if isinstance(s, ast.RouterDecl)]
         for extra in routers_top[1:]:
             self.d.error("E0203", "router is already given for this moe", extra.loc)
@@ -541,11 +548,41 @@ class Elaborator:
                 self.d.error("E0211", f"this moe has no group for modality {', '.join(f'`{x}`' for x in missing)}",
                              m.loc, "add a `group` for it; its tokens would otherwise get no expert")
         shared, num_shared = self._shared(shared_top, scope)
+        if settings["shared_gate"] != "none" and not shared_top:
+            self.d.error("E0211", "`shared_gate` is set but this moe has no shared experts", m.loc,
+                         "add `shared N x <expert>` beside the routed experts")
         losses = self._losses([s for s in m.stmts if isinstance(s, ast.LossDecl)], scope)
         if len(self.d.items) != before or losses is None:
             return None
         return O.MoEOp(name="moe", dim=self.dim, groups=tuple(groups), shared=shared, num_shared=num_shared,
-                       losses=losses, iterations=iterations, loc=m.loc)
+                       losses=losses, **settings, loc=m.loc)
+
+    def _moe_settings(self, settings: list[ast.Setting], scope: Scope) -> dict:
+        """`shared_gate = none | sigmoid` and `iterations = C`; returns the MoEOp fields they set."""
+        out, seen = {"shared_gate": "none", "iterations": 1}, set()
+        for st in settings:
+            key = st.name.name
+            if key not in K.MOE_SETTINGS:
+                self.d.error("E0204", f"unknown moe setting `{key}`", st.name.loc,
+                             did_you_mean(key, K.MOE_SETTINGS) or "moe settings: " + ", ".join(K.MOE_SETTINGS))
+                continue
+            if key in seen:
+                self.d.error("E0203", f"moe setting `{key}` is already given", st.name.loc)
+                continue
+            seen.add(key)
+            if key == "iterations":
+                out["iterations"] = self._count(st.value, scope, "iterations", MAX_ITERATIONS) or 1
+                continue
+            v = self.eval(st.value, scope, symbols=True)
+            if v is BAD:
+                continue
+            name = v.name if isinstance(v, Symbol) else None
+            if name not in K.SHARED_GATES:
+                self.d.error("E0206", f"`shared_gate` must be one of {', '.join(K.SHARED_GATES)}", st.value.loc,
+                             did_you_mean(str(name), K.SHARED_GATES))
+                continue
+            out["shared_gate"] = name
+        return out
 
     def _shared(self, decls: list[ast.ExpertsDecl], scope: Scope) -> tuple[O.ExpertSpec | None, int]:
         for extra in decls[1:]:

@@ -56,6 +56,7 @@ ZERO_COMPUTATION = {
 }
 
 _SCORES = ("softmax", "sigmoid")
+QK_NORMS = ("none", "head", "projection")
 
 ROUTERS = {
     "top_k": Kind("top_k", (Param("k", "int", positive=True),
@@ -107,8 +108,27 @@ SUBLAYERS = {
                                     Param("kv_heads", "int", None, positive=True),
                                     Param("head_dim", "int", None, positive=True),
                                     Param("bias", "bool", False),
-                                    Param("causal", "bool", True)),
-                      "multi-head (kv_heads = heads) or grouped-query attention"),
+                                    Param("causal", "bool", True),
+                                    Param("rope_theta", "float", None, positive=True),
+                                    Param("qk_norm", "symbol", "none", QK_NORMS),
+                                    Param("out_bias", "bool", None)),
+                      "multi-head (kv_heads = heads) or grouped-query attention; `rope_theta` adds rotary "
+                      "position embeddings (rotate-half), `qk_norm = head | projection` RMS-normalises q and k "
+                      "(per head or over the whole projection, with the block norm's eps), `out_bias` overrides "
+                      "`bias` for the output projection"),
+    "latent_attention": Kind("latent_attention", (Param("heads", "int", positive=True),
+                                                  Param("kv_rank", "int", positive=True),
+                                                  Param("qk_nope_dim", "int", positive=True),
+                                                  Param("qk_rope_dim", "int", positive=True),
+                                                  Param("v_dim", "int", positive=True),
+                                                  Param("q_rank", "int", None, positive=True),
+                                                  Param("rope_theta", "float", 10000.0, positive=True),
+                                                  Param("rope_interleave", "bool", False),
+                                                  Param("bias", "bool", False),
+                                                  Param("eps", "float", 1e-6, positive=True)),
+                             "DeepSeek-V2/V3 multi-head latent attention (causal): keys and values from a "
+                             "kv_rank-wide latent, queries optionally through a q_rank-wide one; qk_rope_dim "
+                             "dims per head carry rotary embeddings (shared by all heads for keys)"),
 }
 
 # Block-level settings: `name = value` inside a block.
@@ -118,11 +138,13 @@ BLOCK_SETTINGS = {
 }
 RESIDUALS = ("pre_norm", "post_norm")
 
-# `moe { ... }` settings.
+# `moe { ... }` settings: `name = value`.
 MOE_SETTINGS = {
+    "shared_gate": "none (default) or sigmoid: the shared experts' output is scaled by sigmoid(x . w) per token",
     "iterations": "chain-of-experts: route and run the experts this many times, each iteration with its own "
                   "router and a residual between (the experts are shared)",
 }
+SHARED_GATES = ("none", "sigmoid")
 
 INPUT = Kind("input", (Param("dim", "int", positive=True), Param("modalities", "list", None)))
 

@@ -137,10 +137,15 @@ def _cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
         return p, p, 0
     if k == "attention":
         w = op.dim * op.head_dim * (2 * op.heads + 2 * op.kv_heads)
-        b = (op.heads + 2 * op.kv_heads) * op.head_dim + op.dim if op.bias else 0
-        return w + b, w + b, 2 * w
+        b = (op.heads + 2 * op.kv_heads) * op.head_dim if op.bias else 0
+        b += op.dim if op.o_bias else 0
+        qk = {"none": 0, "head": 2 * op.head_dim, "projection": (op.heads + op.kv_heads) * op.head_dim}[op.qk_norm]
+        return w + b + qk, w + b + qk, 2 * w
+    if k == "latent_attention":
+        return op.params, op.params, op.flops
     if k == "ffn":
-        return op.expert.params, op.expert.params, op.expert.flops
+        gate = op.expert.dim if op.gate != "none" else 0
+        return op.expert.params + gate, op.expert.params + gate, op.expert.flops + 2 * gate
     if k in ("router_gate", "router"):
         p = op.dim * op.num_experts
         return p, p, 2 * p
@@ -155,8 +160,9 @@ def _cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
 
 
 def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str, int], dict[str, int]]:
-    shared_p = op.shared.widened(op.num_shared).params if op.shared else 0
-    shared_f = op.shared.widened(op.num_shared).flops if op.shared else 0
+    gate = op.dim if op.shared and op.shared_gate != "none" else 0  # the shared experts' output gate
+    shared_p = op.shared.widened(op.num_shared).params + gate if op.shared else 0
+    shared_f = op.shared.widened(op.num_shared).flops + 2 * gate if op.shared else 0
     params = shared_p
     active: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)

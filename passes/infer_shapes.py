@@ -32,7 +32,7 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
                 TensorType(shape=("T",), dtype="i64", modalities=mods)]  # x, modality ids, task ids
     if k == "output":
         return []
-    if k in ("norm", "attention", "ffn"):
+    if k in ("norm", "attention", "latent_attention", "ffn"):
         dim = op.dim if k != "ffn" else op.expert.dim
         if ins[0].shape[-1] != dim:
             raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {dim}")

@@ -123,7 +123,7 @@ class LowerMoE(Pass):
                 O.AddOp, f"{p}counts_sum{suffix}", [counts[grp.name], cnt])[0]
             total = yg if total is None else mk(O.AddOp, f"sum{suffix}_{index}", [total, yg])[0]
         if moe.shared is not None:
-            (s,) = mk(O.FFNOp, "shared", [h], expert=moe.shared.widened(moe.num_shared))
+            (s,) = mk(O.FFNOp, "shared", [h], expert=moe.shared.widened(moe.num_shared), gate=moe.shared_gate)
             (total,) = mk(O.AddOp, f"shared_add{suffix}", [total, s])
         return total
 

@@ -24,9 +24,9 @@ from moec.ir import Graph, Value
 # The runtime modules shipped next to every generated file: module -> (source file, names it exports)
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
-        "Attention", "Container", "Experts", "FeedForward", "ModelOutput", "activate", "check_modality", "combine",
-        "expert_counts", "expert_offsets", "gather_rows", "grouped_linear", "identity_experts", "load_balance_loss",
-        "mask_experts", "moe_experts",
+        "Attention", "Container", "Experts", "FeedForward", "LatentAttention", "ModelOutput", "activate",
+        "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
+        "identity_experts", "load_balance_loss", "mask_experts", "moe_experts",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
         "BalancedRouter", "apply_capacity", "route_deterministic", "route_dynamic_k", "route_expert_choice",
@@ -95,10 +95,28 @@ def _norm_ctor(op: O.NormOp) -> str:
     return f"{cls}({op.dim}, eps={op.eps!r})"
 
 
-def _ffn_ctor(e: O.ExpertSpec) -> str:
+def _ffn_ctor(e: O.ExpertSpec, gate: str = "none") -> str:
     ternary = ", ternary=True" if e.weights == "ternary" else ""
+    ternary += ", output_gate=True" if gate == "sigmoid" else ""
     return (f"FeedForward(dim={e.dim}, hidden={e.hidden}, glu={e.form == 'glu'}, "
             f"activation={e.act!r}, bias={e.bias}{ternary})")
+
+
+def _attention_ctor(op: O.AttentionOp) -> str:
+    """Attention(...) with the rotary / q-k norm / output-bias arguments only where they are set."""
+    extra = f", rope_theta={op.rope_theta!r}" if op.rope_theta is not None else ""
+    if op.qk_norm != "none":
+        extra += f", qk_norm={op.qk_norm!r}, norm_eps={op.norm_eps!r}"
+    if op.out_bias is not None and op.out_bias != op.bias:
+        extra += f", out_bias={op.out_bias}"
+    return (f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
+            f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal}{extra})")
+
+
+def _latent_attention_ctor(op: O.LatentAttentionOp) -> str:
+    return (f"LatentAttention(dim={op.dim}, heads={op.heads}, kv_rank={op.kv_rank}, "
+            f"qk_nope_dim={op.qk_nope_dim}, qk_rope_dim={op.qk_rope_dim}, v_dim={op.v_dim}, q_rank={op.q_rank}, "
+            f"rope_theta={op.rope_theta!r}, rope_interleave={op.rope_interleave}, bias={op.bias}, eps={op.eps!r})")
 
 
 def _weight(attr: str, name: str, weights: str) -> str:
@@ -244,13 +262,17 @@ class _BlockEmitter:
         self.line(f"{h} = {attr}({ins[0]})")
 
     def _op_attention(self, node, op, ins, path):
-        attr = self.module(path, f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
-                                 f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal})")
+        attr = self.module(path, _attention_ctor(op))
+        (h,) = self.assign(node, ["h"])
+        self.line(f"{h} = {attr}({ins[0]})")
+
+    def _op_latent_attention(self, node, op, ins, path):
+        attr = self.module(path, _latent_attention_ctor(op))
         (h,) = self.assign(node, ["h"])
         self.line(f"{h} = {attr}({ins[0]})")
 
     def _op_ffn(self, node, op, ins, path):
-        attr = self.module(path, _ffn_ctor(op.expert))
+        attr = self.module(path, _ffn_ctor(op.expert, op.gate))
         (h,) = self.assign(node, ["h" if self.region(node) is None else path[-1]])
         self.line(f"{h} = {attr}({ins[0]})")
 
@@ -268,10 +290,11 @@ class _BlockEmitter:
         (y,) = self.assign(node, ["out"])
         self.line(f"{y} = scatter_tokens({ins[0]}, {ins[1]}, {ins[2]})")
 
-    def _gate(self, logits: str, path: list[str], op, x: str, jitter: float) -> str:
-        """`logits = router(x)` (with input jitter in training); returns the router module path."""
-        ctor = (f"BalancedRouter({op.dim}, {op.num_experts}, rate={op.balance_rate!r})" if op.balance_rate
-                else f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
+    def _gate(self, logits: str, path: list[str], op, x: str, jitter: float, score_bias: bool = False) -> str:
+        """`logits = router(x)` (with input jitter in training); returns the router module path.
+        `score_bias`: the router keeps a selection bias (group-limited routing), even when not updated."""
+        ctor = (f"BalancedRouter({op.dim}, {op.num_experts}, rate={op.balance_rate!r})"
+                if op.balance_rate or score_bias else f"nn.Linear({op.dim}, {op.num_experts}, bias=False)")
         attr = self.module(path, ctor)
         if jitter:
             noisy = self.fresh(f"{logits}_input")
@@ -280,6 +303,11 @@ class _BlockEmitter:
         self.line(f"{logits} = {attr}({x})")
         self.routers[self.group_of_path(path)] = attr
         return attr
+
+    def _feeds_group_limited(self, node: int) -> bool:
+        """Whether a router gate's logits feed group-limited routing (which reads the gate's score bias)."""
+        return any(self.g.op(u).kind == "route" and self.g.op(u).router.kind == "group_limited"
+                   for u, _ in self.g.users(self.g.outputs(node)[0]))
 
     def group_of_path(self, path: list[str]) -> str:
         return ".".join(path[:-1])
@@ -319,14 +347,14 @@ class _BlockEmitter:
 
     def _op_router_gate(self, node, op, ins, path):
         (logits,) = self.assign(node, ["logits"])
-        self._gate(logits, path, op, ins[0], op.jitter)
+        self._gate(logits, path, op, ins[0], op.jitter, score_bias=self._feeds_group_limited(node))
 
     def _op_route(self, node, op, ins, path):
         self._route(self.assign(node, ["weights", "expert_ids", "probs"]), ins[0], op.router, op.num_experts, path)
 
     def _op_router(self, node, op, ins, path):
         w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])
-        self._gate(logits, path, op, ins[0], op.router.jitter)
+        self._gate(logits, path, op, ins[0], op.router.jitter, score_bias=op.router.kind == "group_limited")
         self._route([w, ids, probs], logits, op.router, op.num_experts, path)
 
     def _op_mask_experts(self, node, op, ins, path):

@@ -384,8 +384,10 @@ def route_group_limited(
     ``scale``.
 
     Returns ``(weights[T, k], expert_ids[T, k], probs=scores[T, E])``; ties by ``torch.topk``.
-    Difference from transformers' ``DeepseekV3TopkRouter``: masked experts get ``-inf`` rather
-    than ``0.0``, so a masked expert can never beat a kept expert whose biased score is negative.
+    Masked experts get ``-inf``, so a masked expert can never beat a kept expert whose biased score
+    is negative; transformers' ``DeepseekV3TopkRouter`` does the same (checked with 5.24; older
+    versions used ``0.0``). With sigmoid scores this is the same selection and the same weights as
+    transformers' router (tests/test_interop_transformers.py checks both, per token).
     """
     name = "route_group_limited"
     _check_logits(name, logits)

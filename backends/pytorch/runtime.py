@@ -108,8 +108,9 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     ``expert_counts``, ``load_balance_loss`` and ``z_loss`` make no host sync.
 
 Layers used by generated models: ``Attention`` (multi-head / grouped-query,
-``q_proj k_proj v_proj o_proj``), ``FeedForward`` (a dense expert, ``up_proj
-gate_proj down_proj`` linears), ``Experts`` (stacked expert weights ``up_proj /
+``q_proj k_proj v_proj o_proj``, optional rotary embeddings and q/k RMSNorm),
+``LatentAttention`` (DeepSeek's multi-head latent attention), ``FeedForward`` (a dense expert,
+``up_proj gate_proj down_proj`` linears, optional sigmoid ``output_gate``), ``Experts`` (stacked expert weights ``up_proj /
 gate_proj [E, d, f]``, ``down_proj [E, f, d]``), ``Container`` (a namespace of
 submodules), ``ModelOutput`` (``output, aux_loss, expert_counts``),
 ``check_modality`` (input validation), ``select_tokens`` / ``scatter_tokens``
@@ -123,6 +124,10 @@ Unfused primitives, one per op of an unfused lowering (``moec ir --after lower-m
 
 ``ternarize(weight)``: {-1, 0, 1} x mean|w| per expert (absmean), straight-through gradient; used
 for experts declared with ``weights = ternary`` (``FeedForward(ternary=True)`` for dense ones).
+
+``rotary_cos_sin(seq, dim, theta, device, dtype)`` -> ``(cos, sin)`` [seq, dim] at positions
+0..seq-1, and ``apply_rotary(t, cos, sin, interleaved=False)``: rotary position embeddings as
+transformers computes them (rotate-half pairs i with i + dim/2; interleaved pairs 2i with 2i+1).
 
 ``ACTIVATIONS``: tuple of the supported activation names.
 ``METHODS``: tuple of the accepted ``method`` names.
@@ -145,8 +150,10 @@ __all__ = [
     "Container",
     "Experts",
     "FeedForward",
+    "LatentAttention",
     "ModelOutput",
     "activate",
+    "apply_rotary",
     "check_modality",
     "combine",
     "expert_counts",
@@ -158,6 +165,7 @@ __all__ = [
     "moe_experts",
     "permute",
     "resolve_method",
+    "rotary_cos_sin",
     "route_top_k",
     "scatter_tokens",
     "select_tokens",
@@ -777,13 +785,15 @@ class FeedForward(nn.Module):
     `ternary` quantises the matrices with ``ternarize`` in every forward."""
 
     def __init__(self, dim: int, hidden: int, glu: bool, activation: str, bias: bool = False,
-                 ternary: bool = False):
+                 ternary: bool = False, output_gate: bool = False):
         super().__init__()
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.gate_proj = nn.Linear(dim, hidden, bias=bias) if glu else None
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = _activation(activation)
         self.ternary = ternary
+        # output_gate: the output is scaled by sigmoid(x . w) per token (Qwen2-MoE's shared expert gate)
+        self.output_gate = nn.Linear(dim, 1, bias=False) if output_gate else None
 
     def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
         weight = ternarize(layer.weight) if self.ternary else layer.weight
@@ -792,8 +802,12 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         up = self._linear(self.up_proj, x)
         if self.gate_proj is not None:
-            return self._linear(self.down_proj, self.act(self._linear(self.gate_proj, x)) * up)
-        return self._linear(self.down_proj, self.act(up))
+            y = self._linear(self.down_proj, self.act(self._linear(self.gate_proj, x)) * up)
+        else:
+            y = self._linear(self.down_proj, self.act(up))
+        if self.output_gate is not None:
+            y = torch.sigmoid(self.output_gate(x)) * y
+        return y
 
 
 class Experts(nn.Module):
@@ -822,27 +836,122 @@ class Experts(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head / grouped-query self-attention over dim -2 of x [..., S, dim]."""
+    """Multi-head / grouped-query self-attention over dim -2 of x [..., S, dim].
+
+    Positions are 0..S-1 along dim -2. ``rope_theta`` applies rotary position embeddings to q and
+    k (the rotate-half convention: dimension i pairs with i + head_dim / 2); ``qk_norm`` applies
+    RMSNorm (eps ``norm_eps``) to q and k before the rotation, per head (``"head"``, over
+    head_dim) or over the whole projection (``"projection"``); ``out_bias`` (default: ``bias``)
+    gives the output projection its own bias setting."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bias: bool = False,
-                 causal: bool = True):
+                 causal: bool = True, rope_theta: float | None = None, qk_norm: str = "none",
+                 norm_eps: float = 1e-6, out_bias: bool | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.causal = heads, kv_heads, head_dim, causal
+        self.rope_theta, self.qk_norm = rope_theta, qk_norm
         self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
         self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps), nn.RMSNorm(head_dim, eps=norm_eps)
+        elif qk_norm == "projection":
+            self.q_norm = nn.RMSNorm(heads * head_dim, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(kv_heads * head_dim, eps=norm_eps)
+        elif qk_norm != "none":
+            raise ValueError(f"Attention: qk_norm must be 'none', 'head' or 'projection', got {qk_norm!r}")
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         seq = shape[-2] if x.dim() >= 2 else 1
         b = math.prod(shape[:-2]) if x.dim() > 2 else 1
         xs = x.reshape(b, seq, shape[-1])
-        q = self.q_proj(xs).view(b, seq, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(xs).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(xs).view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(xs), self.k_proj(xs), self.v_proj(xs)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, seq, self.heads, self.head_dim)
+        k = k.view(b, seq, self.kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.rope_theta is not None:
+            cos, sin = rotary_cos_sin(seq, self.head_dim, self.rope_theta, x.device, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.o_proj(o.transpose(1, 2).reshape(b, seq, self.heads * self.head_dim)).reshape(shape)
+
+
+def rotary_cos_sin(seq: int, dim: int, theta: float, device, dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin [seq, dim] of rotary position embeddings at positions 0..seq-1: frequency
+    theta^(-2i/dim) for i < dim/2, repeated for the two halves (as transformers computes them)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
+                                / dim))
+    freqs = torch.arange(seq, device=device, dtype=torch.float)[:, None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(t: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """Rotate t [..., seq, dim] by position. Rotate-half: dimension i pairs with i + dim/2.
+    Interleaved: dimensions (2i, 2i+1) pair up, and the result is laid out as the rotate-half
+    form's halves (the even results, then the odd ones), as DeepSeek-V3's checkpoints expect."""
+    if interleaved:
+        half = t.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        t1, t2 = t[..., 0::2], t[..., 1::2]
+        return torch.cat([t1 * c - t2 * s, t2 * c + t1 * s], dim=-1)
+    t1, t2 = t[..., : t.shape[-1] // 2], t[..., t.shape[-1] // 2:]
+    return t * cos + torch.cat((-t2, t1), dim=-1) * sin
+
+
+class LatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2/V3) over dim -2 of x [..., S, dim], causal.
+
+    Queries: ``q_proj`` (or, with ``q_rank``, ``q_b_proj(q_a_norm(q_a_proj(x)))``), per head
+    ``qk_nope_dim`` dims without and ``qk_rope_dim`` dims with rotary embeddings. Keys and values
+    come from one compressed latent: ``kv_a_proj(x)`` gives ``kv_rank`` latent dims (normalised by
+    ``kv_a_norm``, expanded by ``kv_b_proj`` to per-head no-rope keys and values of ``v_dim``)
+    and ``qk_rope_dim`` rotary key dims shared by all heads. Scores are scaled by
+    (qk_nope_dim + qk_rope_dim)^-0.5; the latent norms use ``eps``."""
+
+    def __init__(self, dim: int, heads: int, kv_rank: int, qk_nope_dim: int, qk_rope_dim: int, v_dim: int,
+                 q_rank: int | None = None, rope_theta: float = 10000.0, rope_interleave: bool = False,
+                 bias: bool = False, eps: float = 1e-6):
+        super().__init__()
+        self.heads, self.kv_rank, self.nope, self.rope, self.v_dim = heads, kv_rank, qk_nope_dim, qk_rope_dim, v_dim
+        self.rope_theta, self.rope_interleave = rope_theta, rope_interleave
+        qk = qk_nope_dim + qk_rope_dim
+        if q_rank is None:
+            self.q_proj = nn.Linear(dim, heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(dim, q_rank, bias=bias)
+            self.q_a_norm = nn.RMSNorm(q_rank, eps=eps)
+            self.q_b_proj = nn.Linear(q_rank, heads * qk, bias=False)
+        self.kv_a_proj = nn.Linear(dim, kv_rank + qk_rope_dim, bias=bias)
+        self.kv_a_norm = nn.RMSNorm(kv_rank, eps=eps)
+        self.kv_b_proj = nn.Linear(kv_rank, heads * (qk_nope_dim + v_dim), bias=False)
+        self.o_proj = nn.Linear(heads * v_dim, dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        seq = shape[-2] if x.dim() >= 2 else 1
+        b = math.prod(shape[:-2]) if x.dim() > 2 else 1
+        xs = x.reshape(b, seq, shape[-1])
+        q = self.q_proj(xs) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_norm(self.q_a_proj(xs)))
+        q = q.view(b, seq, self.heads, self.nope + self.rope).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [self.nope, self.rope], dim=-1)
+        latent, k_rot = torch.split(self.kv_a_proj(xs), [self.kv_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_norm(latent)).view(b, seq, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        k_pass, v = torch.split(kv, [self.nope, self.v_dim], dim=-1)
+        cos, sin = rotary_cos_sin(seq, self.rope, self.rope_theta, x.device, q.dtype)
+        q_rot = apply_rotary(q_rot, cos, sin, self.rope_interleave)
+        k_rot = apply_rotary(k_rot.view(b, 1, seq, self.rope), cos, sin, self.rope_interleave)
+        q = torch.cat((q_pass, q_rot), dim=-1)
+        k = torch.cat((k_pass, k_rot.expand(-1, self.heads, -1, -1)), dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(o.transpose(1, 2).reshape(b, seq, self.heads * self.v_dim)).reshape(shape)
