@@ -132,8 +132,8 @@ class _TritonBlockEmitter(_BlockEmitter):
     def _op_router(self, node, op, ins, path):
         r = op.router
         if not kernel_routed(r):
-            self.pytorch_notes.append(f"{'.'.join(path[:-1])}: {r.kind} router"
-                                      + (" with capacity" if r.capacity is not None else ""))
+            capacity = " with capacity" if r.kind == "top_k" and r.capacity is not None else ""
+            self.pytorch_notes.append(f"{'.'.join(path[:-1])}: {r.kind} router{capacity}")
             super()._op_router(node, op, ins, path)
             w, ids = (self.names[v] for v in self.g.outputs(node)[:2])
             self.routing[self.group_of_path(path)] = (ids, w)
@@ -200,7 +200,7 @@ class _TritonBlockEmitter(_BlockEmitter):
             "[" + ", ".join(self.routing[k][1] for k in keys) + "]", repr(offsets)]))
         counts = self.fresh("counts")
         self.line(f"{counts} = torch.cat([{', '.join(self.counts[k] for k in keys)}])")
-        (y,) = self.assign(node, ["y"])
+        self.names[self.g.outputs(node)[0]] = y = self.fresh("y")
         self.line(f"# one launch per kernel for all {len(groups)} groups: {total} experts, group offsets {offsets}")
         self.line(_call(y, "fused_experts", ["kernels", ins[0], ids, w, *self._weights(parts, op.expert),
                                             f"counts={counts}", "blocks=BLOCKS"]))

@@ -55,10 +55,10 @@ class Blocks:
         return 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 64 else 64
 
     def n(self, width: int) -> int:
-        return self.block_n or _tile(width, 64 if INTERPRET else 64)
+        return self.block_n or _tile(width, 256 if INTERPRET else 64)
 
     def k(self, width: int) -> int:
-        return self.block_k or _tile(width, 64 if INTERPRET else 32)
+        return self.block_k or _tile(width, 128 if INTERPRET else 32)
 
     def t(self) -> int:
         return self.block_t or (64 if INTERPRET else 32)
