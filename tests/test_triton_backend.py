@@ -13,9 +13,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel is decorated
 pytest.importorskip("triton")
 pytest.importorskip("numpy")  # the interpreter needs it
 
-import moec  # noqa: E402
-import torch  # noqa: E402
-from moec.cli import main  # noqa: E402
+import moec
+import torch
+from moec.cli import main
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
@@ -119,7 +119,7 @@ def test_skewed_routing_empty_experts_and_keyword_names(tmp_path):
     """Every token of a group routed to the same experts (the others empty), group names that are
     Python keywords / runtime names, two expert shapes (one launch per group), MLP with biases."""
     ref, tri = pair(str(tmp_path / "skew.moe"), str(tmp_path / "out"), MOE_ONLY)
-    source = open(tmp_path / "out" / "skew.py").read()
+    source = (tmp_path / "out" / "skew.py").read_text()
     assert "self.moe.lambda_" in source and "Blocks(block_m=16)" in source
     torch.manual_seed(1)
     row = torch.randn(1, 32)
@@ -244,7 +244,7 @@ def test_no_expert_loop_and_no_host_sync(tmp_path):
             runtime.LAUNCHES = None
 
     assert expert_launches(8) == expert_launches(16) == ["align_kernel", "expert_up_kernel", "expert_down_kernel"]
-    header = open(tmp_path / "mixtral.py").read().split('"""')[0]
+    header = (tmp_path / "mixtral.py").read_text().split('"""')[0]
     assert "total per forward: 0" in header
 
 

@@ -67,7 +67,7 @@ class _TritonBlockEmitter(_BlockEmitter):
     def _route_first(cls, graph: Graph, nodes: list[int]) -> list[int]:
         """Within a merged MoE layer, every group's selection and routing before any experts."""
         order = list(nodes)
-        for region, members in cls._regions(graph, nodes).items():
+        for members in cls._regions(graph, nodes).values():
             if not cls._merged(graph, members):
                 continue
             early = [n for n in members if graph.op(n).kind in ("select_tokens", "router", "permute")]
@@ -302,7 +302,7 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
     per_layer = {b.class_name: b.host_syncs for b in blocks.values()}
     if not kernels.activations:
         kernels.activation("identity")  # a model without MoE layers still gets a valid kernel file
-    common = dict(version=__version__, source=source, model_name=graph.name)
+    common = {"version": __version__, "source": source, "model_name": graph.name}
     model = _env().get_template("model.py.j2").render(
         **common, imports=[(m, names) for m, names in imports if names], kernels_module=kernels_module,
         blocks_cfg=", ".join(f"{k}={v}" for k, v in blocks_cfg.items()), pytorch_routers=pytorch_notes,

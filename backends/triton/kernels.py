@@ -63,9 +63,9 @@ class KernelSet:
         if groups is not None and (num_experts % groups or not 1 <= (r.top_groups or 0) <= groups):
             raise BackendError(f"group_limited router: {groups} groups do not split {num_experts} experts "
                                f"into equal groups with top_groups={r.top_groups}")
-        spec = dict(num_experts=num_experts, k=r.k, score=r.score, renormalize=r.renormalize, scale=float(r.scale),
-                    has_bias=r.kind == "group_limited", groups=groups,
-                    top_groups=r.top_groups if groups else None)
+        spec = {"num_experts": num_experts, "k": r.k, "score": r.score, "renormalize": r.renormalize,
+                "scale": float(r.scale), "has_bias": r.kind == "group_limited", "groups": groups,
+                "top_groups": r.top_groups if groups else None}
         for known in self.routers:
             if all(getattr(known, key) == value for key, value in spec.items()):
                 return known.name
