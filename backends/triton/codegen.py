@@ -312,7 +312,8 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
         uses_task=any(graph.op(n).kind in ("route", "router") and graph.op(n).router.by == "task"
                       for n in graph.nodes()))
     kernel_text = _env().get_template("kernels.py.j2").render(
-        **common, routers=kernels.routers, activations=kernels.activations)
+        **common, routers=kernels.routers, activations=kernels.activations,
+        tune_router="block_t" not in blocks_cfg, tune_gemm=not {"block_n", "block_k"} & set(blocks_cfg))
     return {f"{module}.py": model, f"{kernels_module}.py": kernel_text}
 
 

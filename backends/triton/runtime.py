@@ -81,9 +81,9 @@ def _dot_dtype(t: Tensor):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}.get(t.dtype, tl.float32)
 
 
-def _meta(kernels, names: tuple[str, ...], **sizes) -> dict:
-    """Tile arguments for a launch: autotuned kernels pick BLOCK_N / BLOCK_K themselves."""
-    return {k: v for k, v in sizes.items() if not (kernels.TUNED and k in names)}
+def _gemm_tiles(kernels, block_n: int, block_k: int) -> dict:
+    """Tile arguments of a forward GEMM launch: autotuned kernels pick BLOCK_N / BLOCK_K themselves."""
+    return {} if kernels.TUNED_GEMM else {"BLOCK_N": block_n, "BLOCK_K": block_k}
 
 
 # ---------------------------------------------------------------------------- routing
@@ -102,9 +102,9 @@ class _Route(torch.autograd.Function):
         counts = torch.zeros(E, device=x.device, dtype=torch.int32)
         if T:
             meta = {"BLOCK_D": _tile(D, 64)}
-            if not kernels.TUNED:
+            if not kernels.TUNED_ROUTER:
                 meta["BLOCK_T"] = block_t
-            grid = (triton.cdiv(T, block_t),) if not kernels.TUNED else (lambda m: (triton.cdiv(T, m["BLOCK_T"]),))
+            grid = (lambda m: (triton.cdiv(T, m["BLOCK_T"]),)) if kernels.TUNED_ROUTER else (triton.cdiv(T, block_t),)
             _launch(kernel, grid, x, gate, bias if bias is not None else logits, mask if mask is not None else ids,
                     logits, probs, weights, ids, counts, T, D, x.stride(0), gate.stride(0),
                     HAS_MASK=mask is not None, DOT_DTYPE=_dot_dtype(x), **meta)
@@ -225,14 +225,14 @@ class _Experts(torch.autograd.Function):
         _launch(kernels.expert_up_kernel, grid, x, sorted_ids, block_expert, total, up, gate, ub, gb,
                 h, up_pre, gate_pre, N, D, F, k, x.stride(0), up.stride(0), up.stride(1), F,
                 ACT=act, GLU=glu, HAS_BIAS=has_bias, SAVE=save, DOT_DTYPE=dot, BLOCK_M=block_m,
-                **_meta(kernels, ("BLOCK_N", "BLOCK_K"), BLOCK_N=bn, BLOCK_K=bk))
+                **_gemm_tiles(kernels, bn, bk))
         y_pairs = torch.zeros(N, D, device=x.device, dtype=x.dtype)
         y_raw = torch.zeros(N, D, **f32) if save else y_pairs
         bn, bk = blocks.n(D), blocks.k(F)
         _launch(kernels.expert_down_kernel, _grid(kernels, m_blocks, D, bn), h, sorted_ids, block_expert, total,
                 down, db, w_flat, y_pairs, y_raw, N, D, F, down.stride(0), down.stride(1), D,
                 HAS_BIAS=has_bias, SAVE=save, DOT_DTYPE=dot, BLOCK_M=block_m,
-                **_meta(kernels, ("BLOCK_N", "BLOCK_K"), BLOCK_N=bn, BLOCK_K=bk))
+                **_gemm_tiles(kernels, bn, bk))
         acc = torch.promote_types(x.dtype, torch.float32)
         y = y_pairs.view(T, k, D).to(acc).sum(1).to(x.dtype)  # the reduction over the k slots
         if save:
@@ -287,7 +287,7 @@ class _Experts(torch.autograd.Function):
 
 
 def _grid(kernels, m_blocks: int, width: int, block_n: int):
-    if kernels.TUNED:
+    if kernels.TUNED_GEMM:
         return lambda meta: (m_blocks, triton.cdiv(width, meta["BLOCK_N"]))
     return (m_blocks, triton.cdiv(width, block_n))
 
