@@ -96,8 +96,8 @@ def cmd_compile(args) -> int:
         except (OSError, ValueError) as exc:
             print(f"moec: error: cannot read placement plan `{args.plan}`: {exc}", file=sys.stderr)
             return 1
-    options = {"pytorch": {"static": args.static, "plan": plan}, "triton": {}}.get(args.target, {
-        "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens})
+    options = {"static": args.static, "plan": plan} if args.target in ("pytorch", "triton") else {
+        "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens}
     from moec.backends import BackendError
     from moec.backends.mlir import MlirLoweringError, MlirUnavailableError
 

@@ -83,10 +83,11 @@ def assert_same(ref, tri, x, modality=None, atol=2e-5):
 
 
 # ---------------------------------------------------------------------------- whole models
-@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma", "deepseek_v3_style"])
+@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma", "deepseek_v3_style", "moma_expert_choice"])
 def test_examples_match_pytorch_backend(example, tmp_path):
-    """Mixtral-like, DeepSeek-like (shared + fine-grained), MoMa-like (two modality groups) and
-    group-limited routing; 2 x 37 tokens: not a multiple of any block size."""
+    """Mixtral-like, DeepSeek-like (shared + fine-grained), MoMa-like (two modality groups),
+    group-limited routing, and expert-choice routing (PyTorch routing feeding the expert
+    kernels); 2 x 37 tokens: not a multiple of any block size."""
     path = os.path.join(EXAMPLES, f"{example}.moe")
     ref, tri = pair(path, str(tmp_path))
     torch.manual_seed(0)
@@ -131,6 +132,29 @@ def test_skewed_routing_empty_experts_and_keyword_names(tmp_path):
     assert image_counts.max() == 8 and int((image_counts == 0).sum()) == 4
     # one modality absent altogether: its group routes nothing
     assert_same(ref, tri, torch.randn(19, 32), torch.zeros(19, dtype=torch.long))
+
+
+DETERMINISTIC = """
+model det {
+  const d = 32
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  expert ffn = glu(d, 48, act = gelu_tanh)
+  block sparse { moe { experts 2 x ffn; router deterministic(by = modality) } }
+  block dense { ffn }
+  layers { dense; sparse }
+}
+"""
+
+
+def test_pytorch_routed_layers_feed_the_expert_kernels(tmp_path):
+    """A router without a kernel (deterministic by modality) keeps its PyTorch routing, says so
+    in the generated header, and its tokens still run on the expert kernels (tanh-GELU GLU)."""
+    ref, tri = pair(str(tmp_path / "det.moe"), str(tmp_path / "out"), DETERMINISTIC)
+    header = (tmp_path / "out" / "det.py").read_text().split('"""')[0]
+    assert "SparseBlock.moe: deterministic router" in header
+    torch.manual_seed(2)
+    assert_same(ref, tri, torch.randn(3, 11, 32), torch.randint(0, 2, (3, 11)))
 
 
 def test_group_limited_bias_selects_and_updates(tmp_path):
@@ -259,4 +283,11 @@ def test_bad_target_settings_are_user_errors(tmp_path, capsys):
     assert main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), "--target", "triton", "--pipeline", "unfused",
                  "-o", str(tmp_path / "o")]) == 1
     assert "fused pipeline" in capsys.readouterr().err
+    for flag in ("--static", "--plan"):
+        plan = tmp_path / "plan.json"
+        plan.write_text("{}")
+        args = [flag] + ([str(plan)] if flag == "--plan" else [])
+        assert main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), "--target", "triton", *args,
+                     "-o", str(tmp_path / "o")]) == 1
+        assert capsys.readouterr().err.startswith("moec: error: the triton target has no")
     assert not (tmp_path / "o").exists()

@@ -162,6 +162,11 @@ class _TritonBlockEmitter(_BlockEmitter):
         self.counts[group] = counts
         self.routing[group] = (ids, w)
 
+    def _op_route(self, node, op, ins, path):
+        """Routers without a gate (deterministic by modality, task or hash) route in PyTorch."""
+        self.pytorch_notes.append(f"{'.'.join(path[:-1])}: {op.router.kind} router")
+        super()._op_route(node, op, ins, path)
+
     def _op_permute(self, node, op, ins, path):
         order, counts, offsets = self.g.outputs(node)
         self.names[order] = self.names[offsets] = "None"  # the alignment runs inside fused_experts
