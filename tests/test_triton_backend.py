@@ -272,6 +272,28 @@ def test_no_expert_loop_and_no_host_sync(tmp_path):
     assert "total per forward: 0" in header
 
 
+# ---------------------------------------------------------------------------- generated code
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
+
+
+@pytest.mark.parametrize("kind", ["model", "kernels"])
+def test_generated_moma_matches_golden(kind):
+    """Generated code is reviewed like code: a change to it shows up as a diff of these files.
+    To rewrite them after an intended change: MOEC_UPDATE_GOLDEN=1 python -m pytest -k golden"""
+    from moec.backends.triton import render
+    from moec.driver import compile_model
+
+    comp = compile_model(os.path.join(EXAMPLES, "moma.moe"))
+    files = render(comp.graph, "examples/moma.moe", comp.spec.targets)
+    text = files["moma.py" if kind == "model" else "moma_kernels.py"]
+    golden = os.path.join(GOLDEN, f"moma_triton_{kind}.txt")
+    if os.environ.get("MOEC_UPDATE_GOLDEN"):
+        with open(golden, "w") as fh:
+            fh.write(text)
+    with open(golden) as fh:
+        assert text == fh.read(), f"generated {kind} file changed; review and rewrite {golden}"
+
+
 # ---------------------------------------------------------------------------- command line
 def test_bad_target_settings_are_user_errors(tmp_path, capsys):
     src = tmp_path / "bad.moe"

@@ -108,10 +108,11 @@ class _Route(torch.autograd.Function):
             _launch(kernel, grid, x, gate, bias if bias is not None else logits, mask if mask is not None else ids,
                     logits, probs, weights, ids, counts, T, D, x.stride(0), gate.stride(0),
                     HAS_MASK=mask is not None, DOT_DTYPE=_dot_dtype(x), **meta)
+        counts = counts.long()
         ctx.save_for_backward(x, gate, logits, ids)
         ctx.spec = spec
         ctx.mark_non_differentiable(ids, counts)
-        return weights, ids, probs, logits, counts.long()
+        return weights, ids, probs, logits, counts
 
     @staticmethod
     def backward(ctx, d_weights, _d_ids, d_probs, d_logits, _d_counts):
