@@ -105,7 +105,7 @@ model skew {
   expert wide = mlp(d, 40, act = gelu, bias = true)
   block sparse {
     moe {
-      group lambda { experts 8 x ffn; router top_k(k = 2, renormalize = true) }
+      group lambda { experts 8 x ffn; shared 1 x ffn; router top_k(k = 2, renormalize = true) }
       group kernels { experts 5 x wide; router top_k(k = 1, score = sigmoid) }
       loss load_balance(0.01), z_loss(0.001)
     }
@@ -118,7 +118,8 @@ model skew {
 
 def test_skewed_routing_empty_experts_and_keyword_names(tmp_path):
     """Every token of a group routed to the same experts (the others empty), group names that are
-    Python keywords / runtime names, two expert shapes (one launch per group), MLP with biases."""
+    Python keywords / runtime names, two expert shapes (one launch per group), a group's own
+    shared expert (masked to its tokens), MLP experts with biases."""
     ref, tri = pair(str(tmp_path / "skew.moe"), str(tmp_path / "out"), MOE_ONLY)
     source = (tmp_path / "out" / "skew.py").read_text()
     assert "self.moe.lambda_" in source and "Blocks(block_m=16)" in source
