@@ -83,11 +83,14 @@ def assert_same(ref, tri, x, modality=None, atol=2e-5):
 
 
 # ---------------------------------------------------------------------------- whole models
-@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma", "deepseek_v3_style", "moma_expert_choice"])
+ALL_EXAMPLES = sorted(f[:-4] for f in os.listdir(EXAMPLES) if f.endswith(".moe"))
+
+
+@pytest.mark.parametrize("example", ALL_EXAMPLES)
 def test_examples_match_pytorch_backend(example, tmp_path):
-    """Mixtral-like, DeepSeek-like (shared + fine-grained), MoMa-like (two modality groups),
-    group-limited routing, and expert-choice routing (PyTorch routing feeding the expert
-    kernels); 2 x 37 tokens: not a multiple of any block size."""
+    """Every example: Mixtral-like, DeepSeek-like (shared + fine-grained), MoMa-like (two modality
+    groups), group-limited routing, expert-choice routing (PyTorch routing feeding the expert
+    kernels), ternary experts; 2 x 37 tokens: not a multiple of any block size."""
     path = os.path.join(EXAMPLES, f"{example}.moe")
     ref, tri = pair(path, str(tmp_path))
     torch.manual_seed(0)

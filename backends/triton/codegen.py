@@ -49,8 +49,7 @@ class _TritonBlockEmitter(_BlockEmitter):
         super().__init__(graph, self._route_first(graph, nodes), view)
         self.kernels = kernels
         self.masks: dict[str, str] = {}  # group path -> its token mask
-        self.counts: dict[str, str] = {}  # group path -> per-expert counts from its router
-        self.routing: dict[str, tuple[str, str]] = {}  # group path -> (expert_ids, weights)
+        self.counts: dict[str, tuple[str, int]] = {}  # group path -> (per-expert counts, experts counted)
         self.pytorch_notes: list[str] = []
 
     # ---- layout decisions per MoE region ---------------------------------------------------
@@ -63,31 +62,47 @@ class _TritonBlockEmitter(_BlockEmitter):
                 out.setdefault(parts[0], []).append(n)
         return out
 
+    @staticmethod
+    def _group_key(graph: Graph, node: int) -> str:
+        """The expert group an op belongs to: its module path without the op's own name."""
+        return ".".join(graph.op(node).name.split(".")[2:-1])
+
     @classmethod
     def _route_first(cls, graph: Graph, nodes: list[int]) -> list[int]:
-        """Within a merged MoE layer, every group's selection and routing before any experts."""
+        """Within a merged MoE layer, everything the expert launch needs (every group's selection,
+        routing and masks) before the first group's experts."""
         order = list(nodes)
         for members in cls._regions(graph, nodes).values():
             if not cls._merged(graph, members):
                 continue
-            early = [n for n in members if graph.op(n).kind in ("select_tokens", "router", "permute")]
+            inside, early, stack = set(members), set(), [n for n in members if graph.op(n).kind == "fused_experts"]
+            while stack:
+                for v in graph.inputs(stack.pop()):
+                    if v.node in inside and v.node not in early:
+                        early.add(v.node)
+                        stack.append(v.node)
             first = min(order.index(n) for n in members)
             rest = [n for n in order if n not in early]
-            order = rest[:first] + early + rest[first:]
+            order = rest[:first] + [n for n in order if n in early] + rest[first:]
         return order
 
     @staticmethod
     def _masked(graph: Graph, members: list[int]) -> bool:
-        """Several modality groups, all kernel-routed: route under token masks, tokens stay put."""
+        """Modality groups, all kernel-routed: route under token masks, tokens stay in place."""
         routers = [graph.op(n) for n in members if graph.op(n).kind in ("router", "route")]
         return any(graph.op(n).kind == "select_tokens" for n in members) and \
             all(r.kind == "router" and kernel_routed(r.router) for r in routers)
 
     @classmethod
     def _merged(cls, graph: Graph, members: list[int]) -> bool:
-        """Masked and every group's experts of one shape: one expert launch for all groups."""
-        experts = [graph.op(n) for n in members if graph.op(n).kind == "fused_experts"]
-        return cls._masked(graph, members) and len(experts) > 1 and len({e.expert for e in experts}) == 1
+        """Masked, and the groups partition the tokens (each selected by modality, no group over
+        every token beside them), run once each (no chained iterations), with experts of one
+        shape: one expert launch for all groups."""
+        experts = [n for n in members if graph.op(n).kind == "fused_experts"]
+        groups = [cls._group_key(graph, n) for n in experts]
+        selected = {cls._group_key(graph, n) for n in members if graph.op(n).kind == "select_tokens"}
+        return (cls._masked(graph, members) and len(experts) > 1 and len(set(groups)) == len(groups)
+                and set(groups) <= selected and len({graph.op(n).expert for n in experts}) == 1)
 
     def region_members(self, node: int) -> list[int]:
         return self._regions(self.g, self.nodes)[self.region(node)]
@@ -134,10 +149,7 @@ class _TritonBlockEmitter(_BlockEmitter):
         if not kernel_routed(r):
             capacity = " with capacity" if r.kind == "top_k" and r.capacity is not None else ""
             self.pytorch_notes.append(f"{'.'.join(path[:-1])}: {r.kind} router{capacity}")
-            super()._op_router(node, op, ins, path)
-            w, ids = (self.names[v] for v in self.g.outputs(node)[:2])
-            self.routing[self.group_of_path(path)] = (ids, w)
-            return
+            return super()._op_router(node, op, ins, path)
         w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])
         group = self.group_of_path(path)
         counts = self.fresh(f"{self.group_of(node) + '_' if self.group_of(node) else ''}counts")
@@ -159,8 +171,7 @@ class _TritonBlockEmitter(_BlockEmitter):
         self.line(_call(f"{w}, {ids}, {probs}, {logits}, {counts}", "fused_route", [*args, "blocks=BLOCKS"]))
         if op.balance_rate:
             self.line(f"observe_counts({attr}, {counts})")
-        self.counts[group] = counts
-        self.routing[group] = (ids, w)
+        self.counts[group] = (counts, op.num_experts)
 
     def _op_route(self, node, op, ins, path):
         """Routers without a gate (deterministic by modality, task or hash) route in PyTorch."""
@@ -171,12 +182,12 @@ class _TritonBlockEmitter(_BlockEmitter):
         order, counts, offsets = self.g.outputs(node)
         self.names[order] = self.names[offsets] = "None"  # the alignment runs inside fused_experts
         group = self.group_of_path(path)
-        if group in self.counts:
-            self.names[counts] = self.counts[group]
+        if self.counts.get(group, (None, None))[1] == op.num_experts:
+            self.names[counts] = self.counts[group][0]
             return
-        (name,) = self.assign_values([counts], ["counts"], node)
+        (name,) = self.assign_values([counts], ["counts"], node)  # e.g. zero-computation experts masked out
         self.line(f"{name} = expert_counts({ins[0]}, {op.num_experts})")
-        self.counts[group] = name
+        self.counts[group] = (name, op.num_experts)
 
     # ---- experts ---------------------------------------------------------------------------
     def _op_fused_experts(self, node, op, ins, path):
@@ -186,7 +197,7 @@ class _TritonBlockEmitter(_BlockEmitter):
             (y,) = self.assign(node, ["y"])
             group = self.group_of_path(path)
             args = self._weights([(path, op)], op.expert)
-            counts = [f"counts={self.counts[group]}"] if group in self.counts else []
+            counts = [f"counts={self.counts[group][0]}"] if group in self.counts else []
             self.line(_call(y, "fused_experts", ["kernels", *ins[:3], *args, *counts, "blocks=BLOCKS"]))
             return
         groups = [n for n in members if self.g.op(n).kind == "fused_experts"]
@@ -199,12 +210,13 @@ class _TritonBlockEmitter(_BlockEmitter):
         for n in groups:
             offsets.append(total)
             total += self.g.op(n).num_experts
+        routing = [[self.ref(v, n) for v in self.g.inputs(n)[1:3]] for n in groups]  # (expert ids, weights)
         ids, w = self.fresh("expert_ids"), self.fresh("weights")
         self.line(_call(f"{ids}, {w}", "merge_groups", [
-            "[" + ", ".join(self.routing[k][0] for k in keys) + "]",
-            "[" + ", ".join(self.routing[k][1] for k in keys) + "]", repr(offsets)]))
+            "[" + ", ".join(r[0] for r in routing) + "]", "[" + ", ".join(r[1] for r in routing) + "]",
+            repr(offsets)]))
         counts = self.fresh("counts")
-        self.line(f"{counts} = torch.cat([{', '.join(self.counts[k] for k in keys)}])")
+        self.line(f"{counts} = torch.cat([{', '.join(self.counts[k][0] for k in keys)}])")
         self.names[self.g.outputs(node)[0]] = y = self.fresh("y")
         self.line(f"# one launch per kernel for all {len(groups)} groups: {total} experts, group offsets {offsets}")
         self.line(_call(y, "fused_experts", ["kernels", ins[0], ids, w, *self._weights(parts, op.expert),
