@@ -40,7 +40,7 @@ LAUNCHES: list | None = None
 
 
 class Blocks:
-    """Tile sizes of one MoE layer: fixed ones from the .moe `target triton` section, the rest
+    """Tile sizes of the MoE layers: fixed ones from the .moe `target triton` section, the rest
     chosen by shape at call time. BLOCK_M fixes the alignment, so it is never autotuned."""
 
     def __init__(self, block_m: int | None = None, block_n: int | None = None, block_k: int | None = None,
