@@ -96,7 +96,7 @@ def cmd_compile(args) -> int:
         except (OSError, ValueError) as exc:
             print(f"moec: error: cannot read placement plan `{args.plan}`: {exc}", file=sys.stderr)
             return 1
-    options = {"static": args.static, "plan": plan} if args.target == "pytorch" else {
+    options = {"static": args.static, "plan": plan} if args.target in ("pytorch", "triton") else {
         "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens}
     from moec.backends import BackendError
     from moec.backends.mlir import MlirLoweringError, MlirUnavailableError
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="generate code for a target")
     c.add_argument("file")
-    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default) or mlir (needs torch-mlir)")
+    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default), triton, or mlir (needs torch-mlir)")
     c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
     c.add_argument("--static", action="store_true", help="pytorch: static-shape (capacity-padded) export form")
     c.add_argument("--plan", metavar="JSON", help="pytorch: expert-parallel form for a plan from `moec place`")
