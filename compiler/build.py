@@ -17,18 +17,21 @@ def build_graph(spec: ModelSpec) -> Graph:
         def at(op: O.OpBase, i=i, block=block) -> O.OpBase:
             return op.model_copy(update={"name": f"layers.{i}.{op.name}", "layer": i, "block": block.key})
 
+        def ids(op: O.OpBase) -> list[Value]:  # per-modality copies also read the modality ids
+            return [modality] if getattr(op, "per_modality", ()) else []
+
         for sub in block.sublayers:
             pre = block.residual == "pre_norm"
-            h = Value(g.add(at(sub.norm), [x])) if pre else x
+            h = Value(g.add(at(sub.norm), [x, *ids(sub.norm)])) if pre else x
             if isinstance(sub.op, O.MoEOp):
                 node = g.add(at(sub.op), [h, modality, task], num_outputs=3)
                 out, aux, counts = g.outputs(node)
                 extras += [aux, counts]
             else:
-                out = Value(g.add(at(sub.op), [h]))
+                out = Value(g.add(at(sub.op), [h, *ids(sub.op)]))
             x = Value(g.add(at(O.AddOp(name=f"{sub.op.name}_residual", loc=sub.op.loc)), [x, out]))
             if not pre:
-                x = Value(g.add(at(sub.norm), [x]))
+                x = Value(g.add(at(sub.norm), [x, *ids(sub.norm)]))
     if spec.final_norm is not None:
         x = Value(g.add(spec.final_norm, [x]))
     g.add(O.OutputOp(name="output", loc=spec.loc), [x, *extras], num_outputs=0)

@@ -141,15 +141,18 @@ class OutputOp(OpBase):
 
 
 class NormOp(OpBase):
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("per_modality",)
     kind: Literal["norm"] = "norm"
     norm: Literal["rms", "layer"]
     dim: int
     eps: float
+    per_modality: tuple[int, ...] = ()  # Mixture-of-Transformers: a copy per modality id (input 2: ids)
 
 
 class AttentionOp(OpBase):
-    quiet_when_default: ClassVar[tuple[str, ...]] = ("rope_theta", "qk_norm", "norm_eps", "out_bias")
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("rope_theta", "qk_norm", "norm_eps", "out_bias", "per_modality")
     kind: Literal["attention"] = "attention"
+    per_modality: tuple[int, ...] = ()  # q/k/v/o projections per modality id; one attention over all tokens
     dim: int
     heads: int
     kv_heads: int
@@ -204,9 +207,10 @@ class LatentAttentionOp(OpBase):
 
 
 class FFNOp(OpBase):
-    quiet_when_default: ClassVar[tuple[str, ...]] = ("gate",)
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("gate", "per_modality")
     kind: Literal["ffn"] = "ffn"
     expert: ExpertSpec
+    per_modality: tuple[int, ...] = ()  # a copy of the FFN per modality id
     gate: Literal["none", "sigmoid"] = "none"  # sigmoid: output scaled by sigmoid(x . w) per token
 
 

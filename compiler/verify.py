@@ -9,10 +9,10 @@ from moec.passes.infer_shapes import infer
 ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "input": ((0,), 3),
     "output": (None, 0),
-    "norm": ((1,), 1),
-    "attention": ((1,), 1),
+    "norm": ((1, 2), 1),  # (x[, modality ids] when per_modality)
+    "attention": ((1, 2), 1),  # (x[, modality ids] when per_modality)
     "latent_attention": ((1,), 1),
-    "ffn": ((1,), 1),
+    "ffn": ((1, 2), 1),  # (x[, modality ids] when per_modality)
     "add": ((2,), 1),
     "moe": ((3,), 3),
     "select_tokens": ((2,), 2),

@@ -390,7 +390,7 @@ class Elaborator:
 
     def _elaborate_block(self, b: ast.BlockDef, scope: Scope, bound: dict) -> BlockSpec | None:
         before = len(self.d.items)
-        norm_kind, norm_args, residual = "rms", {"eps": 1e-6}, "pre_norm"
+        norm_kind, norm_args, residual, per_modality = "rms", {"eps": 1e-6}, "pre_norm", ()
         for st in b.stmts:
             if not isinstance(st, ast.Setting):
                 continue
@@ -405,6 +405,18 @@ class Elaborator:
                 args = self.bind(call, K.NORMS[call.name], scope, "norm")
                 if args is not None:
                     norm_kind, norm_args = call.name, args
+            elif st.name.name == "per_modality":
+                v = self.eval(st.value, scope)
+                if v is BAD:
+                    continue
+                if not isinstance(v, bool):
+                    self.d.error("E0205", f"`per_modality` must be true or false, got {_show(v)}", st.value.loc)
+                elif v and len(self.input_modalities) < 2:
+                    self.d.error("E0206", "`per_modality` needs an input carrying two or more modalities",
+                                 st.value.loc, "declare them: `modality text, image` and "
+                                               "`input(dim = d, modalities = [text, image])`")
+                else:
+                    per_modality = tuple(self.modalities.index(m) for m in self.input_modalities) if v else ()
             elif st.name.name == "residual":
                 v = self.eval(st.value, scope, symbols=True)
                 name = v.name if isinstance(v, Symbol) else None
@@ -432,7 +444,13 @@ class Elaborator:
             op = op.model_copy(update={"name": name})
             if isinstance(op, O.AttentionOp) and op.qk_norm != "none":
                 op = op.model_copy(update={"norm_eps": norm_args["eps"]})  # q/k norms take the block's eps
-            norm = O.NormOp(name=f"{name}_norm", norm=norm_kind, dim=self.dim, eps=norm_args["eps"], loc=st.loc)
+            if per_modality and isinstance(op, O.AttentionOp | O.FFNOp):
+                op = op.model_copy(update={"per_modality": per_modality})
+            elif per_modality and not isinstance(op, O.MoEOp):
+                self.d.error("E0220", f"`{base}` has no per-modality form", st.loc,
+                             "per_modality blocks take attention(...), dense experts and moe { ... }")
+            norm = O.NormOp(name=f"{name}_norm", norm=norm_kind, dim=self.dim, eps=norm_args["eps"],
+                            per_modality=per_modality, loc=st.loc)
             sublayers.append(Sublayer(norm, op))
         if not sublayers and len(self.d.items) == before:
             self.d.error("E0211", f"block `{b.name.name}` has no sublayers", b.name.loc,

@@ -135,6 +135,8 @@ SUBLAYERS = {
 BLOCK_SETTINGS = {
     "norm": "a norm kind: rms(eps = ...) or layer(eps = ...)",
     "residual": "pre_norm (default) or post_norm",
+    "per_modality": "true: norms, attention projections and FFNs get a copy per modality; attention stays "
+                    "global (Mixture-of-Transformers)",
 }
 RESIDUALS = ("pre_norm", "post_norm")
 

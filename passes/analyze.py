@@ -130,7 +130,13 @@ def _ternary_matrix_params(op: O.OpBase) -> int:
 
 
 def _cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
-    """(parameters, active parameters per token, forward FLOPs per token) of one op."""
+    """(parameters, active parameters per token, forward FLOPs per token) of one op; a
+    per-modality op (Mixture-of-Transformers) holds a copy per modality, a token uses one."""
+    p, active, flops = _single_cost(graph, node, op)
+    return p * max(1, len(getattr(op, "per_modality", ()))), active, flops
+
+
+def _single_cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
     k = op.kind
     if k == "norm":
         p = op.dim * (2 if op.norm == "layer" else 1)

@@ -35,13 +35,25 @@ def linear(p, prefix, x):
     return y + p[f"{prefix}.bias"] if f"{prefix}.bias" in p else y
 
 
-def attention(op: O.AttentionOp, p: dict, prefix: str, x):
+def by_modality(fn, prefix: str, x, names):
+    """Mixture-of-Transformers: token t goes through fn(f"{prefix}.{names[t]}", row) (names: the
+    modality name of every token of x, flattened); None applies fn(prefix, x) to all tokens."""
+    if names is None:
+        return fn(prefix, x)
+    rows = x.reshape(-1, x.shape[-1])
+    out = torch.stack([fn(f"{prefix}.{n}", r) for n, r in zip(names, rows)])
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def attention(op: O.AttentionOp, p: dict, prefix: str, x, names=None):
     seq = x.shape[-2]
     xs = x.reshape(-1, seq, x.shape[-1])
     out = torch.zeros(xs.shape[0], seq, op.heads * op.head_dim, dtype=x.dtype)
-    q = linear(p, f"{prefix}.q_proj", xs)
-    k = linear(p, f"{prefix}.k_proj", xs)
-    v = linear(p, f"{prefix}.v_proj", xs)
+
+    def proj(name, v):
+        return by_modality(lambda pre, r: linear(p, pre, r), f"{prefix}.{name}", v, names)
+
+    q, k, v = proj("q_proj", xs), proj("k_proj", xs), proj("v_proj", xs)
     group = op.heads // op.kv_heads
     for b in range(xs.shape[0]):
         for h in range(op.heads):
@@ -54,7 +66,7 @@ def attention(op: O.AttentionOp, p: dict, prefix: str, x):
                 mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
                 scores = scores.masked_fill(mask, float("-inf"))
             out[b, :, h * op.head_dim:(h + 1) * op.head_dim] = torch.softmax(scores, -1) @ vh
-    return linear(p, f"{prefix}.o_proj", out).reshape(x.shape)
+    return proj("o_proj", out).reshape(x.shape)
 
 
 def ternary(w):
@@ -238,18 +250,24 @@ def forward(spec, params: dict, x, modality, task=None):
         for sub in block.sublayers:
             pre = block.residual == "pre_norm"
             name = f"layers.{i}.{sub.op.name}"
-            h = norm(sub.norm, params, f"layers.{i}.{sub.norm.name}", x) if pre else x
+            names = [spec.modalities[int(m)] for m in modality.reshape(-1)] if sub.norm.per_modality else None
+
+            def norm_(v, sub=sub, names=names, i=i):
+                return by_modality(lambda pre_, r: norm(sub.norm, params, pre_, r),
+                                   f"layers.{i}.{sub.norm.name}", v, names)
+
+            h = norm_(x) if pre else x
             if isinstance(sub.op, O.AttentionOp):
-                out = attention(sub.op, params, name, h)
+                out = attention(sub.op, params, name, h, names)
             elif isinstance(sub.op, O.FFNOp):
-                out = dense_ffn(sub.op.expert, params, name, h)
+                out = by_modality(lambda pre_, r, sub=sub: dense_ffn(sub.op.expert, params, pre_, r), name, h, names)
             else:
                 out, aux, counts = moe(sub.op, params, name, h, modality, task)
                 aux_total = aux_total + aux
                 all_counts.append(counts)
             x = x + out
             if not pre:
-                x = norm(sub.norm, params, f"layers.{i}.{sub.norm.name}", x)
+                x = norm_(x)
     if spec.final_norm is not None:
         x = norm(spec.final_norm, params, "final_norm", x)
     return x, aux_total, all_counts

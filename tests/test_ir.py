@@ -343,7 +343,11 @@ CHECK-NOT: final_norm
 def test_default_pipeline_prints_the_lowered_graph(capsys, path):
     default = ir(capsys, path)
     assert default == ir(capsys, path, "fuse-expert-gemm") == ir(capsys, path, "analyze")
-    assert default != ir(capsys, path, "lower-moe") != ir(capsys, path, "infer-shapes")
+    lowered, shaped = ir(capsys, path, "lower-moe"), ir(capsys, path, "infer-shapes")
+    if " moe(" in shaped:
+        assert default != lowered != shaped
+    else:  # a dense model (Mixture-of-Transformers): nothing to lower or fuse
+        assert default == lowered == shaped
 
 
 # ---- golden ------------------------------------------------------------------------------------------

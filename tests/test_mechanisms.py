@@ -230,3 +230,78 @@ def test_unknown_moe_setting_names_the_settings(tmp_path):
     diags = check(_write(tmp_path, src))
     assert [d.code for d in diags.items] == ["E0204"]
     assert "iterations" in (diags.items[0].hint or "")
+
+
+MOT = """
+model mot {{
+  const d = 16
+  modality text, image{extra_modality}
+  input(dim = d, modalities = [text, image{extra_modality}])
+  block b {{
+    per_modality = {flag}
+    {residual}
+    attention(heads = 2, kv_heads = 1, bias = true)
+    glu(d, 24)
+    {moe}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+def _mot(tmp_path, flag="true", extra_modality="", residual="", moe="", name="mot.moe"):
+    return _write(tmp_path, MOT.format(flag=flag, extra_modality=extra_modality, residual=residual, moe=moe), name)
+
+
+@pytest.mark.parametrize("variant", [
+    {},
+    {"extra_modality": ", speech", "residual": "residual = post_norm"},
+    {"moe": "moe { experts 4 x mlp(d, 8); router top_k(k = 2) }"},
+])
+def test_mixture_of_transformers_matches_reference(tmp_path, variant):
+    path = _mot(tmp_path, **variant)
+    torch.manual_seed(15)
+    n_mod = 3 if variant.get("extra_modality") else 2
+    modality = torch.randint(0, n_mod, (2, 7))
+    modality[1] = 0  # a sequence of one modality: the other copies see no tokens of it
+    model, _ = _check(path, torch.randn(2, 7, 16), modality)
+    names = {n for n, _ in model.named_parameters()}
+    assert {"layers.0.attention.q_proj.text.weight", "layers.0.attention.o_proj.image.bias",
+            "layers.0.ffn.image.up_proj.weight", "layers.1.attention_norm.text.weight"} <= names
+
+
+def test_mixture_of_transformers_accounting(tmp_path):
+    """MoT: FLOPs per token equal to the dense block, parameters x number of modalities."""
+    dense = compile_model(_mot(tmp_path, flag="false", extra_modality=", speech", name="a.moe")).results["analysis"]
+    mot = compile_model(_mot(tmp_path, extra_modality=", speech", name="b.moe")).results["analysis"]
+    for a, b in zip(dense["layers"], mot["layers"]):
+        assert a["flops_per_token"] == b["flops_per_token"]
+        assert a["active_params_per_token"] == b["active_params_per_token"]
+        assert b["params"] == 3 * a["params"]
+    generated = sum(p.numel() for n, p in moec.load(_mot(tmp_path, extra_modality=", speech", name="c.moe"))
+                    .named_parameters() if n.startswith("layers."))
+    assert generated == sum(layer["params"] for layer in mot["layers"])
+
+
+def test_mixture_of_transformers_static_and_unfused_forms(tmp_path):
+    path = _mot(tmp_path, moe="moe { experts 4 x mlp(d, 8); router top_k(k = 2) }")
+    x, modality = torch.randn(2, 7, 16), torch.randint(0, 2, (2, 7))
+    reference = moec.load(path)(x, modality).output
+    for form in ({"static": True}, {"pipeline": "unfused"}):
+        torch.testing.assert_close(moec.load(path, **form)(x, modality).output, reference)
+
+
+@pytest.mark.parametrize("flag,extra,code", [
+    ("1", "", "E0205"),
+    ("true", "latent_attention(heads = 2, kv_rank = 8, qk_nope_dim = 8, qk_rope_dim = 4, v_dim = 8)", "E0220"),
+])
+def test_mixture_of_transformers_misuse(tmp_path, flag, extra, code):
+    src = MOT.format(flag=flag, extra_modality="", residual=extra, moe="")
+    diags = check(_write(tmp_path, src))
+    assert code in [d.code for d in diags.items], diags.render()
+
+
+def test_per_modality_needs_two_modalities(tmp_path):
+    src = "model m { input(dim = 8)\n block b { per_modality = true; glu(8, 16) }\n layers { b } }"
+    diags = check(_write(tmp_path, src))
+    assert [d.code for d in diags.items] == ["E0206"]

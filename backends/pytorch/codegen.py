@@ -24,7 +24,7 @@ from moec.ir import Graph, Value
 # The runtime modules shipped next to every generated file: module -> (source file, names it exports)
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
-        "Attention", "Container", "Experts", "FeedForward", "LatentAttention", "ModelOutput", "activate",
+        "Attention", "Container", "Experts", "FeedForward", "LatentAttention", "ModelOutput", "PerModality", "activate",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "moe_experts",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
@@ -129,6 +129,7 @@ class _BlockEmitter:
 
     def __init__(self, graph: Graph, nodes: list[int], view: BlockView, expert_parallel: bool = False):
         self.g, self.view, self.expert_parallel = graph, view, expert_parallel
+        self.modalities = graph.op(graph.find("input")[0]).modalities  # declared, in id order
         self.expert_offset: dict[str, int] = {}  # MoE region -> experts of its groups emitted so far
         self.nodes = nodes  # the layer's ops in topological order
         self.in_layer = set(self.nodes)
@@ -256,15 +257,30 @@ class _BlockEmitter:
     def line(self, text: str) -> None:
         self.view.body.append(text)
 
+    def per_modality(self, op: O.OpBase, ctor: str) -> str:
+        """`PerModality(ids, text=ctor, image=ctor)` for a Mixture-of-Transformers op, else ctor."""
+        ids = getattr(op, "per_modality", ())
+        if not ids:
+            return ctor
+        self.view.sync_notes += ["tokens of each modality"] * len(ids)
+        copies = "".join(f"\n            {py_name(self.modalities[i])}={ctor}," for i in ids)
+        return f"PerModality(\n            {tuple(ids)!r},{copies}\n        )"
+
     def _op_norm(self, node, op, ins, path):
-        attr = self.module(path, _norm_ctor(op))
+        attr = self.module(path, self.per_modality(op, _norm_ctor(op)))
         (h,) = self.assign(node, ["h"])
-        self.line(f"{h} = {attr}({ins[0]})")
+        self.line(f"{h} = {attr}({', '.join(ins)})")
 
     def _op_attention(self, node, op, ins, path):
-        attr = self.module(path, _attention_ctor(op))
+        ctor = _attention_ctor(op)
+        if op.per_modality:
+            names = {py_name(self.modalities[i]): i for i in op.per_modality}
+            head, args = ctor.split("(", 1)
+            ctor = f"{head}(\n            {args[:-1]},\n            per_modality={names!r},\n        )"
+            self.view.sync_notes += ["tokens of each modality"] * 4 * len(op.per_modality)
+        attr = self.module(path, ctor)
         (h,) = self.assign(node, ["h"])
-        self.line(f"{h} = {attr}({ins[0]})")
+        self.line(f"{h} = {attr}({', '.join(ins)})")
 
     def _op_latent_attention(self, node, op, ins, path):
         attr = self.module(path, _latent_attention_ctor(op))
@@ -272,9 +288,9 @@ class _BlockEmitter:
         self.line(f"{h} = {attr}({ins[0]})")
 
     def _op_ffn(self, node, op, ins, path):
-        attr = self.module(path, _ffn_ctor(op.expert, op.gate))
+        attr = self.module(path, self.per_modality(op, _ffn_ctor(op.expert, op.gate)))
         (h,) = self.assign(node, ["h" if self.region(node) is None else path[-1]])
-        self.line(f"{h} = {attr}({ins[0]})")
+        self.line(f"{h} = {attr}({', '.join(ins)})")
 
     def _op_add(self, node, op, ins, path):
         (x,) = self.assign(node, ["x" if self.region(node) is None else "y"])

@@ -835,6 +835,33 @@ class Experts(nn.Module):
         self.down_bias = bias_(hidden, dim)
 
 
+class PerModality(nn.Module):
+    """One copy of a token-wise module per modality (Mixture-of-Transformers): each token goes
+    through the copy of its modality. ``ids`` are the modality ids the copies serve, in the order
+    of ``copies`` (their names are the modality names). One host sync per modality (the index of
+    its tokens); a modality without tokens costs nothing."""
+
+    def __init__(self, ids: tuple[int, ...], **copies: nn.Module):
+        super().__init__()
+        if len(ids) != len(copies):
+            raise ValueError(f"PerModality: {len(ids)} ids for {len(copies)} copies")
+        self.ids = tuple(ids)
+        for name, module in copies.items():
+            self.add_module(name, module)
+
+    def forward(self, x: Tensor, modality: Tensor) -> Tensor:
+        flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
+        parts = []
+        for i, module in zip(self.ids, self.children()):
+            idx = (mods == i).nonzero().squeeze(1)
+            parts.append((idx, module(flat.index_select(0, idx))))
+        width = parts[0][1].shape[-1]
+        out = flat.new_zeros(flat.shape[0], width, dtype=parts[0][1].dtype)
+        for idx, y in parts:
+            out = out.index_copy(0, idx, y)
+        return out.reshape(*x.shape[:-1], width)
+
+
 class Attention(nn.Module):
     """Multi-head / grouped-query self-attention over dim -2 of x [..., S, dim].
 
@@ -846,14 +873,22 @@ class Attention(nn.Module):
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bias: bool = False,
                  causal: bool = True, rope_theta: float | None = None, qk_norm: str = "none",
-                 norm_eps: float = 1e-6, out_bias: bool | None = None):
+                 norm_eps: float = 1e-6, out_bias: bool | None = None,
+                 per_modality: dict[str, int] | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.causal = heads, kv_heads, head_dim, causal
         self.rope_theta, self.qk_norm = rope_theta, qk_norm
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias if out_bias is None else out_bias)
+
+        def linear(n_in: int, n_out: int, b: bool) -> nn.Module:
+            if per_modality is None:
+                return nn.Linear(n_in, n_out, bias=b)
+            return PerModality(tuple(per_modality.values()), **{m: nn.Linear(n_in, n_out, bias=b)
+                                                                for m in per_modality})
+
+        self.q_proj = linear(dim, heads * head_dim, bias)
+        self.k_proj = linear(dim, kv_heads * head_dim, bias)
+        self.v_proj = linear(dim, kv_heads * head_dim, bias)
+        self.o_proj = linear(heads * head_dim, dim, bias if out_bias is None else out_bias)
         if qk_norm == "head":
             self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps), nn.RMSNorm(head_dim, eps=norm_eps)
         elif qk_norm == "projection":
@@ -862,12 +897,18 @@ class Attention(nn.Module):
         elif qk_norm != "none":
             raise ValueError(f"Attention: qk_norm must be 'none', 'head' or 'projection', got {qk_norm!r}")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
+        """``modality`` (ids shaped like x.shape[:-1]) picks the projections of per-modality attention."""
         shape = x.shape
         seq = shape[-2] if x.dim() >= 2 else 1
         b = math.prod(shape[:-2]) if x.dim() > 2 else 1
         xs = x.reshape(b, seq, shape[-1])
-        q, k, v = self.q_proj(xs), self.k_proj(xs), self.v_proj(xs)
+        mods = None if modality is None else modality.reshape(b, seq)
+
+        def project(layer: nn.Module, t: Tensor) -> Tensor:
+            return layer(t) if isinstance(layer, nn.Linear) else layer(t, mods)
+
+        q, k, v = project(self.q_proj, xs), project(self.k_proj, xs), project(self.v_proj, xs)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, seq, self.heads, self.head_dim)
@@ -883,7 +924,7 @@ class Attention(nn.Module):
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.o_proj(o.transpose(1, 2).reshape(b, seq, self.heads * self.head_dim)).reshape(shape)
+        return project(self.o_proj, o.transpose(1, 2).reshape(b, seq, self.heads * self.head_dim)).reshape(shape)
 
 
 def rotary_cos_sin(seq: int, dim: int, theta: float, device, dtype) -> tuple[Tensor, Tensor]:
