@@ -173,17 +173,21 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
         if r.renormalize:
             w = w / (w.sum() + (1e-20 if r.score == "sigmoid" else 0.0))
         out.append([(e, w[j] * r.scale) for j, e in enumerate(top)])
-    if r.capacity is not None:  # slot-major priority: every token's first choice before any second
+    if r.capacity is not None:
+        # Each expert keeps `cap` assignments: by position, slot-major (every token's first choice
+        # before any second); by probability, the largest weights first (ties in position order).
         cap = max(1, math.ceil(r.capacity * T * r.k / E * (1 - 1e-9)))
+        ranked = [(j, t) for j in range(r.k) for t in range(T)]
+        if r.drop == "probability":
+            ranked.sort(key=lambda jt: -float(out[jt[1]][jt[0]][1].detach()))  # stable: ties keep position order
+        keep = set()
         taken = [0] * E
-        kept = [[] for _ in range(T)]
-        for j in range(r.k):
-            for t in range(T):
-                e, w = out[t][j]
-                if taken[e] < cap:
-                    taken[e] += 1
-                    kept[t].append((e, w))
-        out = kept
+        for j, t in ranked:
+            e = out[t][j][0]
+            if taken[e] < cap:
+                taken[e] += 1
+                keep.add((j, t))
+        out = [[out[t][j] for j in range(r.k) if (j, t) in keep] for t in range(T)]
     return out
 
 

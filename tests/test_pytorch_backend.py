@@ -367,8 +367,6 @@ def test_router_kinds_match_reference(tmp_path, router):
     torch.manual_seed(7)
     modality = torch.randint(0, 2, (2, 9))
     task = torch.randint(0, 8, (2, 9)) if "task" in router else None
-    if "probability" in router:
-        pytest.skip("the reference implements the position drop policy only")
     _check(path, torch.randn(2, 9, 16), modality, task=task)
 
 
