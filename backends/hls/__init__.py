@@ -63,6 +63,6 @@ def report(comp) -> str:
 
 def csim(path: str, **kwargs):
     """C-simulate the model of `path` and compare with PyTorch; see csim.run."""
-    from .csim import run
+    from .simulate import run
 
     return run(path, **kwargs)

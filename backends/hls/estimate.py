@@ -76,8 +76,7 @@ def estimate(project: Project) -> dict:
             else:
                 mults = n_up * up.multipliers + down.multipliers
             float_units = 1
-            share = bin(a["mask"]).count("1") / n_mod if s.kind == "ffn" else bin(
-                _group_mask(project, s)).count("1") / n_mod
+            share = a["mask"].bit_count() / n_mod if s.kind == "ffn" else _group_mask(project, s).bit_count() / n_mod
             k = _experts_per_token(project, s) if s.kind == "experts" else 1
             per_visit = n_up * _cycles(up) + _cycles(down) + a["hidden"] + a["dim"]
             cycles = share * k * per_visit
@@ -129,8 +128,8 @@ def _kib(bits: int) -> str:
 
 def format_estimate(e: dict) -> str:
     lines = [f"HLS estimate for {e['model']} (part {e['part']}, {e['clock_ns']} ns clock)",
-             f"precision: weights {e['precision']['weights']}, activations {e['precision']['activations']}, "
-             f"accumulators {e['precision']['accumulators']}",
+             (f"precision: weights {e['precision']['weights']}, activations {e['precision']['activations']}, "
+             f"accumulators {e['precision']['accumulators']}"),
              f"reuse factor {e['reuse']}, max_tokens {e['max_tokens']}, at most {e['max_unroll']} unrolled lanes",
              "",
              f"{'step':<58} {'mults':>7} {'scale':>6} {'cycles/token':>13}"]
@@ -140,17 +139,17 @@ def format_estimate(e: dict) -> str:
         lines.append(f"{r['step'][:58]:<58} {r['multipliers']:>7} {r['scale_multipliers']:>6} "
                      f"{r['cycles_per_token']:>13,.0f}")
     lines += ["",
-              f"multipliers: {e['multipliers']:,} in multiply-accumulates, {e['scale_multipliers']:,} for ternary "
-              f"scales -> {e['dsp']:,} DSP48",
+              (f"multipliers: {e['multipliers']:,} in multiply-accumulates, {e['scale_multipliers']:,} for ternary "
+              f"scales -> {e['dsp']:,} DSP48"),
               f"float units (exp, sqrt, division for per-token statistics): {e['float_units']}",
-              f"on-chip memory: weights {_kib(e['onchip_weight_bits'])}, buffers {_kib(e['buffer_bits'])} "
-              f"-> {e['bram18k']:,} BRAM18K",
+              (f"on-chip memory: weights {_kib(e['onchip_weight_bits'])}, buffers {_kib(e['buffer_bits'])} "
+              f"-> {e['bram18k']:,} BRAM18K"),
               f"off-chip (m_axi) weights: {_kib(e['offchip_weight_bits'])}",
               f"latency: {e['cycles_per_token']:,} cycles per token -> {e['tokens_per_second']:,.0f} tokens/s",
               "",
-              "model: each kernel call site is separate hardware; a linear layer has ceil(lanes / reuse) "
+              ("model: each kernel call site is separate hardware; a linear layer has ceil(lanes / reuse) "
               "multipliers and takes ceil(n_out / lanes) * n_in * reuse cycles; ternary reductions add and "
               "subtract only; a token visits k experts of its group (uniform modality mix); streamed expert "
               "weights are loaded once per layer and amortised over max_tokens; BRAM18K = bits / 18432 "
-              "without partition overhead; pipeline fill and interfaces are ignored (a lower bound)."]
+              "without partition overhead; pipeline fill and interfaces are ignored (a lower bound).")]
     return "\n".join(lines)

@@ -34,9 +34,9 @@ def route_type(project: Project) -> tuple[int, int]:
     return integer + frac, integer
 
 
-def render(project: Project, weights: dict[str, torch.Tensor], sample: dict | None = None) -> dict[str, str]:
+def render(project: Project, weights: dict[str, torch.Tensor] | None, sample: dict | None = None) -> dict[str, str]:
     """Relative path -> text of every file of the project. `sample` (x, modality, task, expected)
-    becomes the testbench data."""
+    becomes the testbench data; without `weights` the weight files are left out (sources only)."""
     env = _env()
     width, integer = route_type(project)
     ctx = {"p": project, "route_width": width, "route_integer": integer}
@@ -55,7 +55,7 @@ def render(project: Project, weights: dict[str, torch.Tensor], sample: dict | No
         "build_prj.tcl": env.get_template("build_prj.tcl.j2").render(ctx),
     }
     weight_h = env.get_template("firmware/weight.h.j2")
-    for w in project.weights:
+    for w in project.weights if weights is not None else ():
         values = weights[w.cname]
         integer_codes = w.ctype == "tern_t"
         files[f"firmware/weights/{w.cname}.txt"] = as_text(values, integer_codes) + "\n"

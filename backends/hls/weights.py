@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from moec.backends import BackendError
 
 from .model import Project, Weight

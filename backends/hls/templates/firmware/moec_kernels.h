@@ -68,14 +68,15 @@ Blocks:
 #pragma HLS UNROLL
             acc[l] = (C::bias && o0 + l < C::n_out) ? accum_t(b[o0 + l]) : accum_t(0);
         }
+        unsigned row = o0;  // index of w[i][o0]
     Reduce:
-        for (unsigned i = 0; i < C::n_in; i++) {
+        for (unsigned i = 0; i < C::n_in; i++, row += C::n_out) {
 #pragma HLS PIPELINE II=C::reuse
             act_t xi = in[i];
         Lanes:
             for (unsigned l = 0; l < C::lanes; l++) {
 #pragma HLS UNROLL
-                if (o0 + l < C::n_out) acc[l] += xi * w[i * C::n_out + o0 + l];
+                if (o0 + l < C::n_out) acc[l] += xi * w[row + l];
             }
         }
     Store:
@@ -101,15 +102,16 @@ Blocks:
 #pragma HLS UNROLL
             acc[l] = 0;
         }
+        unsigned row = o0;  // index of w[i][o0], advanced by additions only
     Reduce:
-        for (unsigned i = 0; i < C::n_in; i++) {
+        for (unsigned i = 0; i < C::n_in; i++, row += C::n_out) {
 #pragma HLS PIPELINE II=C::reuse
             act_t xi = in[i];
         Lanes:
             for (unsigned l = 0; l < C::lanes; l++) {
 #pragma HLS UNROLL
                 if (o0 + l < C::n_out) {
-                    tern_t t = w[i * C::n_out + o0 + l];
+                    tern_t t = w[row + l];
                     if (t == 1) acc[l] += xi;
                     else if (t == -1) acc[l] -= xi;
                 }

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from moec.backends import BackendError, write_tree
 
 from . import sample as S
@@ -125,7 +124,7 @@ def build(project: Project, files: dict[str, str]) -> Library:
     write_tree(directory, files)
     start = time.perf_counter()
     env = dict(os.environ, MOEC_AP_TYPES=headers, CXX=cxx)
-    done = subprocess.run(["bash", os.path.join(directory, "build_lib.sh")], cwd=directory, env=env,
+    done = subprocess.run(["bash", os.path.join(directory, "build_lib.sh")], cwd=directory, env=env, check=False,
                           capture_output=True, text=True)
     if done.returncode != 0 or not os.path.exists(lib):
         raise HlsToolError(f"g++ failed to build the C simulation of `{project.name}`:\n"
@@ -154,8 +153,8 @@ class CsimResult:
         build = "cached build" if self.cached else f"built in {self.build_seconds:.1f} s"
         lines = [*(f"warning: {w}" for w in self.warnings),
                  f"C simulation vs PyTorch over {self.output.shape[0]} x {self.output.shape[1]} tokens ({build}):",
-                 f"  max abs error {self.max_abs:.3e}, max rel error {self.max_rel:.3e} (abs / max |PyTorch|), "
-                 f"tolerance {self.tolerance:.3e}: {'ok' if self.ok else 'EXCEEDED'}"]
+                 (f"  max abs error {self.max_abs:.3e}, max rel error {self.max_rel:.3e} (abs / max |PyTorch|), "
+                 f"tolerance {self.tolerance:.3e}: {'ok' if self.ok else 'EXCEEDED'}")]
         if self.bad_routes:
             lines.append(f"  {self.bad_routes} tokens had routing ids outside their expert range")
         return "\n".join(lines)
@@ -189,6 +188,7 @@ def calibrate(model, example: dict, config: HlsConfig) -> list[str]:
     finally:
         for h in handles:
             h.remove()
+    peaks["input"] = float(example["x"].abs().max()) if example["x"].numel() else 0.0
     warnings = []
     act = config.activations
     for name, peak in sorted(peaks.items(), key=lambda kv: -kv[1]):
@@ -234,6 +234,10 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
     task = torch.as_tensor(task).reshape(b, t).to(torch.int64)
     if bool(((modality < 0) | (modality >= len(project.modalities))).any()):
         raise BackendError(f"modality ids must lie in [0, {len(project.modalities)})")
+    tasks = S.task_count(project)
+    if tasks is not None and bool(((task < 0) | (task >= tasks)).any()):
+        raise BackendError(f"task ids must lie in [0, {tasks}) (one expert per task), got ids in "
+                           f"[{int(task.min())}, {int(task.max())}]")
     library = build(project, files)
     outs, refs, bad, warnings = [], [], 0, []
     for i in range(b):
