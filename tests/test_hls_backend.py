@@ -81,7 +81,9 @@ model big {
     assert all(shape.lanes <= 32 for shape in project.linears)
     top = files["firmware/big.cpp"]
     assert top.count("#pragma HLS INTERFACE m_axi port=w_layers_") == 2 * 3  # every expert matrix off chip
-    assert not re.search(r"UNROLL factor=(\d{3,})", top + files["firmware/moec_kernels.h"])
+    assert "UNROLL" not in top
+    unrolled = re.findall(r"for \(([^)]*)\) \{\n#pragma HLS UNROLL", files["firmware/moec_kernels.h"])
+    assert unrolled and all("< C::lanes" in loop or "< K" in loop for loop in unrolled)  # lanes, k <= max_unroll
     assert "set part xcvu13p-flga2577-2-e" in files["build_prj.tcl"] and "set clock_ns 3.3" in files["build_prj.tcl"]
     e = estimate(project)
     assert e["offchip_weight_bits"] == 2 * 3 * 8 * 4096 * 14336 * 18
@@ -211,3 +213,13 @@ def test_missing_headers_are_named(monkeypatch, tmp_path):
     monkeypatch.setattr(C.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BackendError, match="pip install --no-deps hls4ml==1.3.0"):
         C.ap_types_dir()
+
+
+@needs_toolchain
+def test_csim_empty_modality_group_and_batches():
+    # all text in the first sequence (the image group gets no tokens), all image in the second
+    x = torch.randn(2, 6, 64, generator=torch.Generator().manual_seed(3))
+    modality = torch.tensor([[0] * 6, [1] * 6])
+    result = csim(example("moma"), x=x, modality=modality, seed=1)  # the build of test_csim_matches_pytorch
+    assert result.output.shape == (2, 6, 64)
+    assert result.max_abs <= result.tolerance, result.summary()

@@ -25,7 +25,9 @@ __all__ = ["Fixed", "HlsConfig", "Project", "csim", "emit", "estimate", "format_
 def project_for(comp) -> Project:
     """The view-model of a Compilation, with the knobs of its `target hls` section."""
     config = HlsConfig.from_settings(comp.spec.targets.get("hls"))
-    return build_project(comp.graph, config, source=os.path.basename(comp.spec.path))
+    # the file name appears in comments of C++, tcl and Markdown: printable, no line splicing
+    source = "".join(c if c.isprintable() and c not in "\\`" else "_" for c in os.path.basename(comp.spec.path))
+    return build_project(comp.graph, config, source=source)
 
 
 def files_for(comp, seed: int = 0, state_dict: dict | None = None, model=None) -> tuple[Project, dict[str, str]]:

@@ -226,6 +226,8 @@ class _Builder:
             raise self.unsupported(op, f"`{r.kind}` routers")
         if r.capacity is not None:
             raise self.unsupported(op, "expert capacity (token dropping)")
+        if r.k > self.cfg.max_unroll:
+            raise self.unsupported(op, f"k = {r.k} above max_unroll = {self.cfg.max_unroll} (the top-k list is unrolled)")
         (x,) = self.g.inputs(node)
         q = self._queue(node, op.num_experts)
         gate = self.weight(f"{op.name}.weight", "linear", op.dim * op.num_experts, n_out=op.num_experts)

@@ -217,8 +217,7 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
     cfg = project.config
     if x is None:
         n = tokens or min(16, cfg.max_tokens)
-        example = S.example_inputs(project, comp, tokens=n, seed=seed)
-        x, modality, task = example["x"], example["modality"], example["task"]
+        x = S.example_inputs(project, comp, tokens=n, seed=seed)["x"]
     x = torch.as_tensor(x, dtype=torch.float32)
     if x.dim() == 2:
         x = x.unsqueeze(0)
@@ -230,8 +229,12 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
         modality = torch.tensor([carried[i % len(carried)] for i in range(t)]).expand(b, t)
     if task is None:
         task = (torch.arange(t) % (S.task_count(project) or 1)).expand(b, t)
-    modality = torch.as_tensor(modality).reshape(b, t).to(torch.int64)
-    task = torch.as_tensor(task).reshape(b, t).to(torch.int64)
+    modality, task = torch.as_tensor(modality), torch.as_tensor(task)
+    for name, ids in (("modality", modality), ("task", task)):
+        if ids.numel() != b * t or ids.is_floating_point():
+            raise BackendError(f"{name} ids must be integers of shape [{t}] or [{b}, {t}] like the input, "
+                               f"got {ids.dtype} {tuple(ids.shape)}")
+    modality, task = modality.reshape(b, t).to(torch.int64), task.reshape(b, t).to(torch.int64)
     if bool(((modality < 0) | (modality >= len(project.modalities))).any()):
         raise BackendError(f"modality ids must lie in [0, {len(project.modalities)})")
     tasks = S.task_count(project)

@@ -295,7 +295,7 @@ template <unsigned EXPERTS>
 void clear_queues(queues<EXPERTS> &q) {
 Experts:
     for (unsigned e = 0; e < EXPERTS; e++) {
-#pragma HLS UNROLL
+#pragma HLS PIPELINE II=1
         q.count[e] = 0;
     }
 }
