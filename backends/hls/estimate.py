@@ -3,8 +3,8 @@
 The model, stated in every report:
 - Multipliers: every kernel call site is its own hardware. A linear layer computes `lanes` outputs
   in parallel with its input loop pipelined at II = reuse, so it needs ceil(lanes / reuse)
-  multipliers; a ternary linear layer needs none in its reduction (add/subtract) and `lanes` for
-  the per-matrix scale. A multiplier costs one DSP48 (27 x 18 bits) when the operands fit, more
+  multipliers; a ternary linear layer needs none in its reduction (add/subtract) and one for the
+  per-matrix scale, applied to one output per cycle. A multiplier costs one DSP48 (27 x 18 bits) when the operands fit, more
   otherwise. Float units for per-token statistics (exp, sqrt, division) are counted separately.
 - On-chip memory: on-chip weights at their declared width (ternary codes at 2 bits), activation
   buffers [max_tokens][dim], attention's Q/K/V/context buffers, routing queues and the on-chip copies
@@ -35,8 +35,9 @@ def _linear(project: Project, cname: str) -> LinearShape:
     return next(shape for shape in project.linears if shape.cname == cname)
 
 
-def _cycles(shape: LinearShape) -> int:
-    return math.ceil(shape.n_out / shape.lanes) * shape.n_in * shape.reuse
+def _cycles(shape: LinearShape, ternary: bool = False) -> int:
+    """Cycles of one token; a ternary layer scales its `lanes` outputs one per cycle after each block."""
+    return math.ceil(shape.n_out / shape.lanes) * (shape.n_in * shape.reuse + (shape.lanes if ternary else 0))
 
 
 def estimate(project: Project) -> dict:
@@ -72,13 +73,13 @@ def estimate(project: Project) -> dict:
             mats = 3 if a["glu"] else 2
             n_up = mats - 1
             if a["ternary"]:
-                scale_mults = n_up * up.lanes + down.lanes
+                scale_mults = mats  # one per matrix
             else:
                 mults = n_up * up.multipliers + down.multipliers
             float_units = 1
             share = a["mask"].bit_count() / n_mod if s.kind == "ffn" else _group_mask(project, s).bit_count() / n_mod
             k = _experts_per_token(project, s) if s.kind == "experts" else 1
-            per_visit = n_up * _cycles(up) + _cycles(down) + a["hidden"] + a["dim"]
+            per_visit = n_up * _cycles(up, a["ternary"]) + _cycles(down, a["ternary"]) + a["hidden"] + a["dim"]
             cycles = share * k * per_visit
             if s.kind == "experts" and a["stream"]:
                 loads = min(a["experts"], cfg.max_tokens * k)

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -88,8 +89,7 @@ class Library:
             raise HlsToolError(f"the C simulation could not read its weights in {self.directory}")
 
     def run(self, x: torch.Tensor, modality: torch.Tensor, task: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """One sequence: x [T, dim] (T <= max_tokens) -> (y [T, dim], tokens with out-of-range routing ids).
-        Weights are reloaded first: several projects may share one library file."""
+        """One sequence: x [T, dim] (T <= max_tokens) -> (y [T, dim], tokens with out-of-range routing ids)."""
         n, dim = x.shape
         if not 1 <= n <= self.project.config.max_tokens:
             raise BackendError(f"the HLS project takes 1..{self.project.config.max_tokens} tokens per sequence "
@@ -121,14 +121,20 @@ def build(project: Project, files: dict[str, str]) -> Library:
     lib = os.path.join(directory, f"lib{project.name}.so")
     if os.path.exists(lib):
         return Library(lib, directory, project, 0.0, True)
-    write_tree(directory, files)
+    os.makedirs(os.path.dirname(directory), exist_ok=True)
     start = time.perf_counter()
-    env = dict(os.environ, MOEC_AP_TYPES=headers, CXX=cxx)
-    done = subprocess.run(["bash", os.path.join(directory, "build_lib.sh")], cwd=directory, env=env, check=False,
-                          capture_output=True, text=True)
-    if done.returncode != 0 or not os.path.exists(lib):
-        raise HlsToolError(f"g++ failed to build the C simulation of `{project.name}`:\n"
-                           + (done.stderr or done.stdout)[-4000:])
+    # build in a private directory, then publish: concurrent builds of one project never mix objects
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=os.path.dirname(directory)) as tmp:
+        write_tree(tmp, files)
+        env = dict(os.environ, MOEC_AP_TYPES=headers, CXX=cxx)
+        done = subprocess.run(["bash", os.path.join(tmp, "build_lib.sh")], cwd=tmp, env=env, check=False,
+                              capture_output=True, text=True)
+        built = os.path.join(tmp, os.path.basename(lib))
+        if done.returncode != 0 or not os.path.exists(built):
+            raise HlsToolError(f"g++ failed to build the C simulation of `{project.name}`:\n"
+                               + (done.stderr or done.stdout)[-4000:])
+        write_tree(directory, files)
+        os.replace(built, lib)
     return Library(lib, directory, project, time.perf_counter() - start, False)
 
 

@@ -88,7 +88,7 @@ Blocks:
 }
 
 // Ternary weights in {-1, 0, 1}: the reduction only adds and subtracts; the per-matrix scale is
-// applied once per output.
+// applied once per output by a single multiplier.
 template <class C>
 void linear_ternary(const act_t in[C::n_in], act_t out[C::n_out], const tern_t *w, weight_t scale,
                     const weight_t *b) {
@@ -117,9 +117,9 @@ Blocks:
                 }
             }
         }
-    Store:
+    Store:  // pipelined, not unrolled: one multiplier applies the scale to every output
         for (unsigned l = 0; l < C::lanes; l++) {
-#pragma HLS UNROLL
+#pragma HLS PIPELINE II=1
             if (o0 + l < C::n_out) {
                 accum_t scaled = acc[l] * scale;
                 out[o0 + l] = C::bias ? act_t(scaled + b[o0 + l]) : act_t(scaled);
