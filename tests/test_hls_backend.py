@@ -103,6 +103,36 @@ def test_ternary_experts_have_no_multipliers(tmp_path):
     assert steps["ffn"]["multipliers"] > 0  # the shared expert stays full precision
 
 
+def test_precision_knobs_reach_the_types(tmp_path):
+    path = write(tmp_path, "p", """
+model p {
+  input(dim = 8)
+  block b { moe { experts 2 x mlp(8, 8); router top_k(k = 1) } }
+  layers { b }
+  target hls { precision = fixed(16, 6); weights = fixed(12, 2, round = truncate, overflow = wrap); reuse = 3 }
+}""")
+    project = project_for(compile_model(path))
+    defines = render(project, None)["firmware/defines.h"]
+    assert "typedef ap_fixed<12, 2, AP_TRN, AP_WRAP> weight_t;" in defines
+    assert "typedef ap_fixed<16, 6, AP_RND, AP_SAT> act_t;" in defines
+    assert "typedef ap_fixed<16, 6, AP_RND, AP_SAT> accum_t;" in defines
+    assert {shape.reuse for shape in project.linears} == {3}
+    assert all(shape.multipliers == -(-shape.lanes // 3) for shape in project.linears)
+
+
+def test_generated_top_function_is_stable():
+    """The emitted top function of examples/hls/task_experts.moe is kept in tests/golden; rewrite it
+    after an intended change with MOEC_UPDATE_GOLDEN=1."""
+    files = render(project_for(compile_model(example("task_experts"))), None)
+    got = files["firmware/task_experts.cpp"] + files["firmware/parameters.h"]
+    golden = os.path.join(os.path.dirname(__file__), "golden", "task_experts.hls.cpp")
+    if os.environ.get("MOEC_UPDATE_GOLDEN"):
+        with open(golden, "w") as fh:
+            fh.write(got)
+    with open(golden) as fh:
+        assert got == fh.read(), "generated HLS code changed; if intended, rerun with MOEC_UPDATE_GOLDEN=1"
+
+
 def test_identifiers_are_sanitised(tmp_path):
     assert c_identifier("int") == "m_int"
     assert c_identifier("3d") == "m_3d"
@@ -165,6 +195,7 @@ def test_csim_matches_pytorch(name):
     assert result.max_abs <= result.tolerance, result.summary()
     assert 0 < result.max_abs  # real fixed-point arithmetic, not a float pass-through
     assert not result.warnings
+    assert "warning" not in result.compiler_output  # g++ -Wall -Wextra (unknown pragmas aside)
 
 
 @needs_toolchain

@@ -75,6 +75,7 @@ class Library:
     project: Project
     build_seconds: float
     cached: bool
+    compiler_output: str = ""  # g++'s messages (empty: warnings-clean)
     _lib: ctypes.CDLL = field(repr=False, default=None)
 
     def __post_init__(self):
@@ -119,8 +120,10 @@ def build(project: Project, files: dict[str, str]) -> Library:
     h.update(headers.encode() + cxx.encode())
     directory = os.path.join(cache_dir(), "hls", h.hexdigest()[:20])
     lib = os.path.join(directory, f"lib{project.name}.so")
+    log = os.path.join(directory, "build.log")
     if os.path.exists(lib):
-        return Library(lib, directory, project, 0.0, True)
+        with open(log) if os.path.exists(log) else open(os.devnull) as fh:
+            return Library(lib, directory, project, 0.0, True, fh.read())
     os.makedirs(os.path.dirname(directory), exist_ok=True)
     start = time.perf_counter()
     # build in a private directory, then publish: concurrent builds of one project never mix objects
@@ -133,9 +136,10 @@ def build(project: Project, files: dict[str, str]) -> Library:
         if done.returncode != 0 or not os.path.exists(built):
             raise HlsToolError(f"g++ failed to build the C simulation of `{project.name}`:\n"
                                + (done.stderr or done.stdout)[-4000:])
-        write_tree(directory, files)
+        output = done.stdout + done.stderr
+        write_tree(directory, {**files, "build.log": output})
         os.replace(built, lib)
-    return Library(lib, directory, project, time.perf_counter() - start, False)
+    return Library(lib, directory, project, time.perf_counter() - start, False, output)
 
 
 @dataclass
@@ -262,4 +266,4 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
     max_abs = float((out - ref).abs().max()) if bad == 0 else float("inf")
     scale = float(ref.abs().max()) if bad == 0 else 1.0
     return CsimResult(out, ref, max_abs, max_abs / max(scale, 1e-30), tolerance(cfg, len(comp.spec.layers)), bad,
-                      warnings, library.build_seconds, library.cached)
+                      warnings, library.build_seconds, library.cached, library.compiler_output)
