@@ -254,3 +254,26 @@ def test_csim_empty_modality_group_and_batches():
     result = csim(example("moma"), x=x, modality=modality, seed=1)  # the build of test_csim_matches_pytorch
     assert result.output.shape == (2, 6, 64)
     assert result.max_abs <= result.tolerance, result.summary()
+
+
+@needs_toolchain
+def test_csim_streamed_ternary_experts_with_bias_and_ternary_shared_expert(tmp_path):
+    # expert matrices above m_axi_threshold come through m_axi ports and are copied on chip per expert
+    path = write(tmp_path, "streamed", """
+model streamed {
+  input(dim = 16)
+  block b {
+    norm = layer(eps = 1e-5)
+    moe {
+      experts 4 x mlp(16, 32, act = relu, weights = ternary, bias = true)
+      shared 1 x glu(16, 32, weights = ternary)
+      router top_k(k = 2, scale = 2.5)
+    }
+  }
+  layers { repeat 2 { b } }
+  target hls { max_tokens = 8; m_axi_threshold = 100 }
+}""")
+    project = project_for(compile_model(path))
+    assert {w.keys[0].rsplit(".", 1)[-1] for w in project.offchip_weights} == {"up_proj", "down_proj"}
+    result = csim(path)
+    assert result.max_abs <= result.tolerance, result.summary()

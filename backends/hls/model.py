@@ -34,8 +34,8 @@ class Buffer:
 @dataclass
 class Weight:
     """One weight array. `key` is the PyTorch state_dict entry it comes from; `layout` says how:
-    "linear" ([out, in] -> [in][out]), "stacked" ([E, in, out], as is), "vector", "ternary" /
-    "ternary_stacked" (codes in {-1, 0, 1}) or "scales" (absmean scale per matrix)."""
+    "linear" ([out, in] -> [in][out]), "stacked" ([E, in, out], as is), "vector", "ternary_linear" /
+    "ternary_stacked" (the same with codes in {-1, 0, 1}) or "scales" (absmean scale per matrix)."""
 
     cname: str
     keys: tuple[str, ...]
@@ -257,8 +257,6 @@ class _Builder:
         for m in mats:
             key = f"{name}.{m}_proj" if stacked else f"{name}.{m}_proj.weight"
             layout = ("ternary_" if ternary else "") + ("stacked" if stacked else "linear")
-            if layout == "ternary_linear":
-                layout = "ternary"
             out[f"w_{m}"] = self.weight(key, layout, e * ex.dim * ex.hidden, offchip,
                                         "tern_t" if ternary else "weight_t",
                                         n_out=ex.dim if m == "down" else ex.hidden)

@@ -34,7 +34,7 @@ def _array(w: Weight, state: dict[str, torch.Tensor]) -> torch.Tensor:
     t = get(w.keys[0])
     if w.layout == "linear":
         t = t.t()
-    elif w.layout == "ternary":
+    elif w.layout == "ternary_linear":
         t = _codes(t, False).t()
     elif w.layout == "ternary_stacked":
         t = _codes(t, True)
