@@ -202,7 +202,7 @@ def calibrate(model, example: dict, config: HlsConfig) -> list[str]:
     warnings = []
     act = config.activations
     for name, peak in sorted(peaks.items(), key=lambda kv: -kv[1]):
-        if peak > act.max and not name.endswith("router"):
+        if peak > act.max:
             warnings.append(f"`{name}` reaches |{peak:.4g}| but activations {act} hold at most {act.max:.4g}: "
                             f"values will {'saturate' if act.overflow == 'saturate' else 'wrap around'}")
     wmax = max((float(p.detach().abs().max()) for p in model.parameters() if p.numel()), default=0.0)
