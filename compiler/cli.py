@@ -1,4 +1,4 @@
-"""The `moec` command line: check, ir, report, compile, csim, place, train."""
+"""The `moec` command line: check, ir, report, compile."""
 
 from __future__ import annotations
 
