@@ -277,3 +277,18 @@ model streamed {
     assert {w.keys[0].rsplit(".", 1)[-1] for w in project.offchip_weights} == {"up_proj", "down_proj"}
     result = csim(path)
     assert result.max_abs <= result.tolerance, result.summary()
+
+
+def test_attributes_the_target_would_ignore_are_errors():
+    from moec import ops as O
+    from moec.backends.hls.model import _Builder
+    from moec.backends.hls.precision import HlsConfig
+
+    class RotaryAttention(O.AttentionOp):  # an attention feature the HLS kernels do not implement
+        rope_theta: float | None = None
+
+    builder = _Builder(compile_model(example("mixtral")).graph, HlsConfig())
+    plain = RotaryAttention(name="a", dim=8, heads=2, kv_heads=2, head_dim=4)
+    builder.check_fields(plain)
+    with pytest.raises(BackendError, match="rope_theta = 10000.0"):
+        builder.check_fields(plain.model_copy(update={"rope_theta": 10000.0}))

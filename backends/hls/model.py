@@ -18,6 +18,21 @@ from moec.ir import Graph, Value
 from .names import Namer, c_identifier
 from .precision import HlsConfig
 
+# Attributes each op kind's lowering here implements. Any other attribute that differs from its
+# default (a feature this target does not generate) is an error rather than silently dropped;
+# None: every attribute of the kind is handled.
+HANDLED_FIELDS: dict[str, set[str] | None] = {
+    "input": None, "output": None, "add": None, "select_tokens": None, "scatter_tokens": None, "permute": None,
+    "aux_loss": None,
+    "norm": {"norm", "dim", "eps"},
+    "attention": {"dim", "heads", "kv_heads", "head_dim", "bias", "causal"},
+    "ffn": {"expert"},
+    "router": {"dim", "num_experts", "router", "balance_rate"},  # balance_rate: group_limited only (refused)
+    "route": {"router", "num_experts"},
+    "fused_experts": {"num_experts", "expert"},
+}
+EXPERT_FIELDS = {"form", "dim", "hidden", "act", "bias", "weights"}
+ROUTER_FIELDS = {"kind", "k", "score", "renormalize", "scale", "capacity", "by", "jitter", "drop"}
 ACT_IDS = {"identity": "ACT_IDENTITY", "relu": "ACT_RELU", "silu": "ACT_SILU", "gelu": "ACT_GELU",
            "gelu_tanh": "ACT_GELU_TANH"}
 MAX_MODALITIES = 64  # modality masks are 64-bit
@@ -155,9 +170,26 @@ class _Builder:
         for node in self.g.nodes():
             op = self.g.op(node)
             handler = getattr(self, f"op_{op.kind}", None)
-            if handler is None:
+            if handler is None or op.kind not in HANDLED_FIELDS:
                 raise self.unsupported(op, f"the `{op.kind}` op (compile with the default pipeline)")
+            self.check_fields(op)
             handler(node, op)
+
+    def check_fields(self, op: O.OpBase) -> None:
+        """Refuse attributes (of the op, its expert or its router) this target would ignore."""
+        handled = HANDLED_FIELDS[op.kind]
+        specs = [(op, handled, op.kind)]
+        for attr, fields in (("expert", EXPERT_FIELDS), ("router", ROUTER_FIELDS)):
+            if handled is not None and attr in handled:
+                specs.append((getattr(op, attr), fields, f"{op.kind} {attr}"))
+        for spec, fields, what in specs:
+            if fields is None:
+                continue
+            for name, info in type(spec).model_fields.items():
+                if name in fields or name in O.OpBase.model_fields or name == "kind":
+                    continue
+                if getattr(spec, name) != info.default:
+                    raise self.unsupported(op, f"{what} with `{name} = {getattr(spec, name)!r}`")
 
     def op_input(self, node: int, op: O.InputOp) -> None:
         if len(op.modalities) > MAX_MODALITIES:
