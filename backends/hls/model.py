@@ -181,7 +181,10 @@ class _Builder:
         specs = [(op, handled, op.kind)]
         for attr, fields in (("expert", EXPERT_FIELDS), ("router", ROUTER_FIELDS)):
             if handled is not None and attr in handled:
-                specs.append((getattr(op, attr), fields, f"{op.kind} {attr}"))
+                spec = getattr(op, attr)
+                if attr == "router" and spec.kind not in ("top_k", "deterministic"):
+                    continue  # the handler names the unsupported router kind
+                specs.append((spec, fields, f"an {attr}" if attr == "expert" else f"a `{spec.kind}` router"))
         for spec, fields, what in specs:
             if fields is None:
                 continue
