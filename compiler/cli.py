@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="generate code for a target")
     c.add_argument("file")
-    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default), mlir (needs torch-mlir) or hls")
+    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default) or mlir (needs torch-mlir)")
     c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
     c.add_argument("--static", action="store_true", help="pytorch: static-shape (capacity-padded) export form")
     c.add_argument("--plan", metavar="JSON", help="pytorch: expert-parallel form for a plan from `moec place`")
