@@ -229,6 +229,10 @@ class _Builder:
 
     def op_add(self, node: int, op: O.AddOp) -> None:
         a, b = self.g.inputs(node)
+        if a not in self.buf and b not in self.buf:
+            return  # a sum of routing statistics (expert counts): not part of the inference output
+        if a not in self.buf or b not in self.buf:
+            raise self.unsupported(op, "a sum of a token tensor and a value this target does not compute")
         out = self.new(Value(node, 0), self.buf[a].dim, self.mask[a] | self.mask[b])
         self.step("add", op, [self.buf[a], self.buf[b]], [out], a=self.buf[a], b=self.buf[b], y=out,
                   dim=out.dim)
