@@ -46,8 +46,9 @@ def write_tree(out_dir: str, files: dict[str, str | bytes]) -> list[str]:
 
 def targets() -> dict:
     """Target name -> emit(compilation, out_dir, options) function."""
+    from moec.backends.hls import emit as hls_emit
     from moec.backends.mlir import emit_compilation as mlir_emit
     from moec.backends.pytorch import emit as pytorch_emit
     from moec.backends.triton import emit as triton_emit
 
-    return {"pytorch": pytorch_emit, "mlir": mlir_emit, "triton": triton_emit}
+    return {"pytorch": pytorch_emit, "mlir": mlir_emit, "triton": triton_emit, "hls": hls_emit}

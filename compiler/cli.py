@@ -69,12 +69,60 @@ def cmd_report(args) -> int:
         print("moec: error: give a .moe file, --plan PLAN.json, or both", file=sys.stderr)
         return 1
     comp = compile_model(args.file, pipeline=args.pipeline)
+    if args.target == "hls":
+        return _report_hls(comp, args.json)
     analysis = comp.results["analysis"]
     if args.json:
         print(json.dumps(analysis, indent=2))
     else:
         print(format_report(analysis))
     return 0
+
+
+def _report_hls(comp, as_json: bool) -> int:
+    from moec.backends import BackendError
+    from moec.backends.hls import estimate, format_estimate, project_for
+
+    try:
+        e = estimate(project_for(comp))
+    except BackendError as exc:
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(e, indent=2) if as_json else format_estimate(e))
+    return 0
+
+
+def cmd_csim(args) -> int:
+    from moec.backends import BackendError
+    from moec.backends.hls import csim
+
+    arrays = {}
+    for name in ("input", "modality", "task"):
+        path = getattr(args, name)
+        if path is None:
+            continue
+        try:
+            import numpy as np
+        except ImportError:
+            print("moec: error: reading .npy files needs numpy (pip install numpy)", file=sys.stderr)
+            return 1
+        try:
+            arrays[name] = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            print(f"moec: error: cannot read `{path}`: {exc}", file=sys.stderr)
+            return 1
+    try:
+        import torch
+
+        x = torch.as_tensor(arrays["input"], dtype=torch.float32) if "input" in arrays else None
+        modality = torch.as_tensor(arrays["modality"]).long() if "modality" in arrays else None
+        task = torch.as_tensor(arrays["task"]).long() if "task" in arrays else None
+        result = csim(args.file, x=x, modality=modality, task=task, seed=args.seed, tokens=args.tokens)
+    except (BackendError, TypeError, ValueError, RuntimeError) as exc:
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
+    print(result.summary())
+    return 0 if result.ok else 1
 
 
 def cmd_compile(args) -> int:
@@ -98,6 +146,8 @@ def cmd_compile(args) -> int:
             return 1
     options = {"static": args.static, "plan": plan} if args.target in ("pytorch", "triton") else {
         "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens}
+    if args.target == "hls":
+        options = {"seed": args.seed}
     from moec.backends import BackendError
     from moec.backends.mlir import MlirLoweringError, MlirUnavailableError
 
@@ -174,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file", nargs="?")
     c.add_argument("--plan", metavar="JSON", help="also show a placement plan written by `moec place`")
     c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--target", choices=["pytorch", "hls"], default="pytorch",
+                   help="hls: DSPs, on-chip memory and cycles per token of the HLS project")
     _pipeline_option(c)
     c.set_defaults(func=cmd_report)
 
@@ -187,8 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mlir: output dialect (default linalg-on-tensors)")
     c.add_argument("--tokens", type=_positive, default=8, help="mlir: sequence length of the exported shapes")
     c.add_argument("--batch", type=_positive, default=1, help="mlir: batch size of the exported shapes")
+    c.add_argument("--seed", type=int, default=0, help="hls: seed of the PyTorch weights written to the project")
     _pipeline_option(c)
     c.set_defaults(func=cmd_compile)
+
+    c = sub.add_parser("csim", help="C-simulate the HLS project with g++ and compare with PyTorch")
+    c.add_argument("file")
+    c.add_argument("--input", metavar="NPY", help="float inputs [T, dim] or [B, T, dim] (default: random)")
+    c.add_argument("--modality", metavar="NPY", help="integer modality ids [T] or [B, T]")
+    c.add_argument("--task", metavar="NPY", help="integer task ids [T] or [B, T] (task-routed experts)")
+    c.add_argument("--tokens", type=_positive, help="tokens of the random input (default: min(16, max_tokens))")
+    c.add_argument("--seed", type=int, default=0, help="seed of the PyTorch weights and the random input")
+    c.set_defaults(func=cmd_csim)
 
     c = sub.add_parser("place", help="assign experts and redundant replicas to expert-parallel devices")
     c.add_argument("file")

@@ -814,8 +814,7 @@ class Elaborator:
         return ModelSpec(
             name=m.name.name, path=m.loc.path, dim=self.dim, modalities=self.modalities,
             input_modalities=self.input_modalities, layers=stack, final_norm=final, loc=m.loc,
-            targets={t.name.name: {s.name.name: self.eval(s.value, scope, symbols=True) for s in t.settings}
-                     for t in targets},
+            targets={t.name.name: self._target_settings(t, scope) for t in targets},
             placement=self._placement(placement, scope),
         ) if self._check_targets(targets) else None
 
@@ -828,6 +827,65 @@ class Elaborator:
                              did_you_mean(t.name.name, K.TARGETS) or f"targets: {', '.join(K.TARGETS)}")
                 ok = False
         return ok
+
+    def _target_settings(self, t: ast.TargetDecl, scope: Scope) -> dict:
+        if t.name.name == "hls":
+            return self._hls_settings(t, scope)
+        return {s.name.name: self.eval(s.value, scope, symbols=True) for s in t.settings}
+
+    def _hls_settings(self, t: ast.TargetDecl, scope: Scope) -> dict:
+        """`target hls { weights = fixed(16, 6); reuse = 4; ... }`: checked knobs of the HLS backend.
+        A precision becomes {"width", "integer", "round", "overflow"}."""
+        out: dict = {}
+        for s in t.settings:
+            key = s.name.name
+            if key not in K.HLS_SETTINGS:
+                self.d.error("E0204", f"unknown hls setting `{key}`", s.name.loc,
+                             did_you_mean(key, K.HLS_SETTINGS) or "hls settings: " + ", ".join(K.HLS_SETTINGS))
+                continue
+            if key in out:
+                self.d.error("E0203", f"hls setting `{key}` is already given", s.name.loc)
+                continue
+            value = self._hls_value(key, s.value, scope)
+            if value is not BAD:
+                out[key] = value
+        return out
+
+    def _hls_value(self, key: str, expr, scope: Scope):
+        if key in K.HLS_PRECISIONS:
+            if not (isinstance(expr, ast.Call) and expr.name == "fixed"):
+                self.d.error("E0205", f"`{key}` must be a fixed-point type such as fixed(16, 6)", expr.loc,
+                             "write fixed(width, integer, round = nearest|truncate|convergent, "
+                             "overflow = saturate|wrap)")
+                return BAD
+            args = self.bind(expr, K.FIXED, scope, "type")
+            if args is None:
+                return BAD
+            if not 2 <= args["width"] <= K.HLS_MAX_WIDTH or not 1 <= args["integer"] <= args["width"]:
+                self.d.error("E0206", f"fixed({args['width']}, {args['integer']}) is not supported: width must be "
+                             f"2..{K.HLS_MAX_WIDTH} and integer bits 1..width", expr.loc)
+                return BAD
+            return {k: (v.name if isinstance(v, Symbol) else v) for k, v in args.items()}
+        v = self.eval(expr, scope)
+        if v is BAD:
+            return BAD
+        if key in K.HLS_STRINGS:
+            if not isinstance(v, str) or not v or not all(c.isalnum() or c in "-_." for c in v):
+                self.d.error("E0205", f"`{key}` must be a part name string of letters, digits, `-`, `_` and `.`",
+                             expr.loc, 'e.g. part = "xcu250-figd2104-2L-e"')
+                return BAD
+            return v
+        kind, low, high, _ = K.HLS_NUMBERS[key]
+        if kind == "int" and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not _is_number(v) or (kind == "int" and not isinstance(v, int)):
+            self.d.error("E0205", f"`{key}` must be {'an integer' if kind == 'int' else 'a number'}, got {_show(v)}",
+                         expr.loc)
+            return BAD
+        if not low <= v <= high:
+            self.d.error("E0206", f"`{key}` must lie in [{low}, {high}], got {v}", expr.loc)
+            return BAD
+        return v
 
     def _placement(self, decls: list[ast.PlacementDecl], scope: Scope) -> dict:
         """`placement { devices = 8; memory = "80GB"; redundant = 8 }`: defaults for `moec place`

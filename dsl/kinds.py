@@ -159,3 +159,27 @@ PLACEMENT_SETTINGS = {"devices": "expert-parallel devices", "memory": 'expert-we
 
 # `target NAME { ... }` sections: per-target knobs (read by the backends that take them).
 TARGETS = ("pytorch", "mlir", "triton", "hls")
+
+# `target hls { ... }` knobs: precision per tensor kind, parallelism and project settings.
+# Precisions are calls `fixed(width, integer, round = ..., overflow = ...)`, i.e. ap_fixed<W, I, Q, O>.
+FIXED = Kind("fixed", (Param("width", "int", positive=True), Param("integer", "int"),
+                       Param("round", "symbol", "nearest", ("nearest", "truncate", "convergent")),
+                       Param("overflow", "symbol", "saturate", ("saturate", "wrap"))),
+             "a signed fixed-point type: `width` bits of which `integer` are integer bits (sign included)")
+HLS_PRECISIONS = {
+    "precision": "the default fixed-point type of every tensor kind",
+    "weights": "the fixed-point type of weights, biases and norm gains",
+    "activations": "the fixed-point type of activations (inputs, outputs, buffers between layers)",
+    "accumulators": "the fixed-point type of multiply-accumulate sums",
+}
+# name -> (type, minimum, maximum, meaning)
+HLS_NUMBERS = {
+    "reuse": ("int", 1, 1024, "reuse factor: multiplies each multiplier performs per result (PIPELINE II)"),
+    "max_tokens": ("int", 1, 65536, "tokens per call of the generated top function (buffer length)"),
+    "max_unroll": ("int", 1, 4096, "the largest unroll factor of any loop (parallel output lanes)"),
+    "m_axi_threshold": ("int", 0, 2**40, "expert weight matrices with more entries than this live off chip (m_axi)"),
+    "clock": ("float", 0.1, 100.0, "clock period in ns for the Vitis HLS script"),
+}
+HLS_STRINGS = {"part": 'FPGA part for the Vitis HLS script, e.g. "xcu250-figd2104-2L-e"'}
+HLS_SETTINGS = {**HLS_PRECISIONS, **{k: v[3] for k, v in HLS_NUMBERS.items()}, **HLS_STRINGS}
+HLS_MAX_WIDTH = 64

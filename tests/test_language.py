@@ -42,12 +42,12 @@ def test_constant_arithmetic(tmp_path):
   input(dim = 8)
   block b {{ glu(8, 16) }}
   layers {{ b }}
-  target hls {{
+  target triton {{
 {settings}
   }}
 }}
 """)
-    got = spec.targets["hls"]
+    got = spec.targets["triton"]
     for n, (expr, want) in zip(names, ARITH.items()):
         assert got[n] == want and type(got[n]) is type(want), (expr, got[n], want)
 
