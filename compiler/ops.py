@@ -47,6 +47,20 @@ class ExpertSpec(Spec):
         return 2 * mats * self.dim * self.hidden
 
 
+class ScheduleSpec(Spec):
+    """A value over training steps: `linear` or half-`cosine` from start (step 0) to end (step
+    `steps`), constant after."""
+
+    always_shown: ClassVar[tuple[str, ...]] = ("kind", "start", "end", "steps")
+    kind: Literal["linear", "cosine"]
+    start: float
+    end: float
+    steps: int
+
+    def values(self) -> tuple[float, float]:
+        return self.start, self.end
+
+
 class RouterSpec(Spec):
     """How a group's tokens choose experts. `slots` is the fixed number of (token, slot) pairs per
     token the router produces (unused slots carry expert id -1)."""
@@ -55,6 +69,7 @@ class RouterSpec(Spec):
     kind: Literal["top_k", "expert_choice", "dynamic_k", "deterministic", "soft", "group_limited"] = "top_k"
     k: int = 1
     score: Literal["softmax", "sigmoid"] = "softmax"
+    temperature: float | ScheduleSpec = 1.0  # softmax(logits / temperature); a schedule anneals it
     renormalize: bool = False
     scale: float = 1.0
     capacity: float | None = None

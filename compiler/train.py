@@ -92,6 +92,9 @@ def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, 
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {path}: {n_params:,} parameters, {steps} steps of {tokens} tokens "
           f"(modalities: {', '.join(model.modalities)})")
+    schedules = [(name, m) for name, m in model.named_modules() if hasattr(m, "advance")]
+    for name, schedule in schedules:
+        print(f"schedule {name}: {schedule.extra_repr()}")
     tty = sys.stdout.isatty()
     start = time.perf_counter()
 
@@ -100,8 +103,9 @@ def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, 
         done = int(width * s.step / steps)
         bar = "#" * done + "." * (width - done)
         rate = s.step / max(time.perf_counter() - start, 1e-9)
+        scheduled = "".join(f"  {name.rsplit('.', 1)[-1]} {m():.3g}" for name, m in schedules[:1])
         line = (f"[{bar}] step {s.step:>4}/{steps}  loss {s.loss:.5f}  aux {s.aux_loss:.5f}  "
-                f"load max/mean {s.balance:.2f}  {rate:.1f} step/s")
+                f"load max/mean {s.balance:.2f}{scheduled}  {rate:.1f} step/s")
         print("\r" + line if tty else line, end="" if tty and s.step != steps else "\n", flush=True)
 
     history, routed = train(model, steps, tokens, seq, lr, seed, log, every=1 if tty else max(1, steps // 10))

@@ -289,6 +289,10 @@ class Elaborator:
                              did_you_mean(str(name), p.choices) if name else None)
                 return BAD
             v = name
+        elif p.type == "schedule":
+            v = self._schedule(p, v, loc, scope)
+            if v is BAD:
+                return BAD
         elif p.type == "list" and not isinstance(v, list):
             v = [v]
         if p.positive and _is_number(v) and v <= 0:
@@ -298,6 +302,26 @@ class Elaborator:
             self.d.error("E0206", f"`{p.name}` must not be negative, got {_show(v)}", loc)
             return BAD
         return v
+
+    def _schedule(self, p: K.Param, v, loc: SourceLoc, scope: Scope):
+        """A number, or a schedule call (`linear(start, end, steps = N)`, `cosine(...)`)."""
+        if _is_number(v):
+            return float(v)
+        if not isinstance(v, ast.Call) or v.name not in K.SCHEDULES:
+            hint = f"schedules: {', '.join(K.SCHEDULES)}"
+            if isinstance(v, ast.Call):
+                hint = did_you_mean(v.name, K.SCHEDULES) or hint
+            self.d.error("E0205", f"`{p.name}` must be a number or a schedule, got {_show(v)}", loc, hint)
+            return BAD
+        args = self.bind(v, K.SCHEDULES[v.name], scope, "schedule")
+        if args is None:
+            return BAD
+        spec = O.ScheduleSpec(kind=v.name, **args)
+        if p.positive and min(spec.values()) <= 0:
+            self.d.error("E0207", f"`{p.name}` must stay positive; the schedule goes from {spec.start} to "
+                                  f"{spec.end}", loc)
+            return BAD
+        return spec
 
     # ---- experts --------------------------------------------------------------------------
     def expert(self, call: ast.Call, scope: Scope) -> O.ExpertSpec | None:
@@ -722,6 +746,10 @@ class Elaborator:
                 bad("E0208", "k", f"k = {args['k']} exceeds the {args['top_groups'] * (num_experts // args['groups'])} "
                                   "experts of the kept groups")
                 return None
+        if args.get("temperature", 1.0) != 1.0 and args.get("score") != "softmax":
+            bad("E0206", "temperature", "`temperature` divides the logits of a softmax score",
+                "use score = softmax (the default) or drop `temperature`")
+            return None
         if n == "deterministic" and args["by"] == "modality" and num_experts < len(self.modalities):
             bad("E0206", "by", f"routing by modality needs an expert per modality: {num_experts} experts, "
                                f"{len(self.modalities)} modalities")

@@ -58,16 +58,28 @@ ZERO_COMPUTATION = {
 _SCORES = ("softmax", "sigmoid")
 QK_NORMS = ("none", "head", "projection")
 
+# Schedules: values that change with the training step (`model.after_step()` advances them),
+# written where a router parameter takes one, e.g. `temperature = linear(2.0, 0.5, steps = 1000)`.
+SCHEDULES = {
+    "linear": Kind("linear", (Param("start", "float"), Param("end", "float"), Param("steps", "int", positive=True)),
+                   "start + (end - start) * min(step / steps, 1)"),
+    "cosine": Kind("cosine", (Param("start", "float"), Param("end", "float"), Param("steps", "int", positive=True)),
+                   "end + (start - end) * (1 + cos(pi * min(step / steps, 1))) / 2"),
+}
+
 ROUTERS = {
     "top_k": Kind("top_k", (Param("k", "int", positive=True),
                             Param("score", "symbol", "softmax", _SCORES),
+                            Param("temperature", "schedule", 1.0, positive=True),
                             Param("renormalize", "bool", False),
                             Param("scale", "float", 1.0, positive=True),
                             Param("capacity", "float", None, positive=True),
                             Param("drop", "symbol", "position", ("position", "probability")),
                             Param("jitter", "float", 0.0, nonnegative=True)),
                   "token-choice: each token takes its k highest-scoring experts; with `capacity` (a factor) "
-                  "an expert takes at most capacity * T * k / E of them, dropping the rest by `drop`"),
+                  "an expert takes at most capacity * T * k / E of them, dropping the rest by `drop`; "
+                  "`temperature` divides the logits before the softmax (a number or a schedule such as "
+                  "linear(4.0, 1.0, steps = 1000): a dense-to-sparse gate)"),
     "expert_choice": Kind("expert_choice", (Param("capacity", "float", 1.0, positive=True),
                                             Param("group_size", "int", None, positive=True),
                                             Param("score", "symbol", "softmax", _SCORES)),

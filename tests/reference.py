@@ -110,6 +110,16 @@ def expert(e: O.ExpertSpec, p: dict, prefix: str, i: int, x):
     return y + p[f"{prefix}.down_bias"][i] if e.bias else y
 
 
+def temperature(value, step: int) -> float:
+    """A router temperature at a training step: a number, or a linear / half-cosine schedule."""
+    if not isinstance(value, O.ScheduleSpec):
+        return value
+    p = min(step / value.steps, 1.0)
+    if value.kind == "linear":
+        return value.start + (value.end - value.start) * p
+    return value.end + (value.start - value.end) * (1 + math.cos(math.pi * p)) / 2
+
+
 def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, bias=None):
     """Per-token list of (expert, weight) for the group's rows, by the router's plain definition."""
     E = num_experts
@@ -191,20 +201,20 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
     return out
 
 
-def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None):
+def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, step=0):
     """A chain of `op.iterations` MoE passes, h_{c+1} = h_c + moe_c(h_c); returns the sum of the
     passes' outputs, their aux losses and the expert counts summed over the passes."""
     total, aux, counts = None, 0.0, None
     for it in range(op.iterations):
         y, a, c = moe_once(op, p, prefix, x if total is None else x + total, modality, task,
-                           router=f"router_{it}" if it else "router")
+                           router=f"router_{it}" if it else "router", step=step)
         total = y if total is None else total + y
         aux = aux + a
         counts = c if counts is None else counts + c
     return total, aux, counts
 
 
-def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="router"):
+def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="router", step=0):
     flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
     tasks = task.reshape(-1) if task is not None else None
     y = torch.zeros_like(flat)
@@ -221,7 +231,8 @@ def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="
             for t in rows:
                 logits = flat[t] @ p[f"{gp}.{router}.weight"].T
                 logits_all.append(logits)
-                probs_all.append(torch.softmax(logits, -1) if r.score == "softmax" else torch.sigmoid(logits))
+                t_ = temperature(r.temperature, step)
+                probs_all.append(torch.softmax(logits / t_, -1) if r.score == "softmax" else torch.sigmoid(logits))
         bias = p.get(f"{gp}.{router}.score_bias")
         choices = route(r, logits_all, probs_all, g.routed_experts, mods, tasks, rows, bias)
         for t, chosen in zip(rows, choices):
@@ -246,7 +257,7 @@ def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="
     return y.reshape(x.shape), aux, torch.cat(counts)
 
 
-def forward(spec, params: dict, x, modality, task=None):
+def forward(spec, params: dict, x, modality, task=None, step=0):
     """Reference forward: (output, aux_loss, [expert counts per MoE layer])."""
     aux_total = torch.zeros((), dtype=x.dtype)
     all_counts = []
@@ -266,7 +277,7 @@ def forward(spec, params: dict, x, modality, task=None):
             elif isinstance(sub.op, O.FFNOp):
                 out = by_modality(lambda pre_, r, sub=sub: dense_ffn(sub.op.expert, params, pre_, r), name, h, names)
             else:
-                out, aux, counts = moe(sub.op, params, name, h, modality, task)
+                out, aux, counts = moe(sub.op, params, name, h, modality, task, step)
                 aux_total = aux_total + aux
                 all_counts.append(counts)
             x = x + out

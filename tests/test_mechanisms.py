@@ -305,3 +305,76 @@ def test_per_modality_needs_two_modalities(tmp_path):
     src = "model m { input(dim = 8)\n block b { per_modality = true; glu(8, 16) }\n layers { b } }"
     diags = check(_write(tmp_path, src))
     assert [d.code for d in diags.items] == ["E0206"]
+
+
+SCHEDULED = """
+model scheduled {{
+  const d = 16
+  input(dim = d)
+  block b {{
+    attention(heads = 2)
+    moe {{
+      experts 6 x glu(d, 12)
+      router top_k(k = 2, temperature = {temperature}{extra})
+      loss load_balance(0.1), z_loss(0.01)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("temperature,extra,steps", [
+    ("0.5", ", renormalize = true, scale = 2.0", 0),
+    ("linear(4.0, 0.5, steps = 10)", "", 0),
+    ("linear(4.0, 0.5, steps = 10)", "", 4),
+    ("cosine(3.0, 1.0, steps = 8)", ", capacity = 1.0", 5),
+    ("cosine(3.0, 1.0, steps = 8)", "", 20),  # past the end: the final value
+])
+def test_router_temperature_schedules_match_reference(tmp_path, temperature, extra, steps):
+    path = _write(tmp_path, SCHEDULED.format(temperature=temperature, extra=extra))
+
+    def advance(model):
+        for _ in range(steps):
+            model.after_step()
+
+    torch.manual_seed(16)
+    model, _ = _check(path, torch.randn(2, 7, 16), perturb=advance, step=steps)
+    if "(" in temperature:
+        state = model.state_dict()
+        saved = [k for k in state if k.endswith("temperature._extra_state")]
+        assert len(saved) == 2 and all(state[k] == {"step": steps} for k in saved)
+        fresh = moec.load(path).double()
+        fresh.load_state_dict(state)  # training resumes at the saved step
+        x = torch.randn(2, 7, 16, dtype=torch.float64)
+        torch.testing.assert_close(fresh(x).output, model(x).output)
+
+
+def test_annealed_temperature_sharpens_the_gate(tmp_path):
+    """Dense-to-sparse: a high starting temperature spreads the routing weight, the final one concentrates it."""
+    path = _write(tmp_path, SCHEDULED.format(temperature="linear(50.0, 0.05, steps = 3)", extra=""))
+    model, x = moec.load(path), torch.randn(4, 8, 16)
+    spread = []
+    for _ in range(4):
+        moe = model.layers[0].moe  # the first MoE layer's gate
+        with torch.no_grad():
+            probs = torch.softmax(moe.router(torch.nn.functional.rms_norm(x, (16,))) / moe.temperature(), -1)
+        spread.append(float(probs.max(-1).values.mean()))
+        model.after_step()
+    assert spread[0] < 0.25 < spread[-1]
+
+
+@pytest.mark.parametrize("temperature,code", [
+    ("linear(4.0, 0.0, steps = 10)", "E0207"),
+    ("linear(4.0, 1.0)", "E0205"),
+    ("exponential(4.0, 1.0, steps = 3)", "E0205"),
+    ("linear(4.0, 1.0, steps = 0)", "E0207"),
+])
+def test_schedule_misuse(tmp_path, temperature, code):
+    diags = check(_write(tmp_path, SCHEDULED.format(temperature=temperature, extra="")))
+    assert [d.code for d in diags.items] == [code], diags.render()
+
+
+def test_temperature_needs_softmax(tmp_path):
+    diags = check(_write(tmp_path, SCHEDULED.format(temperature="2.0", extra=", score = sigmoid")))
+    assert [d.code for d in diags.items] == ["E0206"]

@@ -17,7 +17,7 @@ from reference import forward as reference_forward
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
-def _check(path, x, modality=None, seed=0, perturb=None, task=None):
+def _check(path, x, modality=None, seed=0, perturb=None, task=None, step=0):
     model = moec.load(path, seed=seed).double()
     if perturb:
         perturb(model)
@@ -27,7 +27,7 @@ def _check(path, x, modality=None, seed=0, perturb=None, task=None):
     params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     ref_x = x.detach().clone().requires_grad_(True)
     mod = modality if modality is not None else torch.zeros(x.shape[:-1], dtype=torch.long)
-    ref_out, ref_aux, ref_counts = reference_forward(spec, params, ref_x, mod, task)
+    ref_out, ref_aux, ref_counts = reference_forward(spec, params, ref_x, mod, task, step)
     torch.testing.assert_close(out.output, ref_out, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(out.aux_loss.double(), ref_aux, rtol=1e-9, atol=1e-12)
     assert len(out.expert_counts) == len(ref_counts)

@@ -29,7 +29,8 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "identity_experts", "load_balance_loss", "mask_experts", "moe_experts",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
-        "BalancedRouter", "apply_capacity", "route_deterministic", "route_dynamic_k", "route_expert_choice",
+        "BalancedRouter", "Schedule", "apply_capacity", "route_deterministic", "route_dynamic_k",
+        "route_expert_choice", "route_top_k_temperature",
         "route_group_limited", "route_soft", "router_jitter")),
     "moec_expert_parallel": ("expert_parallel.py", ("ExpertParallelExperts", "moe_experts_ep")),
     "moec_static_runtime": ("static_runtime.py", (
@@ -332,7 +333,16 @@ class _BlockEmitter:
         w, ids, probs = outs
         lhs = f"{w}, {ids}, {probs}"
         e = num_experts
-        if r.kind == "top_k":
+        if r.kind == "top_k" and r.temperature != 1.0:  # a tempered (possibly annealed) softmax gate
+            self.line(_call(lhs, "route_top_k_temperature", [
+                source, f"k={r.k}", f"temperature={self._value(r.temperature, path, 'temperature')}",
+                f"renormalize={r.renormalize}"]))
+            if r.scale != 1.0:
+                self.line(f"{w} = {w} * {r.scale!r}")
+            if r.capacity is not None:
+                self.line(_call(f"{w}, {ids}, _dropped", "apply_capacity",
+                                [w, ids, str(e), f"capacity_factor={r.capacity!r}", f"policy={r.drop!r}"]))
+        elif r.kind == "top_k":
             self.line(_call(lhs, "route_top_k", [source, f"k={r.k}", f"score={r.score!r}",
                                                  f"renormalize={r.renormalize}", f"scale={r.scale!r}"]))
             if r.capacity is not None:
@@ -360,6 +370,15 @@ class _BlockEmitter:
             self.line(f"{router}.observe({ids})")
         else:  # pragma: no cover - the checker admits only the kinds above
             raise BackendError(f"no PyTorch lowering for router `{r.kind}`")
+
+    def _value(self, value: float | O.ScheduleSpec, path: list[str], name: str) -> str:
+        """A router setting: a literal, or the current value of a `Schedule` module (advanced by
+        `model.after_step()`; its step is saved in the state dict)."""
+        if not isinstance(value, O.ScheduleSpec):
+            return repr(value)
+        attr = self.module([*path[:-1], name], f"Schedule({value.kind!r}, start={value.start!r}, "
+                                               f"end={value.end!r}, steps={value.steps})")
+        return f"{attr}()"
 
     def _op_router_gate(self, node, op, ins, path):
         (logits,) = self.assign(node, ["logits"])

@@ -539,6 +539,36 @@ def schedule_value(kind: str, step: int, total: int, start: float, end: float) -
     return float(end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 
+class Schedule(nn.Module):
+    """A scalar that follows ``schedule_value(kind, step, steps, start, end)`` over training steps.
+
+    ``model.after_step()`` calls ``advance()``; calling the module gives the current value. The
+    step is a Python int (no device sync to read it), saved in the state dict as extra state, so
+    training resumes where it stopped."""
+
+    def __init__(self, kind: str, start: float, end: float, steps: int):
+        super().__init__()
+        if kind not in SCHEDULES:
+            raise ValueError(f"Schedule: unknown kind {kind!r} (expected one of {SCHEDULES})")
+        self.kind, self.start, self.end, self.steps = kind, float(start), float(end), int(steps)
+        self.step = 0
+
+    def forward(self) -> float:
+        return schedule_value(self.kind, self.step, self.steps, self.start, self.end)
+
+    def advance(self) -> None:
+        self.step += 1
+
+    def get_extra_state(self) -> dict:
+        return {"step": self.step}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+    def extra_repr(self) -> str:
+        return f"{self.kind} {self.start} -> {self.end} over {self.steps} steps, at step {self.step}"
+
+
 def route_top_k_temperature(
     logits: Tensor, k: int, temperature: float, renormalize: bool = False
 ) -> tuple[Tensor, Tensor, Tensor]:

@@ -147,7 +147,8 @@ class _TritonBlockEmitter(_BlockEmitter):
     def _op_router(self, node, op, ins, path):
         r = op.router
         if not kernel_routed(r):
-            capacity = " with capacity" if r.kind == "top_k" and r.capacity is not None else ""
+            capacity = (" with capacity" if r.kind == "top_k" and r.capacity is not None else
+                        " with a temperature" if r.temperature != 1.0 else "")
             self.pytorch_notes.append(f"{'.'.join(path[:-1])}: {r.kind} router{capacity}")
             return super()._op_router(node, op, ins, path)
         w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])

@@ -14,7 +14,7 @@ def next_pow2(n: int) -> int:
 
 def kernel_routed(r: O.RouterSpec) -> bool:
     """Routers the fused router kernel computes; the others keep their PyTorch routing."""
-    return (r.kind == "top_k" and r.capacity is None) or r.kind == "group_limited"
+    return (r.kind == "top_k" and r.capacity is None and r.temperature == 1.0) or r.kind == "group_limited"
 
 
 @dataclass(frozen=True)
