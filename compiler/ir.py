@@ -165,15 +165,15 @@ class Graph:
 _SKIP_ATTRS = {"kind", "name", "layer", "block", "loc"}
 
 
-def _format_value(v) -> str:
+def format_value(v) -> str:
     if isinstance(v, BaseModel):  # nested specs: only what differs from the defaults (required fields always)
         info, shown = type(v).model_fields, getattr(type(v), "always_shown", ())
-        fields = [f"{k}={_format_value(x)}" for k, x in v
+        fields = [f"{k}={format_value(x)}" for k, x in v
                   if x is not None and (k in shown or k not in _SKIP_ATTRS and
                                         (info[k].is_required() or x != info[k].default))]
         return "<" + ", ".join(fields) + ">"
     if isinstance(v, tuple):
-        return "[" + ", ".join(_format_value(x) for x in v) + "]"
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
     if isinstance(v, bool):
         return "true" if v else "false"
     return str(v)
@@ -181,6 +181,6 @@ def _format_value(v) -> str:
 
 def _format_attrs(op: O.OpBase) -> str:
     quiet, info = getattr(type(op), "quiet_when_default", ()), type(op).model_fields
-    fields = [f"{k}={_format_value(v)}" for k, v in op
+    fields = [f"{k}={format_value(v)}" for k, v in op
               if k not in _SKIP_ATTRS and v is not None and not (k in quiet and v == info[k].default)]
     return f" {{{', '.join(fields)}}}" if fields else ""

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from moec import ops as O
 from moec.backends import BackendError
-from moec.ir import Graph, Value
+from moec.ir import Graph, Value, format_value
 
 from .names import Namer, c_identifier
 from .precision import HlsConfig
@@ -36,6 +36,10 @@ ROUTER_FIELDS = {"kind", "k", "score", "renormalize", "scale", "capacity", "by",
 ACT_IDS = {"identity": "ACT_IDENTITY", "relu": "ACT_RELU", "silu": "ACT_SILU", "gelu": "ACT_GELU",
            "gelu_tanh": "ACT_GELU_TANH"}
 MAX_MODALITIES = 64  # modality masks are 64-bit
+
+
+# Ops that only a language feature the target lacks produces: name the feature, not the op.
+FEATURE_OF_OP = {kind: "zero-computation experts" for kind in ("mask_experts", "identity_experts", "count_experts")}
 
 
 @dataclass
@@ -171,7 +175,8 @@ class _Builder:
             op = self.g.op(node)
             handler = getattr(self, f"op_{op.kind}", None)
             if handler is None or op.kind not in HANDLED_FIELDS:
-                raise self.unsupported(op, f"the `{op.kind}` op (compile with the default pipeline)")
+                feature = FEATURE_OF_OP.get(op.kind, f"the `{op.kind}` op (compile with the default pipeline)")
+                raise self.unsupported(op, feature)
             self.check_fields(op)
             handler(node, op)
 
@@ -192,7 +197,7 @@ class _Builder:
                 if name in fields or name in O.OpBase.model_fields or name == "kind":
                     continue
                 if getattr(spec, name) != info.default:
-                    raise self.unsupported(op, f"{what} with `{name} = {getattr(spec, name)!r}`")
+                    raise self.unsupported(op, f"{what} with `{name} = {format_value(getattr(spec, name))}`")
 
     def op_input(self, node: int, op: O.InputOp) -> None:
         if len(op.modalities) > MAX_MODALITIES:
