@@ -165,9 +165,12 @@ class NormOp(OpBase):
 
 
 class AttentionOp(OpBase):
-    quiet_when_default: ClassVar[tuple[str, ...]] = ("rope_theta", "qk_norm", "norm_eps", "out_bias", "per_modality")
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("rope_theta", "qk_norm", "norm_eps", "out_bias", "per_modality",
+                                                     "routed_heads", "shared_heads")
     kind: Literal["attention"] = "attention"
     per_modality: tuple[int, ...] = ()  # q/k/v/o projections per modality id; one attention over all tokens
+    routed_heads: int | None = None  # mixture-of-heads: top-k of the non-shared heads per token
+    shared_heads: int = 0  # mixture-of-heads: always-on heads (the first ones)
     dim: int
     heads: int
     kv_heads: int

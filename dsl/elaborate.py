@@ -520,9 +520,18 @@ class Elaborator:
             self.d.error("E0210", f"rotary embeddings need an even head_dim, got {head_dim}", call.loc,
                          "rotate-half pairs dimension i with i + head_dim / 2")
             return None
+        routed, shared = a["routed_heads"], a["shared_heads"]
+        if shared and routed is None:
+            self.d.error("E0211", "`shared_heads` without `routed_heads`", call.loc,
+                         "mixture-of-heads: give routed_heads = k, the heads each token takes besides the shared ones")
+            return None
+        if routed is not None and routed + shared > heads:
+            self.d.error("E0208", f"routed_heads = {routed} exceeds the {heads - shared} routed heads "
+                                  f"(heads - shared_heads)", call.loc)
+            return None
         return O.AttentionOp(name="attention", dim=self.dim, heads=heads, kv_heads=kv, head_dim=head_dim,
                              bias=a["bias"], causal=a["causal"], rope_theta=a["rope_theta"], qk_norm=a["qk_norm"],
-                             out_bias=a["out_bias"], loc=call.loc)
+                             out_bias=a["out_bias"], routed_heads=routed, shared_heads=shared, loc=call.loc)
 
     def latent_attention(self, call: ast.Call, a: dict) -> O.LatentAttentionOp | None:
         if a["qk_rope_dim"] % 2:

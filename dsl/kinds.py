@@ -123,8 +123,12 @@ SUBLAYERS = {
                                     Param("causal", "bool", True),
                                     Param("rope_theta", "float", None, positive=True),
                                     Param("qk_norm", "symbol", "none", QK_NORMS),
-                                    Param("out_bias", "bool", None)),
-                      "multi-head (kv_heads = heads) or grouped-query attention; `rope_theta` adds rotary "
+                                    Param("out_bias", "bool", None),
+                                    Param("routed_heads", "int", None, positive=True),
+                                    Param("shared_heads", "int", 0, nonnegative=True)),
+                      "multi-head (kv_heads = heads) or grouped-query attention; `routed_heads = k` makes heads "
+                      "experts (mixture-of-heads): each token weights its top-k of the heads after the first "
+                      "`shared_heads` (always on) by a head router; `rope_theta` adds rotary "
                       "position embeddings (rotate-half), `qk_norm = head | projection` RMS-normalises q and k "
                       "(per head or over the whole projection, with the block norm's eps), `out_bias` overrides "
                       "`bias` for the output projection"),

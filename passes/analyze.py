@@ -146,7 +146,13 @@ def _single_cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
         b = (op.heads + 2 * op.kv_heads) * op.head_dim if op.bias else 0
         b += op.dim if op.o_bias else 0
         qk = {"none": 0, "head": 2 * op.head_dim, "projection": (op.heads + op.kv_heads) * op.head_dim}[op.qk_norm]
-        return w + b + qk, w + b + qk, 2 * w
+        if op.routed_heads is None:
+            return w + b + qk, w + b + qk, 2 * w
+        # Mixture-of-heads: a token's Q and O use its shared + routed heads; K and V serve every
+        # token, so they stay whole; the head routers add their gates.
+        routers = op.dim * (op.heads - op.shared_heads) + (op.dim * (op.shared_heads + 2) if op.shared_heads else 0)
+        active_w = op.dim * op.head_dim * (2 * (op.shared_heads + op.routed_heads) + 2 * op.kv_heads)
+        return w + b + qk + routers, active_w + b + qk + routers, 2 * (active_w + routers)
     if k == "latent_attention":
         return op.params, op.params, op.flops
     if k == "ffn":

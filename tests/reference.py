@@ -66,7 +66,25 @@ def attention(op: O.AttentionOp, p: dict, prefix: str, x, names=None):
                 mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
                 scores = scores.masked_fill(mask, float("-inf"))
             out[b, :, h * op.head_dim:(h + 1) * op.head_dim] = torch.softmax(scores, -1) @ vh
+    if op.routed_heads is not None:  # mixture-of-heads: each token weights its heads
+        weights = [[head_weights(op, p, prefix, xs[b, t]) for t in range(seq)] for b in range(xs.shape[0])]
+        scale = torch.stack([torch.stack([torch.stack(w).repeat_interleave(op.head_dim) for w in row])
+                             for row in weights])
+        out = out * scale
     return proj("o_proj", out).reshape(x.shape)
+
+
+def head_weights(op: O.AttentionOp, p: dict, prefix: str, x) -> list:
+    """Mixture-of-heads weights of one token x [d]: a softmax over the shared heads and one over the
+    routed heads keeping the top routed_heads (others 0), mixed by a 2-way softmax."""
+    routed = torch.softmax(x @ p[f"{prefix}.head_router.weight"].T, -1)
+    chosen = sorted(range(len(routed)), key=lambda h: -float(routed[h].detach()))[:op.routed_heads]
+    routed_w = [routed[h] if h in chosen else routed[h] * 0 for h in range(len(routed))]
+    if not op.shared_heads:
+        return routed_w
+    mix = torch.softmax(x @ p[f"{prefix}.head_mix.weight"].T, -1)
+    shared = torch.softmax(x @ p[f"{prefix}.shared_router.weight"].T, -1)
+    return [mix[0] * s for s in shared] + [mix[1] * r for r in routed_w]
 
 
 def ternary(w):

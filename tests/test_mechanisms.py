@@ -378,3 +378,56 @@ def test_schedule_misuse(tmp_path, temperature, code):
 def test_temperature_needs_softmax(tmp_path):
     diags = check(_write(tmp_path, SCHEDULED.format(temperature="2.0", extra=", score = sigmoid")))
     assert [d.code for d in diags.items] == ["E0206"]
+
+
+HEADS = """
+model heads {{
+  const d = 32
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  block b {{
+    {settings}
+    attention(heads = 8, kv_heads = {kv}, {routing})
+    glu(d, 48)
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("routing,kv,settings", [
+    ("routed_heads = 3", 8, ""),
+    ("routed_heads = 3, shared_heads = 2", 4, ""),
+    ("routed_heads = 6, shared_heads = 2, causal = false", 2, "per_modality = true"),
+])
+def test_mixture_of_heads_matches_reference(tmp_path, routing, kv, settings):
+    path = _write(tmp_path, HEADS.format(routing=routing, kv=kv, settings=settings))
+    torch.manual_seed(17)
+    model, _ = _check(path, torch.randn(2, 6, 32), torch.randint(0, 2, (2, 6)))
+    w = model.layers[0].attention.head_weights(torch.randn(5, 32, dtype=torch.float64))
+    k = int(routing.split("=")[1].split(",")[0])
+    assert ((w > 0).sum(-1) == k + (2 if "shared" in routing else 0)).all()  # shared heads + top-k heads
+
+
+def test_mixture_of_heads_accounting(tmp_path):
+    """Q and O count the heads a token uses; K and V (computed for every token) count in full."""
+    def layer(routing):
+        a = compile_model(_write(tmp_path, HEADS.format(routing=routing, kv=4, settings=""), "h.moe"))
+        return a.results["analysis"]["layers"][0]
+    dense = layer("causal = true")
+    moh = layer("routed_heads = 2, shared_heads = 2")
+    d, hd = 32, 4
+    routers = d * 6 + d * (2 + 2)
+    assert moh["params"] - dense["params"] == routers
+    qo_saved = 2 * d * hd * (8 - 4)  # 4 of 8 heads active per token: half the Q and O weights
+    assert dense["flops_per_token"]["text"] - moh["flops_per_token"]["text"] == 2 * (qo_saved - routers)
+
+
+@pytest.mark.parametrize("routing,code", [
+    ("routed_heads = 7, shared_heads = 2", "E0208"),
+    ("shared_heads = 2", "E0211"),
+    ("routed_heads = 0", "E0207"),
+])
+def test_mixture_of_heads_misuse(tmp_path, routing, code):
+    diags = check(_write(tmp_path, HEADS.format(routing=routing, kv=8, settings="")))
+    assert [d.code for d in diags.items] == [code], diags.render()

@@ -110,6 +110,8 @@ def _attention_ctor(op: O.AttentionOp) -> str:
         extra += f", qk_norm={op.qk_norm!r}, norm_eps={op.norm_eps!r}"
     if op.out_bias is not None and op.out_bias != op.bias:
         extra += f", out_bias={op.out_bias}"
+    if op.routed_heads is not None:
+        extra += f", routed_heads={op.routed_heads}, shared_heads={op.shared_heads}"
     return (f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
             f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal}{extra})")
 

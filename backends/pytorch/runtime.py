@@ -874,8 +874,18 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, bias: bool = False,
                  causal: bool = True, rope_theta: float | None = None, qk_norm: str = "none",
                  norm_eps: float = 1e-6, out_bias: bool | None = None,
-                 per_modality: dict[str, int] | None = None):
+                 per_modality: dict[str, int] | None = None, routed_heads: int | None = None,
+                 shared_heads: int = 0):
         super().__init__()
+        # Mixture-of-heads: per token, the first `shared_heads` heads are weighted by a softmax over
+        # them and the top `routed_heads` of the others by a softmax over those (the rest get 0);
+        # with shared heads a 2-way softmax mixes the two groups. Every head is still computed.
+        self.routed_heads, self.shared_heads = routed_heads, shared_heads
+        if routed_heads is not None:
+            self.head_router = nn.Linear(dim, heads - shared_heads, bias=False)
+            if shared_heads:
+                self.shared_router = nn.Linear(dim, shared_heads, bias=False)
+                self.head_mix = nn.Linear(dim, 2, bias=False)
         self.heads, self.kv_heads, self.head_dim, self.causal = heads, kv_heads, head_dim, causal
         self.rope_theta, self.qk_norm = rope_theta, qk_norm
 
@@ -923,8 +933,21 @@ class Attention(nn.Module):
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return project(self.o_proj, o.transpose(1, 2).reshape(b, seq, self.heads * self.head_dim)).reshape(shape)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)  # [b, seq, heads, hd]
+        if self.routed_heads is not None:
+            o = o * self.head_weights(xs).unsqueeze(-1).to(o.dtype)
+        return project(self.o_proj, o.reshape(b, seq, self.heads * self.head_dim)).reshape(shape)
+
+    def head_weights(self, x: Tensor) -> Tensor:
+        """Mixture-of-heads weights [..., heads] of the tokens x [..., dim] (0 for unchosen heads)."""
+        probs = torch.softmax(_at_least_fp32(self.head_router(x)), dim=-1)
+        top = torch.topk(probs.detach(), self.routed_heads, dim=-1).indices
+        routed = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+        if not self.shared_heads:
+            return routed
+        mix = torch.softmax(_at_least_fp32(self.head_mix(x)), dim=-1)
+        shared = torch.softmax(_at_least_fp32(self.shared_router(x)), dim=-1)
+        return torch.cat([mix[..., :1] * shared, mix[..., 1:] * routed], dim=-1)
 
 
 def rotary_cos_sin(seq: int, dim: int, theta: float, device, dtype) -> tuple[Tensor, Tensor]:
