@@ -431,3 +431,12 @@ def test_mixture_of_heads_accounting(tmp_path):
 def test_mixture_of_heads_misuse(tmp_path, routing, code):
     diags = check(_write(tmp_path, HEADS.format(routing=routing, kv=8, settings="")))
     assert [d.code for d in diags.items] == [code], diags.render()
+
+
+def test_mixture_of_heads_static_form_exports(tmp_path):
+    """The head choice uses one-hot masks (no scatter), so the static form exports."""
+    path = _write(tmp_path, HEADS.format(routing="routed_heads = 3, shared_heads = 2", kv=4, settings=""))
+    model = moec.load(path, static=True).eval()
+    x, modality = torch.randn(1, 6, 32), torch.randint(0, 2, (1, 6))
+    exported = torch.export.export(model, (x, modality))
+    torch.testing.assert_close(exported.module()(x, modality).output, model(x, modality).output)

@@ -942,7 +942,8 @@ class Attention(nn.Module):
         """Mixture-of-heads weights [..., heads] of the tokens x [..., dim] (0 for unchosen heads)."""
         probs = torch.softmax(_at_least_fp32(self.head_router(x)), dim=-1)
         top = torch.topk(probs.detach(), self.routed_heads, dim=-1).indices
-        routed = torch.zeros_like(probs).scatter(-1, top, probs.gather(-1, top))
+        chosen = F.one_hot(top, probs.shape[-1]).sum(-2).to(probs.dtype)  # (one-hot: exports to MLIR)
+        routed = probs * chosen
         if not self.shared_heads:
             return routed
         mix = torch.softmax(_at_least_fp32(self.head_mix(x)), dim=-1)
