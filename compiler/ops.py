@@ -29,6 +29,14 @@ class ExpertSpec(Spec):
     act: Literal["silu", "gelu", "gelu_tanh", "relu", "identity"]
     bias: bool = False
     weights: Literal["full", "ternary"] = "full"  # ternary: {-1, 0, 1} x a per-expert absmean scale
+    lora_rank: int | None = None  # routed LoRA experts: rank-r adapters of one frozen base FFN
+    lora_alpha: float | None = None  # adapter scale alpha / r (alpha defaults to r)
+
+    @property
+    def adapter_params(self) -> int:
+        """Trainable parameters of one LoRA expert: A [in, r] and B [r, out] per matrix."""
+        mats = 3 if self.form == "glu" else 2
+        return mats * (self.lora_rank or 0) * (self.dim + self.hidden)
 
     @property
     def params(self) -> int:
@@ -328,12 +336,14 @@ class ExpertGemmOp(OpBase):
 
     kind: Literal["expert_gemm"] = "expert_gemm"
     num_experts: int
-    quiet_when_default: ClassVar[tuple[str, ...]] = ("weights",)
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("weights", "lora_rank", "lora_alpha")
     projection: Literal["up", "gate", "down"]
     in_dim: int
     out_dim: int
     bias: bool = False
     weights: Literal["full", "ternary"] = "full"
+    lora_rank: int | None = None  # see ExpertSpec
+    lora_alpha: float | None = None
 
 
 class ActivationOp(OpBase):

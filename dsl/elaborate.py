@@ -354,6 +354,12 @@ class Elaborator:
         args = self.bind(call, kind, scope, "expert")
         if args is None:
             return None
+        if args["lora_alpha"] is not None and args["lora_rank"] is None:
+            self.d.error("E0211", "`lora_alpha` without `lora_rank`", call.loc, "give lora_rank = r as well")
+            return None
+        if args["lora_rank"] is not None and args["weights"] != "full":
+            self.d.error("E0206", "LoRA experts adapt full-precision weights, not ternary ones", call.loc)
+            return None
         spec = O.ExpertSpec(form=call.name, **args)
         if self.dim and spec.dim != self.dim:
             self.d.error("E0210", f"expert input dimension {spec.dim} does not match the model dimension "
@@ -496,6 +502,10 @@ class Elaborator:
             return self.latent_attention(call, args) if call.name == "latent_attention" else self.attention(call, args)
         if scope.lookup("experts", call.name) is not None or call.name in K.EXPERTS or call.name in K.ZERO_COMPUTATION:
             spec = self.expert(call, scope)
+            if spec is not None and spec.lora_rank is not None:
+                self.d.error("E0220", "LoRA experts are routed: a dense sublayer has no adapters to choose among",
+                             call.loc, "use them in a routed pool: `experts N x <expert with lora_rank>`")
+                return None
             return None if spec is None else O.FFNOp(name="ffn", expert=spec, loc=call.loc)
         names = set(K.SUBLAYERS) | set(K.EXPERTS) | scope.names("experts")
         self.d.error("E0201", f"`{call.name}` is not a sublayer, expert or built-in kind", call.name_loc or call.loc,
@@ -644,6 +654,9 @@ class Elaborator:
         n = self._count(decls[0].count, scope)
         spec = self.expert(decls[0].expert, scope)
         if n is None or spec is None:
+            return None, 0
+        if spec.lora_rank is not None:
+            self.d.error("E0220", "shared experts are always on: LoRA experts belong in a routed pool", decls[0].loc)
             return None, 0
         return spec, n
 

@@ -35,15 +35,18 @@ class Kind:
 
 _ACTS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 _WEIGHTS = ("full", "ternary")
+# LoRA experts: in a routed pool, `lora_rank = r` makes the experts rank-r adapters (scaled by
+# lora_alpha / r) of one frozen base FFN of this shape: W_e = W_0 + (alpha / r) A_e B_e.
+_LORA = (Param("lora_rank", "int", None, positive=True), Param("lora_alpha", "float", None, positive=True))
 
 EXPERTS = {
     "mlp": Kind("mlp", (Param("dim", "int", positive=True), Param("hidden", "int", positive=True),
                         Param("act", "symbol", "gelu", _ACTS), Param("bias", "bool", False),
-                        Param("weights", "symbol", "full", _WEIGHTS)),
+                        Param("weights", "symbol", "full", _WEIGHTS), *_LORA),
                 "act(x W_up) W_down"),
     "glu": Kind("glu", (Param("dim", "int", positive=True), Param("hidden", "int", positive=True),
                         Param("act", "symbol", "silu", _ACTS), Param("bias", "bool", False),
-                        Param("weights", "symbol", "full", _WEIGHTS)),
+                        Param("weights", "symbol", "full", _WEIGHTS), *_LORA),
                 "(act(x W_gate) * x W_up) W_down; act=silu is SwiGLU, act=gelu is GeGLU; weights = ternary "
                 "quantises the matrices to {-1, 0, 1} x a per-expert scale (straight-through gradients)"),
 }

@@ -164,11 +164,24 @@ def _single_cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
     if k == "expert_gemm":
         per = op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
         top = _k_of(graph, node, op.num_experts)
+        if op.lora_rank is not None:  # one frozen base matrix + an adapter (A [in, r], B [r, out]) per expert
+            adapter = op.lora_rank * (op.in_dim + op.out_dim)
+            return (per + op.num_experts * adapter, _int(per + top * adapter),
+                    _int(2 * top * (op.in_dim * op.out_dim + adapter)))
         return op.num_experts * per, _int(top * per), _int(2 * top * op.in_dim * op.out_dim)
     if k == "fused_experts":
         top = _k_of(graph, node, op.num_experts)
-        return op.num_experts * op.expert.params, _int(top * op.expert.params), _int(top * op.expert.flops)
+        return _experts_cost(op.expert, op.num_experts, top)
     return 0, 0, 0
+
+
+def _experts_cost(e: O.ExpertSpec, num_experts: int, top: float) -> tuple[int, int | float, int | float]:
+    """(parameters, active parameters, FLOPs) per token of a routed pool using `top` experts per token;
+    LoRA experts share one frozen base and differ by their adapters."""
+    if e.lora_rank is None:
+        return num_experts * e.params, _int(top * e.params), _int(top * e.flops)
+    a = e.adapter_params
+    return e.params + num_experts * a, _int(e.params + top * a), _int(top * (e.flops + 2 * a))
 
 
 def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str, int], dict[str, int]]:
@@ -185,10 +198,11 @@ def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str,
         computed = per_token * g.num_experts / g.routed_experts  # zero-computation experts are free
         sp = g.shared.widened(g.num_shared).params if g.shared else 0
         sf = g.shared.widened(g.num_shared).flops if g.shared else 0
-        params += c * gate + g.num_experts * g.expert.params + sp
+        pool_params, pool_active, pool_flops = _experts_cost(g.expert, g.num_experts, computed)
+        params += c * gate + pool_params + sp
         for i in g.modalities:
-            active[modalities[i]] += c * (gate + computed * g.expert.params + sp)
-            flops[modalities[i]] += c * (2 * gate + computed * g.expert.flops + sf)
+            active[modalities[i]] += c * (gate + pool_active + sp)
+            flops[modalities[i]] += c * (2 * gate + pool_flops + sf)
     return (params, {m: _int(v + c * shared_p) for m, v in active.items()},
             {m: _int(v + c * shared_f) for m, v in flops.items()})
 

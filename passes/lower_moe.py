@@ -95,7 +95,8 @@ class LowerMoE(Pass):
             (cnt,) = mk(O.CountExpertsOp, f"{p}counts", [computed_ids], num_experts=e)
             (offsets,) = mk(O.ExpertOffsetsOp, f"{p}offsets", [cnt], num_experts=e)
             (rows,) = mk(O.GatherRowsOp, f"{p}gather", [xg, order])
-            gemm = {"num_experts": e, "bias": ex.bias, "weights": ex.weights}
+            gemm = {"num_experts": e, "bias": ex.bias, "weights": ex.weights, "lora_rank": ex.lora_rank,
+                    "lora_alpha": ex.lora_alpha}
             (up,) = mk(O.ExpertGemmOp, f"{p}experts.up_proj", [rows, offsets], projection="up", in_dim=ex.dim,
                        out_dim=ex.hidden, **gemm)
             if ex.form == "glu":

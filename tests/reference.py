@@ -112,20 +112,32 @@ def dense_ffn(e: O.ExpertSpec, p: dict, prefix: str, x):
     return lin("down_proj", hidden)
 
 
+def expert_weight(e: O.ExpertSpec, p: dict, prefix: str, name: str, i: int):
+    """Matrix `name` (up / gate / down) of expert i: stacked, or a LoRA expert's W0 + (alpha/r) A_i B_i."""
+    if e.lora_rank is None:
+        return maybe_ternary(e, p[f"{prefix}.{name}_proj"][i])
+    scale = (e.lora_alpha or e.lora_rank) / e.lora_rank
+    return p[f"{prefix}.base.{name}_proj"][0] + scale * (p[f"{prefix}.{name}_lora_a"][i] @ p[f"{prefix}.{name}_lora_b"][i])
+
+
+def expert_bias(e: O.ExpertSpec, p: dict, prefix: str, name: str, i: int):
+    return p[f"{prefix}.base.{name}_bias"][0] if e.lora_rank is not None else p[f"{prefix}.{name}_bias"][i]
+
+
 def expert(e: O.ExpertSpec, p: dict, prefix: str, i: int, x):
     """Expert i of stacked weights, one token row x [d]."""
-    up = x @ maybe_ternary(e, p[f"{prefix}.up_proj"][i])
+    up = x @ expert_weight(e, p, prefix, "up", i)
     if e.bias:
-        up = up + p[f"{prefix}.up_bias"][i]
+        up = up + expert_bias(e, p, prefix, "up", i)
     if e.form == "glu":
-        gate = x @ maybe_ternary(e, p[f"{prefix}.gate_proj"][i])
+        gate = x @ expert_weight(e, p, prefix, "gate", i)
         if e.bias:
-            gate = gate + p[f"{prefix}.gate_bias"][i]
+            gate = gate + expert_bias(e, p, prefix, "gate", i)
         hidden = act(e.act, gate) * up
     else:
         hidden = act(e.act, up)
-    y = hidden @ maybe_ternary(e, p[f"{prefix}.down_proj"][i])
-    return y + p[f"{prefix}.down_bias"][i] if e.bias else y
+    y = hidden @ expert_weight(e, p, prefix, "down", i)
+    return y + expert_bias(e, p, prefix, "down", i) if e.bias else y
 
 
 def temperature(value, step: int) -> float:

@@ -440,3 +440,77 @@ def test_mixture_of_heads_static_form_exports(tmp_path):
     x, modality = torch.randn(1, 6, 32), torch.randint(0, 2, (1, 6))
     exported = torch.export.export(model, (x, modality))
     torch.testing.assert_close(exported.module()(x, modality).output, model(x, modality).output)
+
+
+LORA = """
+model lora {{
+  const d = 16
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  block b {{
+    attention(heads = 2)
+    moe {{
+      {body}
+      loss load_balance(0.1)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+def _random_adapters(model):
+    """B starts at zero (training starts at the base); make the adapters matter for the check."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.5)
+
+
+@pytest.mark.parametrize("body", [
+    "experts 4 x glu(d, 12, lora_rank = 3, lora_alpha = 6); router top_k(k = 2)",
+    "experts 3 x mlp(d, 10, act = gelu, bias = true, lora_rank = 2); router top_k(k = 1); shared 1 x glu(d, 8)",
+    ("group text { experts 3 x glu(d, 8, lora_rank = 2); router top_k(k = 2) }\n"
+     "      group image { experts 2 x glu(d, 8); router top_k(k = 1) }"),
+])
+def test_lora_experts_match_reference(tmp_path, body):
+    path = _write(tmp_path, LORA.format(body=body))
+    torch.manual_seed(18)
+    model, _ = _check(path, torch.randn(2, 7, 16), torch.randint(0, 2, (2, 7)), perturb=_random_adapters)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(".base." in n for n in frozen)  # the base FFN is frozen, the adapters train
+
+
+def test_lora_experts_forms_agree(tmp_path):
+    path = _write(tmp_path, LORA.format(body="experts 4 x glu(d, 12, lora_rank = 3); router top_k(k = 2)"))
+    models = [moec.load(path, **form) for form in ({}, {"pipeline": "unfused"}, {"static": True})]
+    state = models[0].state_dict()
+    for m in models:
+        _random_adapters(m)
+        m.load_state_dict(models[0].state_dict() if m is not models[0] else state)
+    x, modality = torch.randn(2, 7, 16), torch.randint(0, 2, (2, 7))
+    for m in models[1:]:
+        torch.testing.assert_close(m(x, modality).output, models[0](x, modality).output)
+
+
+def test_lora_experts_accounting(tmp_path):
+    """Parameters: one base FFN + E adapters; active: the base + k adapters; FLOPs: k merged experts."""
+    a = compile_model(_write(tmp_path, LORA.format(
+        body="experts 4 x glu(d, 12, lora_rank = 3); router top_k(k = 2)"))).results["analysis"]
+    d, f, r = 16, 12, 3
+    base, adapter = 3 * d * f, 3 * r * (d + f)
+    attention, norms, router = 4 * d * d, 2 * d, d * 4
+    layer = a["layers"][0]
+    assert layer["params"] == attention + norms + router + base + 4 * adapter
+    assert layer["active_params_per_token"]["text"] == attention + norms + router + base + 2 * adapter
+    assert layer["flops_per_token"]["text"] == 2 * attention + 2 * router + 2 * (2 * base + 2 * adapter)
+
+
+@pytest.mark.parametrize("body,code", [
+    ("experts 2 x glu(d, 8); router top_k(k = 1); shared 1 x glu(d, 8, lora_rank = 2)", "E0220"),
+    ("experts 2 x glu(d, 8, lora_alpha = 4); router top_k(k = 1)", "E0211"),
+    ("experts 2 x glu(d, 8, lora_rank = 2, weights = ternary); router top_k(k = 1)", "E0206"),
+])
+def test_lora_experts_misuse(tmp_path, body, code):
+    diags = check(_write(tmp_path, LORA.format(body=body)))
+    assert [d.code for d in diags.items] == [code], diags.render()

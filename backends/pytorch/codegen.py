@@ -24,7 +24,8 @@ from moec.ir import Graph, Value
 # The runtime modules shipped next to every generated file: module -> (source file, names it exports)
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
-        "Attention", "Container", "Experts", "FeedForward", "LatentAttention", "ModelOutput", "PerModality", "activate",
+        "Attention", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
+        "PerModality", "activate",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "moe_experts",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
@@ -430,6 +431,10 @@ class _BlockEmitter:
 
     def _experts_module(self, path: list[str], gemm_like: O.OpBase, glu: bool, dim: int, hidden: int,
                         bias: bool) -> str:
+        lora = getattr(gemm_like, "expert", gemm_like)  # fused_experts carries an ExpertSpec
+        if lora.lora_rank is not None:
+            return self.module(path, f"LoRAExperts(num_experts={gemm_like.num_experts}, dim={dim}, hidden={hidden}, "
+                                     f"glu={glu}, bias={bias}, rank={lora.lora_rank}, alpha={lora.lora_alpha!r})")
         return self.module(path, f"Experts(num_experts={gemm_like.num_experts}, dim={dim}, hidden={hidden}, "
                                  f"glu={glu}, bias={bias})")
 
@@ -480,8 +485,9 @@ class _BlockEmitter:
     def _experts_ep(self, node, op, ins, path):
         """This rank's experts of the group; tokens travel to their experts' ranks by all-to-all."""
         e, region = op.expert, path[0]
-        if e.weights == "ternary":
-            raise BackendError("ternary experts have no expert-parallel form yet")
+        if e.weights == "ternary" or e.lora_rank is not None:
+            raise BackendError(f"{'ternary' if e.weights == 'ternary' else 'LoRA'} experts have no expert-parallel "
+                               "form yet")
         start = self.expert_offset.get(region, 0)
         self.expert_offset[region] = start + op.num_experts
         attr = self.module(path, f"ExpertParallelExperts.from_plan(ep['plan'], f'layers.{{layer}}.{region}', "
