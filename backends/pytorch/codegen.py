@@ -591,21 +591,15 @@ def _ctor(sub, indent: int = 8) -> str:
     return f"Container({items}\n{' ' * indent})"
 
 
-def render(graph: Graph, source: str, static: bool = False, plan: dict | None = None) -> str:
-    """The generated module's source; `static=True` gives the static-shape export form; a
-    placement `plan` gives the expert-parallel form (each rank holds its experts)."""
-    if plan is not None and static:
-        raise BackendError("the expert-parallel form has no static variant")
-    if plan is not None and graph.find("expert_gemm"):
-        raise BackendError("the expert-parallel form needs the fused pipeline (drop --pipeline unfused)")
-    emitter = _StaticBlockEmitter if static else _BlockEmitter
-    inp = graph.op(graph.find("input")[0])
+def emit_blocks(graph: Graph, emit) -> tuple[dict[str, BlockView], list[str]]:
+    """One class per block kind: `emit(nodes, view)` fills the view from the first layer of each
+    kind. Returns the views by block key and the class name of every layer, in order."""
     by_layer: dict[int, list[int]] = {}
     for n in graph.nodes():
         if graph.op(n).layer is not None:
             by_layer.setdefault(graph.op(n).layer, []).append(n)
     blocks: dict[str, BlockView] = {}
-    layer_classes = []
+    layer_classes: list[str] = []
     used_class_names: set[str] = set()
     for i in sorted(by_layer):
         first = by_layer[i][0]
@@ -617,9 +611,23 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
             used_class_names.add(cname)
             loc = graph.op(first).loc
             view = BlockView(name=key, class_name=cname, loc=f"{os.path.basename(loc.path)}:{loc.line}" if loc else "?")
-            emitter(graph, by_layer[i], view, expert_parallel=plan is not None).emit()
+            emit(by_layer[i], view)
             blocks[key] = view
         layer_classes.append(blocks[key].class_name)
+    return blocks, layer_classes
+
+
+def render(graph: Graph, source: str, static: bool = False, plan: dict | None = None) -> str:
+    """The generated module's source; `static=True` gives the static-shape export form; a
+    placement `plan` gives the expert-parallel form (each rank holds its experts)."""
+    if plan is not None and static:
+        raise BackendError("the expert-parallel form has no static variant")
+    if plan is not None and graph.find("expert_gemm"):
+        raise BackendError("the expert-parallel form needs the fused pipeline (drop --pipeline unfused)")
+    emitter = _StaticBlockEmitter if static else _BlockEmitter
+    inp = graph.op(graph.find("input")[0])
+    blocks, layer_classes = emit_blocks(
+        graph, lambda nodes, view: emitter(graph, nodes, view, expert_parallel=plan is not None).emit())
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)

@@ -15,7 +15,6 @@ The block emitter is the PyTorch backend's, with the MoE ops lowered differently
 
 from __future__ import annotations
 
-import os
 import re
 from importlib import resources
 
@@ -28,10 +27,10 @@ from moec.backends.pytorch.codegen import (
     BlockView,
     _BlockEmitter,
     _call,
-    _class_name,
     _ffn_ctor,
     _norm_ctor,
     _weight,
+    emit_blocks,
     py_name,
 )
 from moec.ir import Graph
@@ -290,27 +289,14 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
     kernels_module = f"{module}_kernels"
     kernels = KernelSet()
     inp = graph.op(graph.find("input")[0])
-    by_layer: dict[int, list[int]] = {}
-    for n in graph.nodes():
-        if graph.op(n).layer is not None:
-            by_layer.setdefault(graph.op(n).layer, []).append(n)
-    blocks: dict[str, BlockView] = {}
-    layer_classes, used_class_names, pytorch_notes = [], set(), []
-    for i in sorted(by_layer):
-        first = by_layer[i][0]
-        key = graph.op(first).block
-        if key not in blocks:
-            cname = _class_name(key)
-            while cname in used_class_names:
-                cname += "_"
-            used_class_names.add(cname)
-            loc = graph.op(first).loc
-            view = BlockView(name=key, class_name=cname, loc=f"{os.path.basename(loc.path)}:{loc.line}" if loc else "?")
-            emitter = _TritonBlockEmitter(graph, by_layer[i], view, kernels)
-            emitter.emit()
-            pytorch_notes += [f"{cname}.{note}" for note in emitter.pytorch_notes]
-            blocks[key] = view
-        layer_classes.append(blocks[key].class_name)
+    pytorch_notes: list[str] = []
+
+    def emit(nodes: list[int], view) -> None:
+        emitter = _TritonBlockEmitter(graph, nodes, view, kernels)
+        emitter.emit()
+        pytorch_notes.extend(f"{view.class_name}.{note}" for note in emitter.pytorch_notes)
+
+    blocks, layer_classes = emit_blocks(graph, emit)
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
     text = "\n".join(line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules])
     used = {"ModelOutput", "check_modality"} | set(re.findall(r"\b([A-Za-z_]\w*)[.(]", text))
