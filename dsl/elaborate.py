@@ -618,20 +618,26 @@ class Elaborator:
         return O.MoEOp(name="moe", dim=self.dim, groups=tuple(groups), shared=shared, num_shared=num_shared,
                        losses=losses, **settings, loc=m.loc)
 
-    def _moe_settings(self, settings: list[ast.Setting], scope: Scope) -> dict:
-        """`shared_gate = none | sigmoid` and `iterations = C`; returns the MoEOp fields they set."""
-        out, seen = {"shared_gate": "none", "iterations": 1}, set()
+    def _known_settings(self, settings, table: dict, what: str) -> list[ast.Setting]:
+        """The settings whose names `table` knows, each name once; the others get E0204 / E0203."""
+        kept, seen = [], set()
         for st in settings:
             key = st.name.name
-            if key not in K.MOE_SETTINGS:
-                self.d.error("E0204", f"unknown moe setting `{key}`", st.name.loc,
-                             did_you_mean(key, K.MOE_SETTINGS) or "moe settings: " + ", ".join(K.MOE_SETTINGS))
-                continue
-            if key in seen:
-                self.d.error("E0203", f"moe setting `{key}` is already given", st.name.loc)
-                continue
-            seen.add(key)
-            if key == "iterations":
+            if key not in table:
+                self.d.error("E0204", f"unknown {what} setting `{key}`", st.name.loc,
+                             did_you_mean(key, table) or f"{what} settings: " + ", ".join(table))
+            elif key in seen:
+                self.d.error("E0203", f"{what} setting `{key}` is already given", st.name.loc)
+            else:
+                seen.add(key)
+                kept.append(st)
+        return kept
+
+    def _moe_settings(self, settings: list[ast.Setting], scope: Scope) -> dict:
+        """`shared_gate = none | sigmoid` and `iterations = C`; returns the MoEOp fields they set."""
+        out = {"shared_gate": "none", "iterations": 1}
+        for st in self._known_settings(settings, K.MOE_SETTINGS, "moe"):
+            if st.name.name == "iterations":
                 out["iterations"] = self._count(st.value, scope, "iterations", MAX_ITERATIONS) or 1
                 continue
             v = self.eval(st.value, scope, symbols=True)
@@ -887,15 +893,8 @@ class Elaborator:
         """`target hls { weights = fixed(16, 6); reuse = 4; ... }`: checked knobs of the HLS backend.
         A precision becomes {"width", "integer", "round", "overflow"}."""
         out: dict = {}
-        for s in t.settings:
+        for s in self._known_settings(t.settings, K.HLS_SETTINGS, "hls"):
             key = s.name.name
-            if key not in K.HLS_SETTINGS:
-                self.d.error("E0204", f"unknown hls setting `{key}`", s.name.loc,
-                             did_you_mean(key, K.HLS_SETTINGS) or "hls settings: " + ", ".join(K.HLS_SETTINGS))
-                continue
-            if key in out:
-                self.d.error("E0203", f"hls setting `{key}` is already given", s.name.loc)
-                continue
             value = self._hls_value(key, s.value, scope)
             if value is not BAD:
                 out[key] = value
@@ -941,16 +940,8 @@ class Elaborator:
         """`placement { devices = 8; memory = "80GB"; redundant = 8 }`: defaults for `moec place`
         (never numerics). Checked here; the command line overrides them."""
         out: dict = {}
-        for s in (s for p in decls for s in p.settings):
+        for s in self._known_settings([s for p in decls for s in p.settings], K.PLACEMENT_SETTINGS, "placement"):
             key = s.name.name
-            if key not in K.PLACEMENT_SETTINGS:
-                self.d.error("E0204", f"unknown placement setting `{key}`", s.name.loc,
-                             did_you_mean(key, K.PLACEMENT_SETTINGS)
-                             or "placement settings: " + ", ".join(K.PLACEMENT_SETTINGS))
-                continue
-            if key in out:
-                self.d.error("E0203", f"placement setting `{key}` is already given", s.name.loc)
-                continue
             v = self.eval(s.value, scope)
             if v is BAD:
                 continue
