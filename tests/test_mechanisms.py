@@ -61,15 +61,11 @@ def test_all_tokens_to_zero_computation_experts(tmp_path):
         assert counts[:4].sum() == 0 and counts[4:].tolist() == [18, 18]
 
 
-def test_zero_computation_accounting():
+def test_zero_computation_accounting(tmp_path):
     """FFN FLOPs scale with the computed share of the routed pool: k * E / (E + I + Z)."""
     def moe_flops(pool):
-        text = ZERO_COMPUTATION.format(pool=pool, router="top_k(k = 2)")
-        import tempfile
-
-        with tempfile.NamedTemporaryFile("w", suffix=".moe", delete=False) as fh:
-            fh.write(text)
-        a = compile_model(fh.name).results["analysis"]
+        path = _write(tmp_path, ZERO_COMPUTATION.format(pool=pool, router="top_k(k = 2)"), f"{len(pool)}.moe")
+        a = compile_model(path).results["analysis"]
         return a["layers"][0]["flops_per_token"]["default"], a["layers"][0]["params"]
 
     base_flops, base_params = moe_flops("")
