@@ -17,21 +17,34 @@ def build_graph(spec: ModelSpec) -> Graph:
         def at(op: O.OpBase, i=i, block=block) -> O.OpBase:
             return op.model_copy(update={"name": f"layers.{i}.{op.name}", "layer": i, "block": block.key})
 
+        tokens = (modality, task)  # the ids of the tokens the block processes
+        route = None
+        if block.depth is not None:  # Mixture-of-Depths: the sublayers see the kept tokens only
+            d = block.depth
+            op = O.DepthRouteOp(name="depth", dim=spec.dim, ratio=d.ratio_at(i, len(spec.layers)),
+                                modalities=d.modalities, weight=d.weight, loc=block.loc)
+            route, x_kept, *tokens = g.outputs(g.add(at(op), [x, modality, task], num_outputs=4))
+            block_input, x = x, x_kept
+
         def ids(op: O.OpBase) -> list[Value]:  # per-modality copies also read the modality ids
-            return [modality] if getattr(op, "per_modality", ()) else []
+            return [tokens[0]] if getattr(op, "per_modality", ()) else []
 
         for sub in block.sublayers:
             pre = block.residual == "pre_norm"
             h = Value(g.add(at(sub.norm), [x, *ids(sub.norm)])) if pre else x
             if isinstance(sub.op, O.MoEOp):
-                node = g.add(at(sub.op), [h, modality, task], num_outputs=3)
+                node = g.add(at(sub.op), [h, *tokens], num_outputs=3)
                 out, aux, counts = g.outputs(node)
                 extras += [aux, counts]
             else:
-                out = Value(g.add(at(sub.op), [h, *ids(sub.op)]))
+                kept = [route] if getattr(sub.op, "kept_tokens", False) else []
+                out = Value(g.add(at(sub.op), [h, *ids(sub.op), *kept]))
             x = Value(g.add(at(O.AddOp(name=f"{sub.op.name}_residual", loc=sub.op.loc)), [x, out]))
             if not pre:
                 x = Value(g.add(at(sub.norm), [x, *ids(sub.norm)]))
+        if route is not None:
+            combine = O.DepthCombineOp(name="depth_combine", loc=block.loc)
+            x = Value(g.add(at(combine), [block_input, x, route]))
     if spec.final_norm is not None:
         x = Value(g.add(spec.final_norm, [x]))
     g.add(O.OutputOp(name="output", loc=spec.loc), [x, *extras], num_outputs=0)

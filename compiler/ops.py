@@ -69,6 +69,42 @@ class ScheduleSpec(Spec):
         return self.start, self.end
 
 
+class LayerScheduleSpec(Spec):
+    """A value over the layers of a model: at layer l of L, progress p = l / (L - 1) (0 when L = 1);
+    `linear` goes from start to end; `cosine` stays at start until p = shift, then follows a
+    half cosine to end."""
+
+    always_shown: ClassVar[tuple[str, ...]] = ("kind", "start", "end")
+    kind: Literal["linear", "cosine"]
+    start: float
+    end: float
+    shift: float = 0.0
+
+    def at(self, layer: int, num_layers: int) -> float:
+        p = layer / (num_layers - 1) if num_layers > 1 else 0.0
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * p
+        q = min(max((p - self.shift) / (1 - self.shift), 0.0), 1.0) if self.shift < 1 else 0.0
+        return self.end + (self.start - self.end) * (1 + math.cos(math.pi * q)) / 2
+
+    def values(self) -> tuple[float, float]:
+        return self.start, self.end
+
+
+class DepthSpec(Spec):
+    """Mixture-of-Depths for a block: the top `ratio` of each sequence's candidate tokens (tokens
+    of `modalities`, all when empty) go through the block, scaled by weight(router score)."""
+
+    always_shown: ClassVar[tuple[str, ...]] = ("ratio",)
+    ratio: float | LayerScheduleSpec
+    modalities: tuple[int, ...] = ()
+    weight: Literal["sigmoid", "tanh"] = "sigmoid"
+
+    def ratio_at(self, layer: int, num_layers: int) -> float:
+        r = self.ratio if isinstance(self.ratio, float) else self.ratio.at(layer, num_layers)
+        return min(max(r, 0.0), 1.0)
+
+
 class RouterSpec(Spec):
     """How a group's tokens choose experts. `slots` is the fixed number of (token, slot) pairs per
     token the router produces (unused slots carry expert id -1)."""
@@ -174,11 +210,12 @@ class NormOp(OpBase):
 
 class AttentionOp(OpBase):
     quiet_when_default: ClassVar[tuple[str, ...]] = ("rope_theta", "qk_norm", "norm_eps", "out_bias", "per_modality",
-                                                     "routed_heads", "shared_heads")
+                                                     "routed_heads", "shared_heads", "kept_tokens")
     kind: Literal["attention"] = "attention"
     per_modality: tuple[int, ...] = ()  # q/k/v/o projections per modality id; one attention over all tokens
     routed_heads: int | None = None  # mixture-of-heads: top-k of the non-shared heads per token
     shared_heads: int = 0  # mixture-of-heads: always-on heads (the first ones)
+    kept_tokens: bool = False  # in a Mixture-of-Depths block: attends among the kept tokens (last input: the route)
     dim: int
     heads: int
     kv_heads: int
@@ -238,6 +275,25 @@ class FFNOp(OpBase):
     expert: ExpertSpec
     per_modality: tuple[int, ...] = ()  # a copy of the FFN per modality id
     gate: Literal["none", "sigmoid"] = "none"  # sigmoid: output scaled by sigmoid(x . w) per token
+
+
+class DepthRouteOp(OpBase):
+    """Mixture-of-Depths routing of one layer: (x, modality, task) -> (route, x, modality, task) of
+    the kept tokens. `route` holds the kept rows, their sequences, positions and weights."""
+
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("modalities",)
+    kind: Literal["depth_route"] = "depth_route"
+    dim: int
+    ratio: float
+    modalities: tuple[int, ...] = ()  # candidate modality ids; empty: every token is a candidate
+    weight: Literal["sigmoid", "tanh"] = "sigmoid"
+
+
+class DepthCombineOp(OpBase):
+    """(x, y_kept, route) -> x with each kept token's row x + w * (y - x) (w = 1 for tokens of
+    non-candidate modalities); skipped tokens keep x."""
+
+    kind: Literal["depth_combine"] = "depth_combine"
 
 
 class AddOp(OpBase):
@@ -390,6 +446,6 @@ class AuxLossOp(OpBase):
 
 
 Op = Annotated[
-    InputOp | OutputOp | NormOp | AttentionOp | LatentAttentionOp | FFNOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
+    InputOp | OutputOp | NormOp | AttentionOp | LatentAttentionOp | FFNOp | DepthRouteOp | DepthCombineOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
     Field(discriminator="kind"),
 ]

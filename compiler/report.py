@@ -10,6 +10,11 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _count(n: int | float) -> str:
+    """Thousands separators; expected (fractional) values with one decimal."""
+    return f"{n:,}" if float(n).is_integer() else f"{n:,.1f}"
+
+
 def format_report(a: dict) -> str:
     mods = a["modalities"]
     lines = [f"model {a['model']}", ""]
@@ -32,9 +37,9 @@ def format_report(a: dict) -> str:
     lines.append("")
     lines.append(f"parameters: {a['params']['total']:,}")
     for m in mods:
-        lines.append(f"  {m}: {a['params']['active_per_token'][m]:,} active per token, "
-                     f"{a['flops_per_token'][m]:,} FLOPs per token, "
-                     f"{a['activation_bytes_per_token'][m]:,} activation bytes per token")
+        lines.append(f"  {m}: {_count(a['params']['active_per_token'][m])} active per token, "
+                     f"{_count(a['flops_per_token'][m])} FLOPs per token, "
+                     f"{_count(a['activation_bytes_per_token'][m])} activation bytes per token")
     fused = [layer for layer in a["layers"] if "fusion" in layer]
     if fused:
         f0 = fused[0]["fusion"]
@@ -61,6 +66,14 @@ def format_report(a: dict) -> str:
             ept = g["experts_per_token"]
             note = "" if g["causal"] else "  NON-CAUSAL: depends on other tokens of the routing group"
             lines.append(f"{index:>5}  {g['router']:<14} {ept['expected']:>6} ({ept['min']}..{ept['max']}){note}")
+    deep = [layer for layer in a["layers"] if "depth" in layer]
+    if deep:
+        lines.append("")
+        lines.append("Mixture-of-Depths (share of each sequence's candidate tokens a layer processes; the others "
+                     "skip it; NON-CAUSAL: a token's choice depends on the other tokens of its sequence)")
+        for layer in deep:
+            dep = layer["depth"]
+            lines.append(f"{layer['index']:>5}  keeps {dep['ratio']:.3f} of {', '.join(dep['modalities'])} tokens")
     if "ternary_weights" in a:
         t = a["ternary_weights"]
         lines.append("")

@@ -10,10 +10,12 @@ ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "input": ((0,), 3),
     "output": (None, 0),
     "norm": ((1, 2), 1),  # (x[, modality ids] when per_modality)
-    "attention": ((1, 2), 1),  # (x[, modality ids] when per_modality)
+    "attention": ((1, 2, 3), 1),  # (x[, modality ids] when per_modality[, route] when kept_tokens)
     "latent_attention": ((1,), 1),
     "ffn": ((1, 2), 1),  # (x[, modality ids] when per_modality)
     "add": ((2,), 1),
+    "depth_route": ((3,), 4),
+    "depth_combine": ((3,), 1),
     "moe": ((3,), 3),
     "select_tokens": ((2,), 2),
     "router_gate": ((1,), 1),

@@ -52,6 +52,7 @@ class BlockSpec:
     residual: str
     sublayers: list[Sublayer]
     loc: SourceLoc
+    depth: O.DepthSpec | None = None  # Mixture-of-Depths: only the kept tokens go through the block
 
 
 @dataclass
@@ -293,6 +294,10 @@ class Elaborator:
             v = self._schedule(p, v, loc, scope)
             if v is BAD:
                 return BAD
+        elif p.type == "layer_schedule":
+            v = self._layer_schedule(p, v, loc, scope)
+            if v is BAD:
+                return BAD
         elif p.type == "list" and not isinstance(v, list):
             v = [v]
         if p.positive and _is_number(v) and v <= 0:
@@ -322,6 +327,58 @@ class Elaborator:
                                   f"{spec.end}", loc)
             return BAD
         return spec
+
+    def _layer_schedule(self, p: K.Param, v, loc: SourceLoc, scope: Scope):
+        """A number, or a per-layer schedule call (`layer_linear(start, end)`, `layer_cosine(...)`)."""
+        if _is_number(v):
+            return float(v)
+        if not isinstance(v, ast.Call) or v.name not in K.LAYER_SCHEDULES:
+            hint = f"per-layer schedules: {', '.join(K.LAYER_SCHEDULES)}"
+            if isinstance(v, ast.Call):
+                hint = did_you_mean(v.name, K.LAYER_SCHEDULES) or hint
+            self.d.error("E0205", f"`{p.name}` must be a number or a per-layer schedule, got {_show(v)}", loc, hint)
+            return BAD
+        args = self.bind(v, K.LAYER_SCHEDULES[v.name], scope, "per-layer schedule")
+        if args is None:
+            return BAD
+        return O.LayerScheduleSpec(kind=v.name.removeprefix("layer_"), **args)
+
+    def _depth(self, st: ast.Setting, scope: Scope) -> O.DepthSpec | None:
+        """`depth = keep_top(ratio, modalities = [...], weight = ...)`: the block's depth router."""
+        call = st.value if isinstance(st.value, ast.Call) else (
+            ast.Call(st.value.loc, st.value.name, [], False, st.value.loc) if isinstance(st.value, ast.Ref) else None)
+        if call is None or call.name not in K.DEPTH_ROUTERS:
+            self.d.error("E0206", "`depth` must be a depth router: " + ", ".join(K.DEPTH_ROUTERS), st.value.loc,
+                         did_you_mean(getattr(call, "name", ""), K.DEPTH_ROUTERS)
+                         or "e.g. `depth = keep_top(0.5, modalities = [image])`")
+            return None
+        args = self.bind(call, K.DEPTH_ROUTERS[call.name], scope, "depth router")
+        if args is None:
+            return None
+        ratio = args["ratio"]
+        values = ratio.values() if isinstance(ratio, O.LayerScheduleSpec) else (ratio,)
+        if any(not 0 < r <= 1 for r in values):
+            self.d.error("E0207", f"the kept ratio must be in (0, 1], got {', '.join(_show(r) for r in values)}",
+                         call.loc, "a ratio is the fraction of a sequence's candidate tokens the block processes")
+            return None
+        if isinstance(ratio, O.LayerScheduleSpec) and ratio.shift >= 1:
+            self.d.error("E0207", f"`shift` must be below 1 (a fraction of the depth), got {_show(ratio.shift)}",
+                         call.loc)
+            return None
+        ids: list[int] = []
+        items = next((a.value.items for a in call.args if a.name == "modalities" and isinstance(a.value, ast.ListExpr)),
+                     None)
+        for i, v in enumerate(args["modalities"] or ()):
+            loc = items[i].loc if items and i < len(items) else call.loc
+            if not isinstance(v, Symbol) or v.name not in self.input_modalities:
+                self.d.error("E0202", f"modality `{getattr(v, 'name', v)}` is not carried by the input", loc,
+                             f"input modalities: {', '.join(self.input_modalities)}")
+                return None
+            if self.modalities.index(v.name) not in ids:
+                ids.append(self.modalities.index(v.name))
+        if len(ids) == len(self.input_modalities):
+            ids = []  # every token is a candidate
+        return O.DepthSpec(ratio=ratio, modalities=tuple(sorted(ids)), weight=args["weight"])
 
     # ---- experts --------------------------------------------------------------------------
     def expert(self, call: ast.Call, scope: Scope) -> O.ExpertSpec | None:
@@ -421,6 +478,7 @@ class Elaborator:
     def _elaborate_block(self, b: ast.BlockDef, scope: Scope, bound: dict) -> BlockSpec | None:
         before = len(self.d.items)
         norm_kind, norm_args, residual, per_modality = "rms", {"eps": 1e-6}, "pre_norm", ()
+        depth = None
         for st in b.stmts:
             if not isinstance(st, ast.Setting):
                 continue
@@ -447,6 +505,8 @@ class Elaborator:
                                                "`input(dim = d, modalities = [text, image])`")
                 else:
                     per_modality = tuple(self.modalities.index(m) for m in self.input_modalities) if v else ()
+            elif st.name.name == "depth":
+                depth = self._depth(st, scope)
             elif st.name.name == "residual":
                 v = self.eval(st.value, scope, symbols=True)
                 name = v.name if isinstance(v, Symbol) else None
@@ -474,6 +534,11 @@ class Elaborator:
             op = op.model_copy(update={"name": name})
             if isinstance(op, O.AttentionOp) and op.qk_norm != "none":
                 op = op.model_copy(update={"norm_eps": norm_args["eps"]})  # q/k norms take the block's eps
+            if depth is not None and isinstance(op, O.LatentAttentionOp):
+                self.d.error("E0220", "latent_attention has no Mixture-of-Depths form", st.loc,
+                             "a block with `depth = ...` takes attention(...), dense experts and moe { ... }")
+            if depth is not None and isinstance(op, O.AttentionOp):
+                op = op.model_copy(update={"kept_tokens": True})
             if per_modality and isinstance(op, O.AttentionOp | O.FFNOp):
                 op = op.model_copy(update={"per_modality": per_modality})
             elif per_modality and not isinstance(op, O.MoEOp):
@@ -489,7 +554,7 @@ class Elaborator:
             return None
         args = ", ".join(_show(v).strip("`") for v in bound.values())
         return BlockSpec(key=f"{b.name.name}({args})" if b.params else b.name.name, name=b.name.name, residual=residual,
-                         sublayers=sublayers, loc=b.loc)
+                         sublayers=sublayers, loc=b.loc, depth=depth)
 
     def _sublayer(self, st, scope: Scope):
         if isinstance(st, ast.MoE):

@@ -150,8 +150,33 @@ SUBLAYERS = {
                              "dims per head carry rotary embeddings (shared by all heads for keys)"),
 }
 
+# Mixture-of-Depths: `depth = keep_top(ratio, modalities = [...], weight = ...)` in a block. A scalar
+# router scores the block's input tokens; per sequence, the top `ratio` of the candidate tokens
+# (those of `modalities`; all when omitted) go through the block, the other candidates skip it
+# unchanged, and tokens of other modalities always go through. `ratio` is a number or a per-layer
+# schedule over the model's layers.
+DEPTH_ROUTERS = {
+    "keep_top": Kind("keep_top", (Param("ratio", "layer_schedule", positive=True),
+                                  Param("modalities", "list", None),
+                                  Param("weight", "symbol", "sigmoid", ("sigmoid", "tanh"))),
+                     "per sequence, the ceil(ratio * n) highest-scoring of the n candidate tokens go through the "
+                     "block; the block's change to a kept candidate is scaled by weight(score) (sigmoid, or tanh "
+                     "as p-MoD's tanh-gated weights); non-causal: a token's choice depends on the others"),
+}
+# Per-layer schedules: with L layers, layer l (0-based) is at progress p = l / (L - 1).
+LAYER_SCHEDULES = {
+    "layer_linear": Kind("layer_linear", (Param("start", "float"), Param("end", "float")),
+                         "start + (end - start) * p"),
+    "layer_cosine": Kind("layer_cosine", (Param("start", "float"), Param("end", "float"),
+                                          Param("shift", "float", 0.0, nonnegative=True)),
+                         "shifted cosine decay: start for p <= shift, then end + (start - end) * (1 + cos(pi * q)) / 2 "
+                         "with q = (p - shift) / (1 - shift)"),
+}
+
 # Block-level settings: `name = value` inside a block.
 BLOCK_SETTINGS = {
+    "depth": "Mixture-of-Depths: keep_top(ratio, modalities = [...], weight = sigmoid | tanh) routes only the top "
+             "ratio of each sequence's tokens through the block (ratio may be layer_linear(...) / layer_cosine(...))",
     "norm": "a norm kind: rms(eps = ...) or layer(eps = ...)",
     "residual": "pre_norm (default) or post_norm",
     "per_modality": "true: norms, attention projections and FFNs get a copy per modality; attention stays "

@@ -9,6 +9,8 @@ Conventions (also printed by `moec report`):
   every iteration's k experts.
 - Activation bytes per token: the elements of every value the token produces in the forward pass
   (the permuted expert rows count k times), times 4 bytes (fp32).
+- Mixture-of-Depths: a block's costs for a candidate token are the expected ones, ratio x the
+  block's (the depth router's scores are computed for every token).
 Parameters and FLOPs are the same before and after lower-moe; activation bytes need the lowered
 graph (an unlowered `moe` op only shows its output).
 """
@@ -158,6 +160,8 @@ def _single_cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
     if k == "ffn":
         gate = op.expert.dim if op.gate != "none" else 0
         return op.expert.params + gate, op.expert.params + gate, op.expert.flops + 2 * gate
+    if k == "depth_route":
+        return op.dim, op.dim, 2 * op.dim
     if k in ("router_gate", "router"):
         p = op.dim * op.num_experts
         return p, p, 2 * p
@@ -217,6 +221,7 @@ class Analyze(Pass):
         layers: dict[int | None, dict] = {}
         ternary_matrices = 0
         weights_seen: set[str] = set()
+        depth: dict[int, tuple[float, tuple[str, ...]]] = {}  # layer -> kept ratio, candidate modalities
 
         def entry(layer):
             if layer not in layers:
@@ -232,9 +237,20 @@ class Analyze(Pass):
             e["moe"] = e["moe"] or op.kind in ("moe", "router_gate", "router")
             types = graph.types(node) or ()
             token_mods = types[0].modalities if types and types[0].modalities else mods
+            if op.kind == "depth_route":
+                candidates = tuple(inp.modalities[i] for i in op.modalities) or mods
+                depth[op.layer] = (op.ratio, candidates)
+                e["depth"] = {"ratio": op.ratio, "modalities": [m for m in candidates if m in mods], "causal": False}
+            ratio, candidates = depth.get(op.layer, (1.0, ()))
+
+            def share(m: str, kind=op.kind, ratio=ratio, candidates=candidates) -> float:
+                """The fraction of a token of modality m that goes through this op."""
+                inside = kind not in ("depth_route", "depth_combine")
+                return ratio if inside and m in candidates else 1.0
+
             for t in types:
                 for m in (t.modalities or ()):
-                    e["bytes"][m] += 4 * _per_token_elements(t)
+                    e["bytes"][m] += _int(share(m) * 4 * _per_token_elements(t))
             p, active, f = _cost(graph, node, op)
             if op.kind in ("fused_experts", "expert_gemm", "ffn"):  # a chain's iterations share their experts
                 if op.name in weights_seen:
@@ -245,13 +261,13 @@ class Analyze(Pass):
                 p_total, act_m, flops_m = _moe_costs(op, inp.modalities)
                 e["params"] += p_total
                 for m in mods:
-                    e["active"][m] += act_m.get(m, 0)
-                    e["flops"][m] += flops_m.get(m, 0)
+                    e["active"][m] += _int(share(m) * act_m.get(m, 0))
+                    e["flops"][m] += _int(share(m) * flops_m.get(m, 0))
             else:
                 e["params"] += p
                 for m in token_mods:
-                    e["active"][m] += active
-                    e["flops"][m] += f
+                    e["active"][m] += _int(share(m) * active)
+                    e["flops"][m] += _int(share(m) * f)
             if op.kind not in ("input", "output"):
                 e["launches"] += 1
                 e["launches_unfused"] += _unfused_launches(op)
@@ -278,6 +294,8 @@ class Analyze(Pass):
             if e["groups"]:
                 row["fusion"] = _fusion_report(e)
                 row["routing"] = e["routing"]
+            if "depth" in e:
+                row["depth"] = e["depth"]
             per_layer.append(row)
         total = {"params": sum(e["params"] for e in layers.values()),
                  "active": {m: sum(e["active"][m] for e in layers.values()) for m in mods},

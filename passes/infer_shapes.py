@@ -37,6 +37,14 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
         if ins[0].shape[-1] != dim:
             raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {dim}")
         return [ins[0]]
+    if k == "depth_route":  # route (kept rows), and x / modality / task of the kept tokens
+        if ins[0].shape[-1] != op.dim:
+            raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {op.dim}")
+        kept = f"{_tokens(ins[0])}_kept"
+        return [TensorType(shape=(kept,), dtype="i64"), TensorType(shape=(kept, op.dim)),
+                TensorType(shape=(kept,), dtype="i64"), TensorType(shape=(kept,), dtype="i64")]
+    if k == "depth_combine":
+        return [ins[0]]
     if k == "add":
         if ins[0].shape != ins[1].shape:
             raise IRError(f"{op.name}: adding {ins[0]} and {ins[1]}")

@@ -292,27 +292,84 @@ def forward(spec, params: dict, x, modality, task=None, step=0):
     aux_total = torch.zeros((), dtype=x.dtype)
     all_counts = []
     for i, block in enumerate(spec.layers):
-        for sub in block.sublayers:
-            pre = block.residual == "pre_norm"
-            name = f"layers.{i}.{sub.op.name}"
-            names = [spec.modalities[int(m)] for m in modality.reshape(-1)] if sub.norm.per_modality else None
-
-            def norm_(v, sub=sub, names=names, i=i):
-                return by_modality(lambda pre_, r: norm(sub.norm, params, pre_, r),
-                                   f"layers.{i}.{sub.norm.name}", v, names)
-
-            h = norm_(x) if pre else x
-            if isinstance(sub.op, O.AttentionOp):
-                out = attention(sub.op, params, name, h, names)
-            elif isinstance(sub.op, O.FFNOp):
-                out = by_modality(lambda pre_, r, sub=sub: dense_ffn(sub.op.expert, params, pre_, r), name, h, names)
-            else:
-                out, aux, counts = moe(sub.op, params, name, h, modality, task, step)
-                aux_total = aux_total + aux
-                all_counts.append(counts)
-            x = x + out
-            if not pre:
-                x = norm_(x)
+        if block.depth is None:
+            x, aux, counts = sublayers(spec, block, i, params, x, modality, task, step)
+        else:
+            x, aux, counts = depth_block(spec, block, i, params, x, modality, task, step)
+        aux_total = aux_total + aux
+        all_counts += counts
     if spec.final_norm is not None:
         x = norm(spec.final_norm, params, "final_norm", x)
     return x, aux_total, all_counts
+
+
+def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend=None):
+    """The block's sublayers on x; `attend(op, prefix, h, names)` replaces whole-sequence attention."""
+    aux_total = torch.zeros((), dtype=x.dtype)
+    all_counts = []
+    for sub in block.sublayers:
+        pre = block.residual == "pre_norm"
+        name = f"layers.{i}.{sub.op.name}"
+        names = [spec.modalities[int(m)] for m in modality.reshape(-1)] if sub.norm.per_modality else None
+
+        def norm_(v, sub=sub, names=names):
+            return by_modality(lambda pre_, r: norm(sub.norm, params, pre_, r), f"layers.{i}.{sub.norm.name}", v, names)
+
+        h = norm_(x) if pre else x
+        if isinstance(sub.op, O.AttentionOp):
+            out = attend(sub.op, name, h, names) if attend else attention(sub.op, params, name, h, names)
+        elif isinstance(sub.op, O.FFNOp):
+            out = by_modality(lambda pre_, r, sub=sub: dense_ffn(sub.op.expert, params, pre_, r), name, h, names)
+        else:
+            out, aux, counts = moe(sub.op, params, name, h, modality, task, step)
+            aux_total = aux_total + aux
+            all_counts.append(counts)
+        x = x + out
+        if not pre:
+            x = norm_(x)
+    return x, aux_total, all_counts
+
+
+def depth_block(spec, block, i: int, params: dict, x, modality, task, step):
+    """Mixture-of-Depths: per sequence, the ceil(ratio * n) best-scoring of its n candidate tokens
+    (ties: earlier position) and every non-candidate token go through the block, in order; each
+    attends only to the kept tokens of its sequence; a kept candidate's change is scaled by
+    sigmoid / tanh of its score; skipped tokens keep x."""
+    d = block.depth
+    ratio = d.ratio_at(i, len(spec.layers))
+    seq = x.shape[-2] if x.dim() >= 2 else 1
+    xs = x.reshape(-1, seq, x.shape[-1])
+    mods = modality.reshape(-1, seq)
+    tasks = task.reshape(-1, seq) if task is not None else None
+    w = params[f"layers.{i}.depth.router.weight"][0]
+    kept, gates = [], []  # (sequence, position) in order, and the scale of each kept token's change
+    for b in range(xs.shape[0]):
+        scores = [xs[b, t] @ w for t in range(seq)]
+        candidates = [t for t in range(seq) if not d.modalities or int(mods[b, t]) in d.modalities]
+        quota = math.ceil(ratio * len(candidates) - 1e-9)
+        chosen = sorted(candidates, key=lambda t: (-float(scores[t].detach()), t))[:quota]
+        for t in range(seq):
+            if t in chosen:
+                kept.append((b, t))
+                gates.append(torch.sigmoid(scores[t]) if d.weight == "sigmoid" else torch.tanh(scores[t]))
+            elif t not in candidates:
+                kept.append((b, t))
+                gates.append(torch.ones((), dtype=x.dtype))
+    rows = torch.stack([xs[b, t] for b, t in kept])
+    row_mods = torch.stack([mods[b, t] for b, t in kept])
+    row_tasks = torch.stack([tasks[b, t] for b, t in kept]) if tasks is not None else None
+
+    def attend(op, prefix, h, names):  # each sequence's kept tokens attend among themselves
+        out = torch.zeros_like(h)
+        for b in range(xs.shape[0]):
+            idx = [j for j, (bb, _) in enumerate(kept) if bb == b]
+            if idx:
+                sub_names = [names[j] for j in idx] if names is not None else None
+                out[idx] = attention(op, params, prefix, h[idx].unsqueeze(0), sub_names)[0]
+        return out
+
+    y, aux, counts = sublayers(spec, block, i, params, rows, row_mods, row_tasks, step, attend)
+    out = xs.clone()
+    for j, (b, t) in enumerate(kept):
+        out[b, t] = xs[b, t] + gates[j] * (y[j] - xs[b, t])
+    return out.reshape(x.shape), aux, counts

@@ -33,6 +33,7 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "BalancedRouter", "Schedule", "apply_capacity", "route_deterministic", "route_dynamic_k",
         "route_expert_choice", "route_top_k_temperature",
         "route_group_limited", "route_soft", "router_jitter")),
+    "moec_depth": ("depth.py", ("DepthRouter", "depth_combine")),
     "moec_expert_parallel": ("expert_parallel.py", ("ExpertParallelExperts", "moe_experts_ep")),
     "moec_static_runtime": ("static_runtime.py", (
         "expert_counts_static", "load_balance_loss_static", "moe_experts_static", "token_mask_for",
@@ -66,6 +67,7 @@ class BlockView:
     body: list[str] = field(default_factory=list)
     returns: str = ""
     sync_notes: list[str] = field(default_factory=list)  # one entry per host synchronisation
+    init_params: list[str] = field(default_factory=list)  # constructor arguments that differ per layer
 
     @property
     def host_syncs(self) -> int:
@@ -75,6 +77,14 @@ class BlockView:
     def sync_summary(self) -> str:
         counts = Counter(self.sync_notes)
         return "; ".join(f"{n} x {what}" for what, n in counts.items())
+
+
+@dataclass
+class LayerCall:
+    """How the model constructs one layer: its block class and per-layer constructor arguments."""
+
+    cls: str
+    args: str = ""
 
 
 @dataclass
@@ -142,7 +152,8 @@ class _BlockEmitter:
         self.tree: dict = {}  # nested attribute tree of submodules
         self.region_inputs: dict[tuple[str, Value], str] = {}
         self.region_anchor: dict[str, str] = {}
-        self.routers: dict[str, str] = {}  # module path of an expert group -> its router attribute  # region -> name of the [..., d] tensor it flattened
+        self.routers: dict[str, str] = {}  # module path of an expert group -> its router attribute
+        self.kept_tokens = False  # between a depth_route and its depth_combine
 
     # ---- naming -----------------------------------------------------------------------------
     def rel(self, node: int) -> list[str]:
@@ -184,8 +195,8 @@ class _BlockEmitter:
         key = (region, value)
         if key not in self.region_inputs:
             t = self.g.type_of(value)
-            if name in ("modality", "task"):
-                flat = self.fresh(f"{region}_{name}")
+            if len(t.shape) == 1:  # per-token ids
+                flat = self.fresh(f"{region}_{name.removesuffix('_kept')}")
                 self.view.body.append(f"{flat} = {name}.reshape(-1)")
             else:
                 flat = self.fresh(f"{name}_flat")
@@ -201,7 +212,7 @@ class _BlockEmitter:
         out = []
         for v, base in zip(self.g.outputs(node), bases):
             # block-level values reuse `x` / `h` like hand-written code; others get unique names
-            name = base if region is None and base in ("x", "h") and self._dead_after(base, node) else \
+            name = base if region is None and base in ("x", "h", "x_kept") and self._dead_after(base, node) else \
                 self.fresh(prefix + base)
             self.names[v] = name
             self.used.add(name)
@@ -275,7 +286,31 @@ class _BlockEmitter:
         (h,) = self.assign(node, ["h"])
         self.line(f"{h} = {attr}({', '.join(ins)})")
 
+    def _op_depth_route(self, node, op, ins, path):
+        mods = f", modalities={tuple(op.modalities)!r}" if op.modalities else ""
+        weight = f", weight={op.weight!r}" if op.weight != "sigmoid" else ""
+        attr = self.module(path, f"DepthRouter(dim={op.dim}, ratio=ratio{mods}{weight})")
+        self.view.init_params.append("ratio")
+        self.view.sync_notes += ["Mixture-of-Depths token selection"] * 2
+        route, x, modality, task = self.g.outputs(node)
+        (r,) = self.assign_values([route], ["route"], node)
+        self.line(f"{r} = {attr}({ins[0]}, {ins[1]})")
+        (xk,) = self.assign_values([x], ["x_kept"], node)
+        self.line(f"{xk} = {r}.select_rows({ins[0]})")
+        for value, base, ids in ((modality, "modality_kept", ins[1]), (task, "task_kept", ins[2])):
+            if self.g.users(value):
+                (name,) = self.assign_values([value], [base], node)
+                self.line(f"{name} = {r}.select_ids({ids})")
+        self.kept_tokens = True
+
+    def _op_depth_combine(self, node, op, ins, path):
+        (x,) = self.assign(node, ["x"])
+        self.line(f"{x} = depth_combine({', '.join(ins)})")
+        self.kept_tokens = False
+
     def _op_attention(self, node, op, ins, path):
+        if op.kept_tokens:
+            ins = [*ins[:-1], f"route={ins[-1]}"]
         ctor = _attention_ctor(op)
         if op.per_modality:
             names = {py_name(self.modalities[i]): i for i in op.per_modality}
@@ -297,7 +332,8 @@ class _BlockEmitter:
         self.line(f"{h} = {attr}({', '.join(ins)})")
 
     def _op_add(self, node, op, ins, path):
-        (x,) = self.assign(node, ["x" if self.region(node) is None else "y"])
+        base = ("x_kept" if self.kept_tokens else "x") if self.region(node) is None else "y"
+        (x,) = self.assign(node, [base])
         self.line(f"{x} = {ins[0]} + {ins[1]}")
 
     def _op_select_tokens(self, node, op, ins, path):
@@ -578,6 +614,10 @@ class _StaticBlockEmitter(_BlockEmitter):
     def _unfused(self, node, op, ins, path):
         raise BackendError("the static form needs the fused pipeline (drop --pipeline unfused)")
 
+    def _op_depth_route(self, node, op, ins, path):
+        raise BackendError(f"the static form has no Mixture-of-Depths ({op.name}): the number of tokens a "
+                           "block keeps per sequence depends on the data; use the dynamic form")
+
     _op_sort_by_expert = _op_expert_offsets = _unfused
     _op_gather_rows = _op_expert_gemm = _op_activation = _op_combine = _unfused
 
@@ -591,15 +631,15 @@ def _ctor(sub, indent: int = 8) -> str:
     return f"Container({items}\n{' ' * indent})"
 
 
-def emit_blocks(graph: Graph, emit) -> tuple[dict[str, BlockView], list[str]]:
+def emit_blocks(graph: Graph, emit) -> tuple[dict[str, BlockView], list[LayerCall]]:
     """One class per block kind: `emit(nodes, view)` fills the view from the first layer of each
-    kind. Returns the views by block key and the class name of every layer, in order."""
+    kind. Returns the views by block key and how to construct every layer, in order."""
     by_layer: dict[int, list[int]] = {}
     for n in graph.nodes():
         if graph.op(n).layer is not None:
             by_layer.setdefault(graph.op(n).layer, []).append(n)
     blocks: dict[str, BlockView] = {}
-    layer_classes: list[str] = []
+    layer_calls: list[LayerCall] = []
     used_class_names: set[str] = set()
     for i in sorted(by_layer):
         first = by_layer[i][0]
@@ -613,8 +653,9 @@ def emit_blocks(graph: Graph, emit) -> tuple[dict[str, BlockView], list[str]]:
             view = BlockView(name=key, class_name=cname, loc=f"{os.path.basename(loc.path)}:{loc.line}" if loc else "?")
             emit(by_layer[i], view)
             blocks[key] = view
-        layer_classes.append(blocks[key].class_name)
-    return blocks, layer_classes
+        ratios = [graph.op(n).ratio for n in by_layer[i] if graph.op(n).kind == "depth_route"]
+        layer_calls.append(LayerCall(blocks[key].class_name, ", ".join(f"ratio={r!r}" for r in ratios)))
+    return blocks, layer_calls
 
 
 def render(graph: Graph, source: str, static: bool = False, plan: dict | None = None) -> str:
@@ -626,7 +667,7 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
         raise BackendError("the expert-parallel form needs the fused pipeline (drop --pipeline unfused)")
     emitter = _StaticBlockEmitter if static else _BlockEmitter
     inp = graph.op(graph.find("input")[0])
-    blocks, layer_classes = emit_blocks(
+    blocks, layers = emit_blocks(
         graph, lambda nodes, view: emitter(graph, nodes, view, expert_parallel=plan is not None).emit())
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), trim_blocks=True, lstrip_blocks=True,
@@ -643,8 +684,8 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
         or any(graph.op(n).kind == "router" and graph.op(n).router.by == "task" for n in graph.nodes()),
         version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
         modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim, blocks=list(blocks.values()),
-        layers=layer_classes, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
-        total_syncs=sum(per_layer[c] for c in layer_classes))
+        layers=layers, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
+        total_syncs=sum(per_layer[layer.cls] for layer in layers))
 
 
 def _template(name: str) -> str:

@@ -944,13 +944,27 @@ class Attention(nn.Module):
         elif qk_norm != "none":
             raise ValueError(f"Attention: qk_norm must be 'none', 'head' or 'projection', got {qk_norm!r}")
 
-    def forward(self, x: Tensor, modality: Tensor | None = None) -> Tensor:
-        """``modality`` (ids shaped like x.shape[:-1]) picks the projections of per-modality attention."""
+    def forward(self, x: Tensor, modality: Tensor | None = None, route=None) -> Tensor:
+        """``modality`` (ids shaped like x.shape[:-1]) picks the projections of per-modality attention.
+        With a Mixture-of-Depths ``route`` (moec_depth.DepthRoute), x [N, dim] holds the kept
+        tokens' rows: each attends to the kept tokens of its own sequence, at its original position."""
+        if route is not None:
+            mods = None if modality is None else route.pad(modality)
+            out = self._attend(route.pad(x), mods, route.padded_positions(), route.attention_mask(self.causal),
+                               route.seq_len)
+            return route.unpad(out)
         shape = x.shape
         seq = shape[-2] if x.dim() >= 2 else 1
         b = math.prod(shape[:-2]) if x.dim() > 2 else 1
-        xs = x.reshape(b, seq, shape[-1])
         mods = None if modality is None else modality.reshape(b, seq)
+        return self._attend(x.reshape(b, seq, shape[-1]), mods).reshape(shape)
+
+    def _attend(self, xs: Tensor, mods: Tensor | None, positions: Tensor | None = None,
+                mask: Tensor | None = None, seq_len: int = 0) -> Tensor:
+        """Attention over xs [b, seq, dim]: causal by index unless `mask` ([b, 1, seq, seq], True =
+        may attend) is given; rotary positions are 0..seq-1 unless `positions` [b, seq] (each below
+        `seq_len`) is given."""
+        b, seq = xs.shape[0], xs.shape[1]
 
         def project(layer: nn.Module, t: Tensor) -> Tensor:
             return layer(t) if isinstance(layer, nn.Linear) else layer(t, mods)
@@ -965,15 +979,22 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, seq, self.kv_heads, self.head_dim).transpose(1, 2)
         if self.rope_theta is not None:
-            cos, sin = rotary_cos_sin(seq, self.head_dim, self.rope_theta, x.device, q.dtype)
+            length = seq if positions is None else seq_len
+            cos, sin = rotary_cos_sin(length, self.head_dim, self.rope_theta, xs.device, q.dtype)
+            if positions is not None:  # [b, 1, seq, head_dim]: each token at its own position
+                cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if self.kv_heads != self.heads:
             rep = self.heads // self.kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal).transpose(1, 2)  # [b, seq, heads, hd]
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = o.transpose(1, 2)  # [b, seq, heads, hd]
         if self.routed_heads is not None:
             o = o * self.head_weights(xs).unsqueeze(-1).to(o.dtype)
-        return project(self.o_proj, o.reshape(b, seq, self.heads * self.head_dim)).reshape(shape)
+        return project(self.o_proj, o.reshape(b, seq, self.heads * self.head_dim))
 
     def head_weights(self, x: Tensor) -> Tensor:
         """Mixture-of-heads weights [..., heads] of the tokens x [..., dim] (0 for unchosen heads)."""

@@ -296,7 +296,7 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
         emitter.emit()
         pytorch_notes.extend(f"{view.class_name}.{note}" for note in emitter.pytorch_notes)
 
-    blocks, layer_classes = emit_blocks(graph, emit)
+    blocks, layers = emit_blocks(graph, emit)
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
     text = "\n".join(line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules])
     used = {"ModelOutput", "check_modality"} | set(re.findall(r"\b([A-Za-z_]\w*)[.(]", text))
@@ -311,8 +311,8 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
         **common, imports=[(m, names) for m, names in imports if names], kernels_module=kernels_module,
         blocks_cfg=", ".join(f"{k}={v}" for k, v in blocks_cfg.items()), pytorch_routers=pytorch_notes,
         modalities=inp.modalities, modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim,
-        blocks=list(blocks.values()), layers=layer_classes, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
-        total_syncs=sum(per_layer[c] for c in layer_classes),
+        blocks=list(blocks.values()), layers=layers, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
+        total_syncs=sum(per_layer[layer.cls] for layer in layers),
         uses_task=any(graph.op(n).kind in ("route", "router") and graph.op(n).router.by == "task"
                       for n in graph.nodes()))
     kernel_text = _env().get_template("kernels.py.j2").render(
