@@ -26,7 +26,7 @@ def build_graph(spec: ModelSpec) -> Graph:
             route, x_kept, *tokens = g.outputs(g.add(at(op), [x, modality, task], num_outputs=4))
             block_input, x = x, x_kept
 
-        def ids(op: O.OpBase) -> list[Value]:  # per-modality copies also read the modality ids
+        def ids(op: O.OpBase, tokens=tokens) -> list[Value]:  # per-modality copies also read the modality ids
             return [tokens[0]] if getattr(op, "per_modality", ()) else []
 
         for sub in block.sublayers:

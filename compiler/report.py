@@ -10,7 +10,7 @@ def _human(n: int) -> str:
     return str(n)
 
 
-def _count(n: int | float) -> str:
+def _count(n: float) -> str:
     """Thousands separators; expected (fractional) values with one decimal."""
     return f"{n:,}" if float(n).is_integer() else f"{n:,.1f}"
 
