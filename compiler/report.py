@@ -12,7 +12,7 @@ def _human(n: int) -> str:
 
 def _count(n: float) -> str:
     """Thousands separators; expected (fractional) values with one decimal."""
-    return f"{n:,}" if float(n).is_integer() else f"{n:,.1f}"
+    return f"{int(n):,}" if float(n).is_integer() else f"{n:,.1f}"
 
 
 def format_report(a: dict) -> str:
