@@ -46,9 +46,9 @@ def _model(tmp_path, depth="keep_top(0.5)", settings="", attention="attention(he
     ("keep_top(0.5, modalities = [image])", "per_modality = true", "attention(heads = 2, bias = true)", "glu(d, 24)"),
     ("keep_top(0.7)", "", "attention(heads = 4, shared_heads = 1, routed_heads = 2)", "glu(d, 24)"),
     ("keep_top(0.5, modalities = [image])", "", "attention(heads = 2)",  # MoMa with Mixture-of-Depths
-     "moe { group text { experts 3 x glu(d, 8); router top_k(k = 1) }\n"
-     "      group image { experts 3 x glu(d, 8); router expert_choice(capacity = 1.0) }\n"
-     "      loss load_balance(0.1), z_loss(0.01) }"),
+     ("moe { group text { experts 3 x glu(d, 8); router top_k(k = 1) }\n"
+      "      group image { experts 3 x glu(d, 8); router expert_choice(capacity = 1.0) }\n"
+      "      loss load_balance(0.1), z_loss(0.01) }")),
 ])
 def test_depth_blocks_match_reference(tmp_path, depth, settings, attention, ffn):
     path = _model(tmp_path, depth, settings, attention, ffn)
