@@ -478,10 +478,6 @@ def _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias
         raise ValueError(f"{caller}: gate_bias given without gate_proj")
 
 
-def _unbind(t: Tensor | None, n: int):
-    return [None] * n if t is None else t.unbind(0)
-
-
 def _ffn(xs, act, up, down, gate, ub, db, gb, mm):
     """Expert FFN on rows ``xs`` with a matmul function ``mm(a, w)``; biases already row-aligned."""
     u = mm(xs, up)
@@ -500,39 +496,118 @@ def _ffn(xs, act, up, down, gate, ub, db, gb, mm):
     return y
 
 
-def _needs_grad(*tensors) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)
+_ACT_BACKWARD = {  # d act(t) / dt applied to a gradient: (grad, t) -> grad of t
+    "silu": torch.ops.aten.silu_backward,
+    "gelu": lambda g, t: torch.ops.aten.gelu_backward(g, t),
+    "gelu_tanh": lambda g, t: torch.ops.aten.gelu_backward(g, t, approximate="tanh"),
+    "relu": lambda g, t: g * (t > 0).to(g.dtype),
+    "identity": lambda g, t: g,
+}
 
 
-def _split_inference(x, act, tok, row_w, sizes, E, acc_dtype, up_proj, down_proj, gate_proj, up_bias, down_bias,
-                     gate_bias) -> Tensor:
-    """Inference form of the split path: per expert gather -> FFN -> weight -> index_add, so no
-    [T*k, d] buffer is built (measured: OLMoE-like T=4096 forward 143 -> ~110 ms, peak 291 -> ~60 MB)."""
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=acc_dtype, device=x.device)
+def _segments(sizes: list[int], E: int):
+    """(expert, start, stop) of every non-empty expert segment of the sorted rows."""
     start = 0
     for e in range(E):
-        n = sizes[e]
-        if n == 0:
-            continue
-        tok_e = tok[start:start + n]
-        xe = x.index_select(0, tok_e)
-        up = xe @ up_proj[e]
-        if up_bias is not None:
-            up = up + up_bias[e]
-        if gate_proj is not None:
-            gate = xe @ gate_proj[e]
-            if gate_bias is not None:
-                gate = gate + gate_bias[e]
-            h = act(gate).mul_(up)
-        else:
-            h = act(up)
-        h = h.mul_(row_w[start:start + n].to(h.dtype).unsqueeze(1))  # routing weight before the down GEMM
-        y = h @ down_proj[e]
-        if down_bias is not None:
-            y = y + row_w[start:start + n].to(y.dtype).unsqueeze(1) * down_bias[e]
-        out.index_add_(0, tok_e, y.to(acc_dtype))
-        start += n
-    return out.to(x.dtype)
+        if sizes[e]:
+            yield e, start, start + sizes[e]
+        start += sizes[e]
+
+
+class _SplitExperts(torch.autograd.Function):
+    """The split path as one autograd node: per expert, gather -> up/gate GEMMs -> activation ->
+    routing weight -> down GEMM -> index_add, and in backward the six GEMMs per expert writing
+    straight into the stacked weight gradients (no per-expert autograd graph, no stack/cat of
+    gradients, no [T*k, d] buffer in forward beyond the saved rows)."""
+
+    @staticmethod
+    def forward(ctx, x, row_w, up, down, gate, ub, db, gb, tok, sizes, act_name, acc_dtype, train):
+        act = _activation(act_name)
+        E, T, d = up.shape[0], x.shape[0], x.shape[1]
+        n_valid = sum(sizes[:E])
+        out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
+        keep = train and any(ctx.needs_input_grad)  # save what backward needs only when it will run
+        xs = x.new_empty(n_valid, d) if keep else None
+        us = x.new_empty(n_valid, up.shape[2]) if keep else None
+        gs = x.new_empty(n_valid, up.shape[2]) if keep and gate is not None else None
+        for e, a, b in _segments(sizes, E):
+            tok_e = tok[a:b]
+            xe = x.index_select(0, tok_e) if xs is None else torch.index_select(x, 0, tok_e, out=xs[a:b])
+            u = xe @ up[e] if us is None else torch.mm(xe, up[e], out=us[a:b])
+            if ub is not None:
+                u += ub[e]
+            if gate is not None:
+                g = xe @ gate[e] if gs is None else torch.mm(xe, gate[e], out=gs[a:b])
+                if gb is not None:
+                    g += gb[e]
+                h = act(g) * u
+            else:
+                h = act(u)
+            w = row_w[a:b].to(h.dtype).unsqueeze(1)
+            y = (h * w) @ down[e]  # routing weight before the down GEMM
+            if db is not None:
+                y += w * db[e]
+            out.index_add_(0, tok_e, y.to(acc_dtype))
+        if keep:
+            ctx.save_for_backward(xs, us, gs, row_w, up, down, gate, db, tok)
+            ctx.sizes, ctx.act_name, ctx.x_shape = sizes, act_name, (T, d)
+            ctx.has_bias = (ub is not None, gb is not None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        xs, us, gs, row_w, up, down, gate, db, tok = ctx.saved_tensors
+        need = ctx.needs_input_grad  # x, row_w, up, down, gate, ub, db, gb
+        act, act_bwd = _activation(ctx.act_name), _ACT_BACKWARD[ctx.act_name]
+        E = up.shape[0]
+        dout = dout.to(xs.dtype)
+        dx = torch.zeros(ctx.x_shape, dtype=xs.dtype, device=xs.device) if need[0] else None
+        dw = torch.zeros_like(row_w) if need[1] else None
+        gup, gdown = (torch.zeros_like(up) if need[2] else None), (torch.zeros_like(down) if need[3] else None)
+        ggate = torch.zeros_like(gate) if need[4] else None
+        gub = up.new_zeros(E, up.shape[2]) if need[5] else None
+        gdb = down.new_zeros(E, down.shape[2]) if need[6] else None
+        ggb = up.new_zeros(E, up.shape[2]) if need[7] else None
+        for e, a, b in _segments(ctx.sizes, E):
+            tok_e, xe, u = tok[a:b], xs[a:b], us[a:b]
+            w = row_w[a:b].to(xs.dtype).unsqueeze(1)
+            dy = dout.index_select(0, tok_e)
+            if gate is not None:
+                g = gs[a:b]
+                act_g = act(g)
+                h = act_g * u
+            else:
+                h = act(u)
+            dhw = dy @ down[e].t()
+            if gdown is not None:
+                torch.mm((h * w).t(), dy, out=gdown[e])
+            if dw is not None:
+                dw_e = (dhw * h).sum(1)
+                if db is not None:
+                    dw_e += dy @ db[e]
+                dw[a:b] = dw_e.to(dw.dtype)
+            if gdb is not None:
+                gdb[e] = (dy * w).sum(0)
+            dh = dhw * w
+            if gate is not None:
+                du, dg = dh * act_g, act_bwd(dh * u, g)
+            else:
+                du, dg = act_bwd(dh, u), None
+            if gup is not None:
+                torch.mm(xe.t(), du, out=gup[e])
+            if gub is not None:
+                gub[e] = du.sum(0)
+            if dg is not None and ggate is not None:
+                torch.mm(xe.t(), dg, out=ggate[e])
+            if dg is not None and ggb is not None:
+                ggb[e] = dg.sum(0)
+            if dx is not None:
+                dxe = du @ up[e].t()
+                if dg is not None:
+                    dxe.addmm_(dg, gate[e].t())
+                dx.index_add_(0, tok_e, dxe)
+        return dx, dw, gup, gdown, ggate, gub, gdb, ggb, None, None, None, None, None
 
 
 def moe_experts(
@@ -582,10 +657,10 @@ def moe_experts(
     acc_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 combine for bf16/fp16, fp64 stays fp64
     row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)
     row_w = torch.where(valid, row_w, torch.zeros_like(row_w))  # dropped slot -> weight 0, zero grad
-    if method == "split" and not (torch.is_grad_enabled() and _needs_grad(x, weights, up_proj, down_proj, gate_proj,
-                                                                             up_bias, down_bias, gate_bias)):
-        return _split_inference(x, act, tok, row_w, sizes, E, acc_dtype, up_proj, down_proj, gate_proj, up_bias,
-                                down_bias, gate_bias)
+    if method == "split":
+        out = _SplitExperts.apply(x, row_w, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias, tok,
+                                  sizes, activation, acc_dtype, torch.is_grad_enabled())
+        return out.to(x.dtype)
     xs = x.index_select(0, tok)  # gather token rows once
 
     if method == "grouped_mm":
@@ -605,28 +680,6 @@ def moe_experts(
             None if gate_bias is None else gate_bias.index_select(0, row_e),
             lambda a, w: torch._grouped_mm(a, w, offs=offs),
         )
-    elif method == "split":
-        n_valid = N - sizes[E]
-        outs = []
-        rows = zip(
-            torch.split(xs, sizes),
-            up_proj.unbind(0),
-            down_proj.unbind(0),
-            _unbind(gate_proj, E),
-            _unbind(up_bias, E),
-            _unbind(down_bias, E),
-            _unbind(gate_bias, E),
-        )
-        for e, (xe, up_e, down_e, gate_e, ub_e, db_e, gb_e) in enumerate(rows):
-            # Empty experts (and the trailing dropped bin E) are skipped, except that expert 0
-            # runs on an empty slice when nothing is routed, keeping the output in the graph.
-            if sizes[e] == 0 and not (n_valid == 0 and e == 0):
-                continue
-            outs.append(_ffn(xe, act, up_e, down_e, gate_e, ub_e, db_e, gb_e, torch.mm))
-        # (A per-expert weight-multiply + index_add_ instead of cat was measured: no faster at
-        # E=8/64, 10% slower at E=256.)
-        ys = torch.cat(outs) if len(outs) > 1 else outs[0]
-        tok, row_w = tok[:n_valid], row_w[:n_valid]
     elif method == "padded_bmm":
         C = max(max(sizes[:E]), 1)  # C >= 1 so that row 0 exists for dropped rows to point at
         starts = counts.cumsum(0) - counts
