@@ -27,6 +27,10 @@ def build_graph(spec: ModelSpec) -> Graph:
                 node = g.add(at(sub.op), [h, modality, task], num_outputs=3)
                 out, aux, counts = g.outputs(node)
                 extras += [aux, counts]
+            elif isinstance(sub.op, O.AttentionExpertsOp):  # (x, aux loss, tokens per attention expert)
+                node = g.add(at(sub.op), [h], num_outputs=3)
+                out, aux, counts = g.outputs(node)
+                extras += [aux, counts]
             else:
                 out = Value(g.add(at(sub.op), [h, *ids(sub.op)]))
             x = Value(g.add(at(O.AddOp(name=f"{sub.op.name}_residual", loc=sub.op.loc)), [x, out]))
