@@ -654,3 +654,13 @@ def test_attention_experts_targets(tmp_path):
 
     with pytest.raises(BackendError, match="expert-parallel form has no attention experts"):
         render(comp.graph, "m.moe", plan={"num_devices": 2, "layers": []})
+
+
+def test_attention_experts_lower_to_mlir(tmp_path):
+    pytest.importorskip("torch_mlir")
+    from moec.backends import mlir
+
+    path = _write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=", load_balance = 0.1"))
+    model = moec.load(path, static=True).eval()
+    text = mlir.emit(model, (torch.randn(1, 6, 32),), str(tmp_path / "moa.mlir"))
+    assert "func.func" in text and "torch.aten." not in text and "torch.operator" not in text
