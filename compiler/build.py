@@ -36,6 +36,10 @@ def build_graph(spec: ModelSpec) -> Graph:
                 node = g.add(at(sub.op), [h, *tokens], num_outputs=3)
                 out, aux, counts = g.outputs(node)
                 extras += [aux, counts]
+            elif isinstance(sub.op, O.AttentionExpertsOp):  # (x, aux loss, tokens per attention expert)
+                node = g.add(at(sub.op), [h], num_outputs=3)
+                out, aux, counts = g.outputs(node)
+                extras += [aux, counts]
             else:
                 kept = [route] if getattr(sub.op, "kept_tokens", False) else []
                 out = Value(g.add(at(sub.op), [h, *ids(sub.op), *kept]))

@@ -232,6 +232,36 @@ class AttentionOp(OpBase):
         return self.bias if self.out_bias is None else self.out_bias
 
 
+class AttentionExpertsOp(OpBase):
+    """Attention experts (mixture of attention, JetMoE; BAM with shared key and value): expert e
+    has its own query projection [dim, heads * head_dim] and output projection [heads * head_dim,
+    dim]; one key and value projection serves every expert and token. A softmax router over the
+    normed input picks `top_k` experts per token; a token's output is the routing-weighted sum of
+    its experts' attention outputs (queries of expert e against the shared keys and values).
+    Outputs: (x, aux loss, tokens per expert) like `moe`."""
+
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("rope_theta", "qk_norm", "norm_eps", "out_bias")
+    kind: Literal["attention_experts"] = "attention_experts"
+    dim: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    renormalize: bool = False
+    losses: LossSpec = LossSpec()
+    bias: bool = False  # q bias per expert, k / v biases shared
+    causal: bool = True
+    rope_theta: float | None = None
+    qk_norm: Literal["none", "head", "projection"] = "none"  # q / k norms shared by the experts
+    norm_eps: float = 1e-6
+    out_bias: bool | None = None  # output bias per expert (weighted like its output); None: follows `bias`
+
+    @property
+    def o_bias(self) -> bool:
+        return self.bias if self.out_bias is None else self.out_bias
+
+
 class LatentAttentionOp(OpBase):
     """DeepSeek-V2/V3 multi-head latent attention (causal, rotary on the decoupled qk_rope_dim part)."""
 
@@ -446,6 +476,6 @@ class AuxLossOp(OpBase):
 
 
 Op = Annotated[
-    InputOp | OutputOp | NormOp | AttentionOp | LatentAttentionOp | FFNOp | DepthRouteOp | DepthCombineOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
+    InputOp | OutputOp | NormOp | AttentionOp | AttentionExpertsOp | LatentAttentionOp | FFNOp | DepthRouteOp | DepthCombineOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
     Field(discriminator="kind"),
 ]

@@ -11,6 +11,7 @@ ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "output": (None, 0),
     "norm": ((1, 2), 1),  # (x[, modality ids] when per_modality)
     "attention": ((1, 2, 3), 1),  # (x[, modality ids] when per_modality[, route] when kept_tokens)
+    "attention_experts": ((1,), 3),  # x -> (x, aux loss, tokens per expert)
     "latent_attention": ((1,), 1),
     "ffn": ((1, 2), 1),  # (x[, modality ids] when per_modality)
     "add": ((2,), 1),

@@ -532,14 +532,18 @@ class Elaborator:
             counters[base] = n + 1
             name = base if n == 0 else f"{base}_{n}"
             op = op.model_copy(update={"name": name})
-            if isinstance(op, O.AttentionOp) and op.qk_norm != "none":
+            if isinstance(op, O.AttentionOp | O.AttentionExpertsOp) and op.qk_norm != "none":
                 op = op.model_copy(update={"norm_eps": norm_args["eps"]})  # q/k norms take the block's eps
-            if depth is not None and isinstance(op, O.LatentAttentionOp):
-                self.d.error("E0220", "latent_attention has no Mixture-of-Depths form", st.loc,
+            if depth is not None and isinstance(op, O.LatentAttentionOp | O.AttentionExpertsOp):
+                what = "latent_attention has" if isinstance(op, O.LatentAttentionOp) else "attention experts have"
+                self.d.error("E0220", f"{what} no Mixture-of-Depths form", st.loc,
                              "a block with `depth = ...` takes attention(...), dense experts and moe { ... }")
             if depth is not None and isinstance(op, O.AttentionOp):
                 op = op.model_copy(update={"kept_tokens": True})
-            if per_modality and isinstance(op, O.AttentionOp | O.FFNOp):
+            if per_modality and isinstance(op, O.AttentionExpertsOp):
+                self.d.error("E0220", "attention experts have no per-modality form", st.loc,
+                             "per_modality blocks take attention(...) without experts, dense experts and moe { ... }")
+            elif per_modality and isinstance(op, O.AttentionOp | O.FFNOp):
                 op = op.model_copy(update={"per_modality": per_modality})
             elif per_modality and not isinstance(op, O.MoEOp):
                 self.d.error("E0220", f"`{base}` has no per-modality form", st.loc,
@@ -604,6 +608,31 @@ class Elaborator:
             self.d.error("E0208", f"routed_heads = {routed} exceeds the {heads - shared} routed heads "
                                   f"(heads - shared_heads)", call.loc)
             return None
+        experts, top_k = a["experts"], a["top_k"]
+        routing_only = [n for n in ("top_k", "renormalize", "load_balance", "z_loss")
+                        if a[n] != K.SUBLAYERS["attention"].param(n).default]
+        if experts is None and routing_only:
+            self.d.error("E0211", f"`{routing_only[0]}` without `experts`", call.loc,
+                         "attention experts: give experts = E and top_k = k (the experts each token takes)")
+            return None
+        if experts is not None:
+            if routed is not None:
+                self.d.error("E0220", "attention experts do not combine with mixture-of-heads (`routed_heads`)",
+                             call.loc, "choose one: experts = E, top_k = k or routed_heads = k")
+                return None
+            if top_k is None:
+                self.d.error("E0211", "`experts` without `top_k`", call.loc,
+                             f"give top_k = k, the attention experts each token takes (at most {experts})")
+                return None
+            if top_k > experts:
+                self.d.error("E0208", f"top_k = {top_k} exceeds experts = {experts}", call.loc)
+                return None
+            return O.AttentionExpertsOp(
+                name="attention_experts", dim=self.dim, heads=heads, kv_heads=kv, head_dim=head_dim,
+                num_experts=experts, top_k=top_k, renormalize=a["renormalize"],
+                losses=O.LossSpec(load_balance=a["load_balance"], z_loss=a["z_loss"]), bias=a["bias"],
+                causal=a["causal"], rope_theta=a["rope_theta"], qk_norm=a["qk_norm"], out_bias=a["out_bias"],
+                loc=call.loc)
         return O.AttentionOp(name="attention", dim=self.dim, heads=heads, kv_heads=kv, head_dim=head_dim,
                              bias=a["bias"], causal=a["causal"], rope_theta=a["rope_theta"], qk_norm=a["qk_norm"],
                              out_bias=a["out_bias"], routed_heads=routed, shared_heads=shared, loc=call.loc)

@@ -128,10 +128,18 @@ SUBLAYERS = {
                                     Param("qk_norm", "symbol", "none", QK_NORMS),
                                     Param("out_bias", "bool", None),
                                     Param("routed_heads", "int", None, positive=True),
-                                    Param("shared_heads", "int", 0, nonnegative=True)),
+                                    Param("shared_heads", "int", 0, nonnegative=True),
+                                    Param("experts", "int", None, positive=True),
+                                    Param("top_k", "int", None, positive=True),
+                                    Param("renormalize", "bool", False),
+                                    Param("load_balance", "float", 0.0, nonnegative=True),
+                                    Param("z_loss", "float", 0.0, nonnegative=True)),
                       "multi-head (kv_heads = heads) or grouped-query attention; `routed_heads = k` makes heads "
                       "experts (mixture-of-heads): each token weights its top-k of the heads after the first "
-                      "`shared_heads` (always on) by a head router; `rope_theta` adds rotary "
+                      "`shared_heads` (always on) by a head router; `experts = E, top_k = k` makes attention "
+                      "experts (mixture of attention, JetMoE): E query/output projection pairs sharing one key "
+                      "and value projection, each token taking its top-k by a softmax router (`renormalize`, "
+                      "`load_balance` and `z_loss` coefficients as a moe router's); `rope_theta` adds rotary "
                       "position embeddings (rotate-half), `qk_norm = head | projection` RMS-normalises q and k "
                       "(per head or over the whole projection, with the block norm's eps), `out_bias` overrides "
                       "`bias` for the output projection"),

@@ -155,6 +155,18 @@ def _single_cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
         routers = op.dim * (op.heads - op.shared_heads) + (op.dim * (op.shared_heads + 2) if op.shared_heads else 0)
         active_w = op.dim * op.head_dim * (2 * (op.shared_heads + op.routed_heads) + 2 * op.kv_heads)
         return w + b + qk + routers, active_w + b + qk + routers, 2 * (active_w + routers)
+    if k == "attention_experts":
+        # Attention experts: E query / output projection pairs, one token uses its top_k of them;
+        # the shared K and V projections serve every token; plus the router gate.
+        qo = 2 * op.dim * op.heads * op.head_dim
+        kv = 2 * op.dim * op.kv_heads * op.head_dim
+        router = op.dim * op.num_experts
+        qk = {"none": 0, "head": 2 * op.head_dim, "projection": (op.heads + op.kv_heads) * op.head_dim}[op.qk_norm]
+        b_kv = 2 * op.kv_heads * op.head_dim if op.bias else 0
+        b_qo = (op.heads * op.head_dim if op.bias else 0) + (op.dim if op.o_bias else 0)  # per expert
+        params = op.num_experts * (qo + b_qo) + kv + b_kv + router + qk
+        active = op.top_k * (qo + b_qo) + kv + b_kv + router + qk
+        return params, active, 2 * (op.top_k * qo + kv + router)
     if k == "latent_attention":
         return op.params, op.params, op.flops
     if k == "ffn":
@@ -234,7 +246,7 @@ class Analyze(Pass):
             op = graph.op(node)
             e = entry(op.layer)
             e["block"] = op.block
-            e["moe"] = e["moe"] or op.kind in ("moe", "router_gate", "router")
+            e["moe"] = e["moe"] or op.kind in ("moe", "router_gate", "router", "attention_experts")
             types = graph.types(node) or ()
             token_mods = types[0].modalities if types and types[0].modalities else mods
             if op.kind == "depth_route":

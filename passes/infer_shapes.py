@@ -49,6 +49,10 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
         if ins[0].shape != ins[1].shape:
             raise IRError(f"{op.name}: adding {ins[0]} and {ins[1]}")
         return [ins[0]]
+    if k == "attention_experts":
+        if ins[0].shape[-1] != op.dim:
+            raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {op.dim}")
+        return [ins[0], TensorType(shape=(), dtype="f32"), TensorType(shape=(op.num_experts,), dtype="i64")]
     if k == "moe":
         experts = sum(g.routed_experts for g in op.groups)
         return [ins[0], TensorType(shape=(), dtype="f32"), TensorType(shape=(experts,), dtype="i64")]

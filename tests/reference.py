@@ -87,6 +87,78 @@ def head_weights(op: O.AttentionOp, p: dict, prefix: str, x) -> list:
     return [mix[0] * s for s in shared] + [mix[1] * r for r in routed_w]
 
 
+def attention_experts(op: O.AttentionExpertsOp, p: dict, prefix: str, x):
+    """Attention experts, token by token: softmax router, top_k experts; expert e's query of token t
+    (x_t W_q[e], q-norm, rotary at position t) attends over the shared keys / values of positions
+    0..t (all positions when not causal); its output projection W_o[e], weighted by the gate.
+    Returns (output, aux loss, tokens per expert)."""
+    seq, d = x.shape[-2], x.shape[-1]
+    xs = x.reshape(-1, seq, d)
+    hd, group, E = op.head_dim, op.heads // op.kv_heads, op.num_experts
+
+    def rms(u, name):
+        return u / torch.sqrt((u * u).mean() + op.norm_eps) * p[f"{prefix}.{name}.weight"]
+
+    def rotate(u, pos):  # rotate-half rotary embedding of one head vector at position pos
+        if op.rope_theta is None:
+            return u
+        out = u.clone()
+        for i in range(hd // 2):  # the angle in float32, as transformers (and the runtime) compute it
+            inv_freq = 1.0 / torch.tensor(op.rope_theta, dtype=torch.float32) ** torch.tensor(2 * i / hd)
+            angle = torch.tensor(float(pos), dtype=torch.float32) * inv_freq
+            c, s = float(angle.cos()), float(angle.sin())
+            out[i] = u[i] * c - u[i + hd // 2] * s
+            out[i + hd // 2] = u[i + hd // 2] * c + u[i] * s
+        return out
+
+    def heads_of(u, n, norm_name):  # split a projection into n head vectors, normed as configured
+        if op.qk_norm == "projection":
+            u = rms(u, norm_name)
+        parts = [u[h * hd:(h + 1) * hd] for h in range(n)]
+        return [rms(v, norm_name) for v in parts] if op.qk_norm == "head" else parts
+
+    out = torch.zeros_like(xs)
+    count = torch.zeros(E, dtype=torch.long)
+    probs_all, logits_all = [], []
+    for b in range(xs.shape[0]):
+        keys = [[rotate(v, s) for v in heads_of(linear(p, f"{prefix}.k_proj", xs[b, s]), op.kv_heads, "k_norm")]
+                for s in range(seq)]
+        values = [linear(p, f"{prefix}.v_proj", xs[b, s]) for s in range(seq)]
+        for t in range(seq):
+            logits = xs[b, t] @ p[f"{prefix}.router.weight"].T
+            probs = torch.softmax(logits, -1)
+            logits_all.append(logits)
+            probs_all.append(probs)
+            top = torch.topk(probs, op.top_k).indices.tolist()
+            gates = [probs[e] for e in top]
+            if op.renormalize:
+                total = sum(gates)
+                gates = [g / total for g in gates]
+            for e, g in zip(top, gates):
+                count[e] += 1
+                q = xs[b, t] @ p[f"{prefix}.q_proj"][e]
+                if op.bias:
+                    q = q + p[f"{prefix}.q_bias"][e]
+                context = []
+                for h, qh in enumerate(heads_of(q, op.heads, "q_norm")):
+                    qh, kv = rotate(qh, t), h // group
+                    visible = range(t + 1) if op.causal else range(seq)
+                    scores = torch.stack([qh @ keys[s][kv] / math.sqrt(hd) for s in visible])
+                    a = torch.softmax(scores, -1)
+                    context.append(sum(a[j] * values[s][kv * hd:(kv + 1) * hd] for j, s in enumerate(visible)))
+                o = torch.cat(context) @ p[f"{prefix}.o_proj"][e]
+                if op.o_bias:
+                    o = o + p[f"{prefix}.o_bias"][e]
+                out[b, t] = out[b, t] + g * o
+    aux = torch.zeros((), dtype=x.dtype)
+    if op.losses.load_balance:
+        f = count.to(x.dtype) / max(int(count.sum()), 1)
+        aux = aux + op.losses.load_balance * E * (f * torch.stack(probs_all).mean(0)).sum()
+    if op.losses.z_loss:
+        aux = aux + op.losses.z_loss * (torch.stack([torch.logsumexp(lg, -1) for lg in logits_all]) ** 2).mean()
+    return out.reshape(x.shape), aux, count
+
+
 def ternary(w):
     """Absmean ternary quantisation with a straight-through gradient, written out plainly."""
     scale = max(float(w.detach().abs().mean()), 1e-8)
@@ -288,7 +360,8 @@ def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="
 
 
 def forward(spec, params: dict, x, modality, task=None, step=0):
-    """Reference forward: (output, aux_loss, [expert counts per MoE layer])."""
+    """Reference forward: (output, aux_loss, [expert counts per routed layer, its sublayers' counts
+    concatenated in order])."""
     aux_total = torch.zeros((), dtype=x.dtype)
     all_counts = []
     for i, block in enumerate(spec.layers):
@@ -297,7 +370,8 @@ def forward(spec, params: dict, x, modality, task=None, step=0):
         else:
             x, aux, counts = depth_block(spec, block, i, params, x, modality, task, step)
         aux_total = aux_total + aux
-        all_counts += counts
+        if counts:  # one tensor per layer: its sublayers' expert counts, in order
+            all_counts.append(torch.cat(counts))
     if spec.final_norm is not None:
         x = norm(spec.final_norm, params, "final_norm", x)
     return x, aux_total, all_counts
@@ -318,6 +392,10 @@ def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend
         h = norm_(x) if pre else x
         if isinstance(sub.op, O.AttentionOp):
             out = attend(sub.op, name, h, names) if attend else attention(sub.op, params, name, h, names)
+        elif isinstance(sub.op, O.AttentionExpertsOp):
+            out, aux, counts = attention_experts(sub.op, params, name, h)
+            aux_total = aux_total + aux
+            all_counts.append(counts)
         elif isinstance(sub.op, O.FFNOp):
             out = by_modality(lambda pre_, r, sub=sub: dense_ffn(sub.op.expert, params, pre_, r), name, h, names)
         else:

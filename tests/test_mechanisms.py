@@ -510,3 +510,157 @@ def test_lora_experts_accounting(tmp_path):
 def test_lora_experts_misuse(tmp_path, body, code):
     diags = check(_write(tmp_path, LORA.format(body=body)))
     assert [d.code for d in diags.items] == [code], diags.render()
+
+
+ATTENTION_EXPERTS = """
+model moa {{
+  const d = 32
+  input(dim = d)
+  block b {{
+    norm = rms(eps = 1e-5)
+    attention(heads = 4, kv_heads = {kv}, experts = 6, top_k = {k}{extra})
+    moe {{
+      experts 4 x glu(d, 24)
+      router top_k(k = 2)
+      loss load_balance(0.01)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("kv,k,extra", [
+    (2, 2, ", load_balance = 0.1, z_loss = 0.01"),
+    (4, 1, ", causal = false"),
+    (1, 6, ", renormalize = true, bias = true, load_balance = 0.05"),
+    (2, 3, ", rope_theta = 10000.0, qk_norm = head, bias = true, out_bias = false"),
+    (2, 2, ", rope_theta = 500.0, qk_norm = projection, renormalize = true, z_loss = 0.1"),
+])
+def test_attention_experts_match_reference(tmp_path, kv, k, extra):
+    """Forward and backward (float64) against per-token, per-expert textbook attention over the
+    shared keys and values; the expert counts come first in each layer's counts."""
+    path = _write(tmp_path, ATTENTION_EXPERTS.format(kv=kv, k=k, extra=extra))
+    torch.manual_seed(21)
+    model, out = _check(path, torch.randn(2, 7, 32))
+    for counts in out.expert_counts:
+        assert counts.numel() == 6 + 4 and counts[:6].sum() == 2 * 7 * k and counts[6:].sum() == 2 * 7 * 2
+    assert model.layers[0].attention_experts.q_proj.shape == (6, 32, 32)
+    assert model.layers[0].attention_experts.k_proj.weight.shape == (kv * 8, 32)
+
+
+def test_attention_experts_skewed_and_tied_routing(tmp_path):
+    """Every token to the same two experts (the other experts idle, their weights without
+    gradient), and a zero router (all scores tie: the experts torch.topk picks, gates 1/E)."""
+    path = _write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=", load_balance = 0.1"))
+
+    def skew(model):
+        with torch.no_grad():
+            for layer in model.layers:
+                w = layer.attention_experts.router.weight
+                w.zero_()
+                w[3, :] = 5.0
+                w[5, :] = 4.0
+
+    def tie(model):
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.attention_experts.router.weight.zero_()
+
+    torch.manual_seed(22)
+    x = torch.randn(2, 6, 32).abs() + 0.5  # positive: x . w ranks expert 3 above 5 above the rest
+    model, out = _check(path, x, perturb=skew)
+    assert out.expert_counts[0][:6].tolist() == [0, 0, 0, 12, 0, 12]
+    experts = model.layers[0].attention_experts
+    grads = torch.autograd.grad(model(x.double()).output.sum(), [experts.q_proj, experts.o_proj])
+    for g in grads:  # idle experts get no gradient
+        assert g[[0, 1, 2, 4]].abs().sum() == 0 and g[[3, 5]].abs().sum() > 0
+    _, out = _check(path, torch.randn(2, 6, 32), perturb=tie)
+    assert out.expert_counts[0][:6].sum() == 24
+
+
+def test_attention_experts_causal_per_sequence(tmp_path):
+    """A token's output depends on earlier tokens of its own sequence only."""
+    model = moec.load(_write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=""))).double()
+    torch.manual_seed(23)
+    x = torch.randn(3, 8, 32, dtype=torch.float64)
+    y = model(x).output
+    x2 = x.clone()
+    x2[1, 5:] = torch.randn(3, 32, dtype=torch.float64)  # change the end of sequence 1 only
+    y2 = model(x2).output
+    torch.testing.assert_close(y2[1, :5], y[1, :5])
+    torch.testing.assert_close(y2[[0, 2]], y[[0, 2]])
+    assert not torch.allclose(y2[1, 5:], y[1, 5:])
+
+
+def test_attention_experts_accounting(tmp_path):
+    """Parameters: E x (Q + O) + shared K/V + router; FLOPs per token: k x (Q + O) + K + V + router."""
+    path = _write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=""))
+    layer = compile_model(path).results["analysis"]["layers"][0]
+    d, inner, kv_dim, E, k = 32, 4 * 8, 2 * 8, 6, 2
+    q_o, k_v, router = 2 * d * inner, 2 * d * kv_dim, d * E
+    moe_params, moe_flops = d * 4 + 4 * 3 * d * 24, 2 * (d * 4 + 2 * 3 * d * 24)
+    norms = 2 * d
+    assert layer["kind"] == "moe"
+    assert layer["params"] == E * q_o + k_v + router + moe_params + norms == 22_912
+    assert layer["active_params_per_token"]["default"] == k * q_o + k_v + router + norms + d * 4 + 2 * 3 * d * 24
+    assert layer["flops_per_token"]["default"] == 2 * (k * q_o + k_v + router) + moe_flops == 20_096
+    biased = compile_model(_write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=", bias = true"), "b.moe"))
+    extra = biased.results["analysis"]["layers"][0]["params"] - layer["params"]
+    assert extra == E * (inner + d) + 2 * kv_dim  # q and o biases per expert, k and v biases shared
+
+
+def test_attention_experts_static_form_exports(tmp_path):
+    path = _write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=", load_balance = 0.1, z_loss = 0.01"))
+    dynamic, static = moec.load(path).double(), moec.load(path, static=True).double()
+    torch.manual_seed(24)
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    a, b = dynamic(x), static(x)
+    torch.testing.assert_close(a.output, b.output)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss)
+    assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
+    model = static.float().eval()
+    exported = torch.export.export(model, (x.float(),))
+    torch.testing.assert_close(exported.module()(x.float()).output, model(x.float()).output)
+
+
+@pytest.mark.parametrize("attention,settings,code,words", [
+    ("attention(heads = 4, experts = 4, top_k = 5)", "", "E0208", "top_k = 5 exceeds experts = 4"),
+    ("attention(heads = 4, experts = 4)", "", "E0211", "`experts` without `top_k`"),
+    ("attention(heads = 4, top_k = 2)", "", "E0211", "`top_k` without `experts`"),
+    ("attention(heads = 4, load_balance = 0.1)", "", "E0211", "`load_balance` without `experts`"),
+    ("attention(heads = 4, experts = 4, top_k = 0)", "", "E0207", ""),
+    ("attention(heads = 4, kv_heads = 3, experts = 4, top_k = 2)", "", "E0210", "multiple of kv_heads"),
+    ("attention(heads = 4, experts = 4, top_k = 2, routed_heads = 2)", "", "E0220", "mixture-of-heads"),
+    ("attention(heads = 4, experts = 4, top_k = 2)", "per_modality = true", "E0220", "no per-modality form"),
+])
+def test_attention_experts_misuse(tmp_path, attention, settings, code, words):
+    src = HEADS.replace("attention(heads = 8, kv_heads = {kv}, {routing})", attention).replace("{settings}", settings)
+    diags = check(_write(tmp_path, src.replace("{{", "{").replace("}}", "}")))
+    assert [d.code for d in diags.items] == [code], diags.render()
+    assert words in diags.items[0].message
+
+
+def test_attention_experts_targets(tmp_path):
+    """The HLS target names the feature it lacks; the expert-parallel form refuses too."""
+    from moec.backends import BackendError
+    from moec.backends.hls import emit as hls_emit
+
+    path = _write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=""))
+    comp = compile_model(path)
+    with pytest.raises(BackendError, match=r"does not support attention experts \(attention\(experts = \.\.\.\)\)"):
+        hls_emit(comp, str(tmp_path / "hls"))
+    from moec.backends.pytorch.codegen import render
+
+    with pytest.raises(BackendError, match="expert-parallel form has no attention experts"):
+        render(comp.graph, "m.moe", plan={"num_devices": 2, "layers": []})
+
+
+def test_attention_experts_lower_to_mlir(tmp_path):
+    pytest.importorskip("torch_mlir")
+    from moec.backends import mlir
+
+    path = _write(tmp_path, ATTENTION_EXPERTS.format(kv=2, k=2, extra=", load_balance = 0.1"))
+    model = moec.load(path, static=True).eval()
+    text = mlir.emit(model, (torch.randn(1, 6, 32),), str(tmp_path / "moa.mlir"))
+    assert "func.func" in text and "torch.aten." not in text and "torch.operator" not in text

@@ -41,6 +41,7 @@ MAX_MODALITIES = 64  # modality masks are 64-bit
 # Ops that only a language feature the target lacks produces: name the feature, not the op.
 FEATURE_OF_OP = {**{kind: "zero-computation experts" for kind in ("mask_experts", "identity_experts", "count_experts")},
                  "depth_route": "Mixture-of-Depths (`depth = keep_top(...)`)"}
+FEATURE_OF_OP["attention_experts"] = "attention experts (attention(experts = ...))"
 
 
 @dataclass

@@ -24,7 +24,7 @@ from moec.ir import Graph, Value
 # The runtime modules shipped next to every generated file: module -> (source file, names it exports)
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
-        "Attention", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
+        "Attention", "AttentionExperts", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
         "PerModality", "activate",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "moe_experts",
@@ -125,6 +125,23 @@ def _attention_ctor(op: O.AttentionOp) -> str:
         extra += f", routed_heads={op.routed_heads}, shared_heads={op.shared_heads}"
     return (f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
             f"head_dim={op.head_dim}, bias={op.bias}, causal={op.causal}{extra})")
+
+
+def _attention_experts_ctor(op: O.AttentionExpertsOp) -> str:
+    extra = f", rope_theta={op.rope_theta!r}" if op.rope_theta is not None else ""
+    if op.qk_norm != "none":
+        extra += f", qk_norm={op.qk_norm!r}, norm_eps={op.norm_eps!r}"
+    if op.out_bias is not None and op.out_bias != op.bias:
+        extra += f", out_bias={op.out_bias}"
+    if op.renormalize:
+        extra += ", renormalize=True"
+    if op.losses.load_balance:
+        extra += f", load_balance={op.losses.load_balance!r}"
+    if op.losses.z_loss:
+        extra += f", z_loss={op.losses.z_loss!r}"
+    return (f"AttentionExperts(\n            dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
+            f"head_dim={op.head_dim}, num_experts={op.num_experts}, top_k={op.top_k},\n"
+            f"            bias={op.bias}, causal={op.causal}{extra},\n        )")
 
 
 def _latent_attention_ctor(op: O.LatentAttentionOp) -> str:
@@ -320,6 +337,14 @@ class _BlockEmitter:
         attr = self.module(path, ctor)
         (h,) = self.assign(node, ["h"])
         self.line(f"{h} = {attr}({', '.join(ins)})")
+
+    def _op_attention_experts(self, node, op, ins, path):
+        if self.expert_parallel:
+            raise BackendError("the expert-parallel form has no attention experts yet (placement covers the "
+                               "moe { ... } experts only)")
+        attr = self.module(path, _attention_experts_ctor(op))
+        h, aux, counts = self.assign(node, ["h", "aux", "counts"])
+        self.line(f"{h}, {aux}, {counts} = {attr}({ins[0]})")
 
     def _op_latent_attention(self, node, op, ins, path):
         attr = self.module(path, _latent_attention_ctor(op))

@@ -1062,6 +1062,103 @@ class Attention(nn.Module):
         return torch.cat([mix[..., :1] * shared, mix[..., 1:] * routed], dim=-1)
 
 
+class AttentionExperts(nn.Module):
+    """Attention experts (mixture of attention, JetMoE; BAM with shared key and value) over dim -2
+    of x [..., S, dim]: expert e has its own query projection ``q_proj[e]`` [dim, heads * head_dim]
+    and output projection ``o_proj[e]`` [heads * head_dim, dim] (x @ W layout, as ``Experts``);
+    ``k_proj`` / ``v_proj`` are shared by every expert and computed once per token.
+
+    A router (softmax over ``num_experts``, top ``top_k``, optionally renormalised) picks each
+    token's experts; the token's output is sum_j g_j * o_proj[e_j](attention(q of e_j, K, V)).
+    Queries and outputs exist only for the chosen (token, slot) pairs: their expert matrices are
+    gathered per pair (memory T * top_k * dim * heads * head_dim; no loop over experts, no
+    data-dependent shapes) and each slot attends over the shared keys and values of its sequence
+    (causal by default). ``rope_theta`` / ``qk_norm`` / ``norm_eps`` work as in ``Attention``, the
+    q / k norms shared by the experts; biases: q and o per expert, k and v shared.
+
+    ``forward`` returns ``(y, aux_loss, counts)``: the aux loss weights the load-balance and z
+    losses by ``load_balance`` / ``z_loss`` (zero without them); counts [num_experts] are the
+    (token, slot) pairs per expert."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, num_experts: int, top_k: int,
+                 bias: bool = False, causal: bool = True, rope_theta: float | None = None, qk_norm: str = "none",
+                 norm_eps: float = 1e-6, out_bias: bool | None = None, renormalize: bool = False,
+                 load_balance: float = 0.0, z_loss: float = 0.0):
+        super().__init__()
+        if heads % kv_heads:
+            raise ValueError(f"AttentionExperts: heads = {heads} is not a multiple of kv_heads = {kv_heads}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"AttentionExperts: top_k = {top_k} must be in [1, {num_experts}]")
+        self.heads, self.kv_heads, self.head_dim, self.causal = heads, kv_heads, head_dim, causal
+        self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
+        self.rope_theta, self.qk_norm = rope_theta, qk_norm
+        self.load_balance, self.z_loss = load_balance, z_loss
+        inner = heads * head_dim
+
+        def uniform(n_in: int, *shape: int) -> nn.Parameter:
+            bound = 1.0 / math.sqrt(n_in)
+            return nn.Parameter(torch.empty(*shape).uniform_(-bound, bound))
+
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.q_proj = uniform(dim, num_experts, dim, inner)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=bias)
+        self.o_proj = uniform(inner, num_experts, inner, dim)
+        self.q_bias = uniform(dim, num_experts, inner) if bias else None
+        self.o_bias = uniform(inner, num_experts, dim) if (bias if out_bias is None else out_bias) else None
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps), nn.RMSNorm(head_dim, eps=norm_eps)
+        elif qk_norm == "projection":
+            self.q_norm = nn.RMSNorm(inner, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(kv_heads * head_dim, eps=norm_eps)
+        elif qk_norm != "none":
+            raise ValueError(f"AttentionExperts: qk_norm must be 'none', 'head' or 'projection', got {qk_norm!r}")
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        shape = x.shape
+        seq = shape[-2] if x.dim() >= 2 else 1
+        b = math.prod(shape[:-2]) if x.dim() > 2 else 1
+        flat = x.reshape(b * seq, shape[-1])
+        kk, hd, inner = self.top_k, self.head_dim, self.heads * self.head_dim
+        logits = self.router(flat)
+        weights, ids, probs = route_top_k(logits, kk, renormalize=self.renormalize)  # [T, k]
+        # queries of every (token, slot): x_t @ q_proj[e] with the slot's expert matrix gathered
+        q = torch.matmul(flat[:, None, None, :], self.q_proj[ids]).squeeze(-2)  # [T, k, inner]
+        if self.q_bias is not None:
+            q = q + self.q_bias[ids]
+        k = self.k_proj(flat)
+        if self.qk_norm == "projection":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, seq, kk, self.heads, hd)
+        k = k.view(b, seq, self.kv_heads, hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        # slots become batch entries: [b * k, heads, seq, hd], each attending over its sequence
+        q = q.permute(0, 2, 3, 1, 4).reshape(b * kk, self.heads, seq, hd)
+        k = k.transpose(1, 2)
+        v = self.v_proj(flat).view(b, seq, self.kv_heads, hd).transpose(1, 2)
+        if self.rope_theta is not None:
+            cos, sin = rotary_cos_sin(seq, hd, self.rope_theta, x.device, q.dtype)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kv_heads != self.heads:
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        k = k.unsqueeze(1).expand(b, kk, self.heads, seq, hd).reshape(b * kk, self.heads, seq, hd)
+        v = v.unsqueeze(1).expand(b, kk, self.heads, seq, hd).reshape(b * kk, self.heads, seq, hd)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [b * k, heads, seq, hd]
+        o = o.view(b, kk, self.heads, seq, hd).permute(0, 3, 1, 2, 4).reshape(b * seq, kk, inner)
+        out = torch.matmul(o[:, :, None, :], self.o_proj[ids]).squeeze(-2)  # [T, k, dim]
+        if self.o_bias is not None:
+            out = out + self.o_bias[ids]
+        y = (out * weights.unsqueeze(-1).to(out.dtype)).sum(1)
+        aux = logits.new_zeros((), dtype=probs.dtype)
+        if self.load_balance:
+            aux = aux + self.load_balance * load_balance_loss(probs, ids, self.num_experts)
+        if self.z_loss:
+            aux = aux + self.z_loss * z_loss(logits)
+        return y.reshape(shape), aux, expert_counts(ids, self.num_experts)
+
+
 def rotary_cos_sin(seq: int, dim: int, theta: float, device, dtype) -> tuple[Tensor, Tensor]:
     """cos, sin [seq, dim] of rotary position embeddings at positions 0..seq-1: frequency
     theta^(-2i/dim) for i < dim/2, repeated for the two halves (as transformers computes them)."""
