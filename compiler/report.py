@@ -61,6 +61,12 @@ def format_report(a: dict) -> str:
             ept = g["experts_per_token"]
             note = "" if g["causal"] else "  NON-CAUSAL: depends on other tokens of the routing group"
             lines.append(f"{index:>5}  {g['router']:<14} {ept['expected']:>6} ({ept['min']}..{ept['max']}){note}")
+    if "recurrent_router" in a:
+        r = a["recurrent_router"]
+        lines.append("")
+        lines.append(f"recurrent router: {r['cell']}(hidden = {r['hidden']}, projection = {r['projection']}) over "
+                     f"{r['layers']} MoE layers: cell {r['cell_params']:,} parameters (shared), projections "
+                     f"{r['projection_params']:,} parameters, {r['flops_per_token']:,} FLOPs per token")
     if "ternary_weights" in a:
         t = a["ternary_weights"]
         lines.append("")

@@ -14,7 +14,8 @@ ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "latent_attention": ((1,), 1),
     "ffn": ((1, 2), 1),  # (x[, modality ids] when per_modality)
     "add": ((2,), 1),
-    "moe": ((3,), 3),
+    "moe": ((3, 4), 3),  # (x, modality ids, task ids[, recurrent router state])
+    "router_state": ((1, 2), 1),  # (router input[, previous MoE layer's state])
     "select_tokens": ((2,), 2),
     "router_gate": ((1,), 1),
     "route": ((1,), 3),

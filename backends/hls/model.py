@@ -40,6 +40,7 @@ MAX_MODALITIES = 64  # modality masks are 64-bit
 
 # Ops that only a language feature the target lacks produces: name the feature, not the op.
 FEATURE_OF_OP = {kind: "zero-computation experts" for kind in ("mask_experts", "identity_experts", "count_experts")}
+FEATURE_OF_OP["router_state"] = "recurrent routers (`recurrent = gru(...)`: a GRU state carried between MoE layers)"
 
 
 @dataclass
