@@ -670,3 +670,13 @@ def test_recurrent_router_hls_target_refuses(tmp_path):
 
     with pytest.raises(BackendError, match="does not support recurrent routers"):
         project_for(compile_model(path))
+
+
+def test_recurrent_router_static_form_exports(tmp_path):
+    """The GRU update has static shapes: the static form of a grouped recurrent model exports."""
+    path = _recurrent(tmp_path, body=("group text { experts 4 x glu(d, 8); router top_k(k = 2) }\n"
+                                      "group image { experts 3 x mlp(d, 8); router top_k(k = 1) }"))
+    model = moec.load(path, static=True).eval()
+    x, modality = torch.randn(1, 6, 16), torch.randint(0, 2, (1, 6))
+    exported = torch.export.export(model, (x, modality))
+    torch.testing.assert_close(exported.module()(x, modality).output, model(x, modality).output)
