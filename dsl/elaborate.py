@@ -663,8 +663,8 @@ class Elaborator:
         if not (isinstance(expr, ast.Call) and expr.name in K.RECURRENT):
             name = expr.name if isinstance(expr, ast.Call | ast.Ref) else None
             self.d.error("E0205", "`recurrent` must be a recurrent cell such as gru(hidden = 32)", expr.loc,
-                         did_you_mean(name, K.RECURRENT) if name else
-                         f"cells: {', '.join(k.name + '(...)' for k in K.RECURRENT.values())}")
+                         (did_you_mean(name, K.RECURRENT) if name else None)
+                         or f"cells: {', '.join(_signature(k) for k in K.RECURRENT.values())}")
             return None
         args = self.bind(expr, K.RECURRENT[expr.name], scope, "recurrent cell")
         if args is None:
