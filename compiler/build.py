@@ -1,4 +1,5 @@
-"""ModelSpec -> IR graph: the residual wiring of every layer, one op per sublayer."""
+"""ModelSpec -> IR graph: the residual wiring of every layer, one op per sublayer (and the state
+update of a recurrent router, whose state is an edge from MoE layer to MoE layer)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ def build_graph(spec: ModelSpec) -> Graph:
                           input_modalities=spec.input_modalities, loc=spec.loc), num_outputs=3)
     x, modality, task = g.outputs(inp)
     extras: list[Value] = []  # aux losses and expert counts, gathered by the output op
+    state: Value | None = None  # a recurrent router's state, carried from MoE layer to MoE layer
     for i, block in enumerate(spec.layers):
         def at(op: O.OpBase, i=i, block=block) -> O.OpBase:
             return op.model_copy(update={"name": f"layers.{i}.{op.name}", "layer": i, "block": block.key})
@@ -33,7 +35,14 @@ def build_graph(spec: ModelSpec) -> Graph:
             pre = block.residual == "pre_norm"
             h = Value(g.add(at(sub.norm), [x, *ids(sub.norm)])) if pre else x
             if isinstance(sub.op, O.MoEOp):
-                node = g.add(at(sub.op), [h, *tokens], num_outputs=3)
+                ins = [h, *tokens]
+                if sub.op.recurrent is not None:  # h_l = GRU(P_l h, h_{l-1}); the routers read h_l
+                    r = sub.op.recurrent
+                    update = O.RouterStateOp(name=f"{sub.op.name}.router_state", cell=r.cell, dim=sub.op.dim,
+                                             hidden=r.hidden, projection=r.projection, loc=sub.op.loc)
+                    state = Value(g.add(at(update), [h] if state is None else [h, state]))
+                    ins.append(state)
+                node = g.add(at(sub.op), ins, num_outputs=3)
                 out, aux, counts = g.outputs(node)
                 extras += [aux, counts]
             elif isinstance(sub.op, O.AttentionExpertsOp):  # (x, aux loss, tokens per attention expert)

@@ -162,6 +162,16 @@ class LossSpec(Spec):
     z_loss: float = 0.0
 
 
+class RecurrentSpec(Spec):
+    """A recurrent router (RMoE): one GRU cell of `hidden` units shared by every MoE layer reads a
+    `projection`-wide per-layer projection of the router input; the router gate reads the state."""
+
+    always_shown: ClassVar[tuple[str, ...]] = ("cell", "hidden", "projection")
+    cell: Literal["gru"] = "gru"
+    hidden: int
+    projection: int
+
+
 class GroupSpec(Spec):
     """Experts routed among the tokens of some modalities (all declared ones when ungrouped)."""
 
@@ -331,7 +341,7 @@ class AddOp(OpBase):
 
 
 class MoEOp(OpBase):
-    quiet_when_default: ClassVar[tuple[str, ...]] = ("iterations", "shared_gate")
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("iterations", "shared_gate", "recurrent")
     kind: Literal["moe"] = "moe"
     dim: int
     groups: tuple[GroupSpec, ...]
@@ -340,6 +350,35 @@ class MoEOp(OpBase):
     losses: LossSpec = LossSpec()
     iterations: int = 1  # chain-of-experts: h_{c+1} = h_c + moe_c(h_c), a router per iteration, shared experts
     shared_gate: Literal["none", "sigmoid"] = "none"  # gate on the shared experts' output
+    recurrent: RecurrentSpec | None = None  # routers read a GRU state (input 3) instead of the token
+
+
+class RouterStateOp(OpBase):
+    """A recurrent router's state update (RMoE): h_l = GRU(P_l x_l, h_{l-1}) for every token, with
+    P_l this layer's projection (dim -> projection) and one GRU cell shared by every MoE layer.
+    Inputs: the router input x_l and, after the first MoE layer, the previous layer's state
+    (absent: h_0 = 0)."""
+
+    kind: Literal["router_state"] = "router_state"
+    cell: Literal["gru"] = "gru"
+    dim: int
+    hidden: int
+    projection: int
+
+    @property
+    def projection_params(self) -> int:
+        return self.dim * self.projection
+
+    @property
+    def cell_params(self) -> int:
+        """weight_ih [3H, p], weight_hh [3H, H] and their biases (torch.nn.GRUCell)."""
+        h = self.hidden
+        return 3 * h * (self.projection + h) + 6 * h
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs per token of the projection and the cell's two GEMMs."""
+        return 2 * (self.dim * self.projection + 3 * self.hidden * (self.projection + self.hidden))
 
 
 # ---- primitives produced by lower-moe ------------------------------------------------------
@@ -476,6 +515,6 @@ class AuxLossOp(OpBase):
 
 
 Op = Annotated[
-    InputOp | OutputOp | NormOp | AttentionOp | AttentionExpertsOp | LatentAttentionOp | FFNOp | DepthRouteOp | DepthCombineOp | AddOp | MoEOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
+    InputOp | OutputOp | NormOp | AttentionOp | AttentionExpertsOp | LatentAttentionOp | FFNOp | DepthRouteOp | DepthCombineOp | AddOp | MoEOp | RouterStateOp | SelectTokensOp | RouterGateOp | RouteOp | MaskExpertsOp | IdentityExpertsOp | PermuteOp | ExpertGemmOp | ActivationOp | CombineOp | ScatterTokensOp | AuxLossOp,
     Field(discriminator="kind"),
 ]

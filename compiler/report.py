@@ -74,6 +74,12 @@ def format_report(a: dict) -> str:
         for layer in deep:
             dep = layer["depth"]
             lines.append(f"{layer['index']:>5}  keeps {dep['ratio']:.3f} of {', '.join(dep['modalities'])} tokens")
+    if "recurrent_router" in a:
+        r = a["recurrent_router"]
+        lines.append("")
+        lines.append(f"recurrent router: {r['cell']}(hidden = {r['hidden']}, projection = {r['projection']}) over "
+                     f"{r['layers']} MoE layers: cell {r['cell_params']:,} parameters (shared), projections "
+                     f"{r['projection_params']:,} parameters, {r['flops_per_token']:,} FLOPs per token")
     if "ternary_weights" in a:
         t = a["ternary_weights"]
         lines.append("")

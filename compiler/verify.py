@@ -17,7 +17,8 @@ ARITY: dict[str, tuple[tuple[int, ...] | None, int]] = {
     "add": ((2,), 1),
     "depth_route": ((3,), 4),
     "depth_combine": ((3,), 1),
-    "moe": ((3,), 3),
+    "moe": ((3, 4), 3),  # (x, modality ids, task ids[, recurrent router state])
+    "router_state": ((1, 2), 1),  # (router input[, previous MoE layer's state])
     "select_tokens": ((2,), 2),
     "router_gate": ((1,), 1),
     "route": ((1,), 3),

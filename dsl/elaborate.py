@@ -540,6 +540,10 @@ class Elaborator:
                              "a block with `depth = ...` takes attention(...), dense experts and moe { ... }")
             if depth is not None and isinstance(op, O.AttentionOp):
                 op = op.model_copy(update={"kept_tokens": True})
+            if depth is not None and isinstance(op, O.MoEOp) and op.recurrent is not None:
+                self.d.error("E0220", "a recurrent router has no Mixture-of-Depths form: its state covers every "
+                                      "token, the block only the kept ones", st.loc,
+                             "drop `depth = ...` from this block or `recurrent = ...` from its moe")
             if per_modality and isinstance(op, O.AttentionExpertsOp):
                 self.d.error("E0220", "attention experts have no per-modality form", st.loc,
                              "per_modality blocks take attention(...) without experts, dense experts and moe { ... }")
@@ -703,6 +707,9 @@ class Elaborator:
                 self.d.error("E0211", f"this moe has no group for modality {', '.join(f'`{x}`' for x in missing)}",
                              m.loc, "add a `group` for it; its tokens would otherwise get no expert")
         shared, num_shared = self._shared(shared_top, scope)
+        recurrent_loc = settings.pop("recurrent_loc", None)
+        if settings["recurrent"] is not None:
+            self._check_recurrent(settings, groups, recurrent_loc)
         if settings["shared_gate"] != "none" and not shared_top:
             self.d.error("E0211", "`shared_gate` is set but this moe has no shared experts", m.loc,
                          "add `shared N x <expert>` beside the routed experts")
@@ -728,11 +735,15 @@ class Elaborator:
         return kept
 
     def _moe_settings(self, settings: list[ast.Setting], scope: Scope) -> dict:
-        """`shared_gate = none | sigmoid` and `iterations = C`; returns the MoEOp fields they set."""
-        out = {"shared_gate": "none", "iterations": 1}
+        """`shared_gate = none | sigmoid`, `iterations = C` and `recurrent = gru(...)`; returns the
+        MoEOp fields they set (and `recurrent_loc`, where the recurrent router was written)."""
+        out = {"shared_gate": "none", "iterations": 1, "recurrent": None}
         for st in self._known_settings(settings, K.MOE_SETTINGS, "moe"):
             if st.name.name == "iterations":
                 out["iterations"] = self._count(st.value, scope, "iterations", MAX_ITERATIONS) or 1
+                continue
+            if st.name.name == "recurrent":
+                out["recurrent"], out["recurrent_loc"] = self._recurrent(st.value, scope), st.loc
                 continue
             v = self.eval(st.value, scope, symbols=True)
             if v is BAD:
@@ -744,6 +755,53 @@ class Elaborator:
                 continue
             out["shared_gate"] = name
         return out
+
+    def _recurrent(self, expr: ast.Expr, scope: Scope) -> O.RecurrentSpec | None:
+        """`recurrent = gru(hidden = H, projection = p)`: the RMoE router's cell and sizes."""
+        if not (isinstance(expr, ast.Call) and expr.name in K.RECURRENT):
+            name = expr.name if isinstance(expr, ast.Call | ast.Ref) else None
+            self.d.error("E0205", "`recurrent` must be a recurrent cell such as gru(hidden = 32)", expr.loc,
+                         (did_you_mean(name, K.RECURRENT) if name else None)
+                         or f"cells: {', '.join(_signature(k) for k in K.RECURRENT.values())}")
+            return None
+        args = self.bind(expr, K.RECURRENT[expr.name], scope, "recurrent cell")
+        if args is None:
+            return None
+        return O.RecurrentSpec(cell=expr.name, hidden=args["hidden"], projection=args["projection"] or args["hidden"])
+
+    def _check_recurrent(self, settings: dict, groups: list[O.GroupSpec], loc: SourceLoc) -> None:
+        """What a recurrent router cannot be combined with (each refused, never ignored)."""
+        hint = "drop `recurrent` or the other setting"
+        if settings["iterations"] > 1:
+            self.d.error("E0220", "a recurrent router in a chain of experts (`iterations` > 1) is not supported: "
+                                  "the iterations' routers would need their own order of state updates", loc, hint)
+        for g in groups:
+            where = "" if g.name == "all" else f" (group `{g.name}`)"
+            if not g.router.learned:
+                self.d.error("E0220", f"a recurrent router needs router logits; the `{g.router.kind}` router"
+                                      f"{where} has none", loc, "use a learned router such as top_k(k = 2)")
+            elif g.router.jitter:
+                self.d.error("E0220", f"router `jitter`{where} with a recurrent router is not supported (the gate "
+                                      "reads the GRU state, not the token)", loc, hint)
+
+    def _check_recurrent_stack(self, stack: list[BlockSpec]) -> None:
+        """One GRU cell serves every MoE layer: all of them are recurrent, with the same sizes."""
+        moes = [sub.op for block in stack for sub in block.sublayers if isinstance(sub.op, O.MoEOp)]
+        recurrent = [op for op in moes if op.recurrent is not None]
+        if not recurrent:
+            return
+        plain = next((op for op in moes if op.recurrent is None), None)
+        if plain is not None:
+            self.d.error("E0220", "this moe has no recurrent router, but others do: the router state would skip it",
+                         plain.loc, f"add `recurrent = {_recurrent_text(recurrent[0].recurrent)}` here too "
+                                    f"(first at {_loc_str(recurrent[0].loc)})")
+        first = recurrent[0]
+        for op in recurrent[1:]:
+            if op.recurrent != first.recurrent:
+                self.d.error("E0210", f"recurrent router `{_recurrent_text(op.recurrent)}` differs from "
+                                      f"`{_recurrent_text(first.recurrent)}` at {_loc_str(first.loc)}", op.loc,
+                             "every MoE layer shares one GRU cell: give them the same hidden and projection sizes")
+                return
 
     def _shared(self, decls: list[ast.ExpertsDecl], scope: Scope) -> tuple[O.ExpertSpec | None, int]:
         for extra in decls[1:]:
@@ -958,6 +1016,9 @@ class Elaborator:
         if not stack:
             self.d.error("E0211", "the layer stack is empty", layers[0].loc)
             return None
+        self._check_recurrent_stack(stack)
+        if self.d.has_errors:
+            return None
         last = stack[-1].sublayers[-1].norm
         final = (O.NormOp(name="final_norm", norm=last.norm, dim=self.dim, eps=last.eps, loc=layers[0].loc)
                  if stack[-1].residual == "pre_norm" else None)
@@ -1077,6 +1138,10 @@ def _list_items(decl: ast.InputDecl) -> list[ast.Expr]:
         if a.name == "modalities" or (a.name is None and decl.args.index(a) == 1):
             return a.value.items if isinstance(a.value, ast.ListExpr) else [a.value]
     return []
+
+
+def _recurrent_text(r: O.RecurrentSpec) -> str:
+    return f"{r.cell}(hidden = {r.hidden}, projection = {r.projection})"
 
 
 def _is_number(v) -> bool:

@@ -197,8 +197,18 @@ MOE_SETTINGS = {
     "shared_gate": "none (default) or sigmoid: the shared experts' output is scaled by sigmoid(x . w) per token",
     "iterations": "chain-of-experts: route and run the experts this many times, each iteration with its own "
                   "router and a residual between (the experts are shared)",
+    "recurrent": "a recurrent router (RMoE): gru(hidden, projection = hidden); the router reads a GRU state "
+                 "carried from MoE layer to MoE layer instead of the token",
 }
 SHARED_GATES = ("none", "sigmoid")
+
+# `recurrent = gru(...)` in a moe: the layer projects its router input x_l to `projection` wide
+# (a per-layer matrix), updates a GRU state h_l = GRU(P_l x_l, h_{l-1}) (h_0 = 0, one cell shared
+# by every MoE layer) and routes on W_l h_l.
+RECURRENT = {
+    "gru": Kind("gru", (Param("hidden", "int", positive=True), Param("projection", "int", None, positive=True)),
+                "a GRU cell of `hidden` units over a `projection`-wide per-layer projection of the router input"),
+}
 
 INPUT = Kind("input", (Param("dim", "int", positive=True), Param("modalities", "list", None)))
 

@@ -7,6 +7,9 @@ Conventions (also printed by `moec report`):
 - Active parameters of a token: the weights its forward pass reads (k routed experts of its
   modality's group, the router, shared experts, attention, norms); a chain of experts counts
   every iteration's k experts.
+- A recurrent router (RMoE) adds per MoE layer its projection (dim x projection) and the GRU
+  cell's GEMMs (3 x hidden x (projection + hidden)) to the FLOPs and active parameters; the cell is
+  shared, so its parameters count once (in the first MoE layer).
 - Activation bytes per token: the elements of every value the token produces in the forward pass
   (the permuted expert rows count k times), times 4 bytes (fp32).
 - Mixture-of-Depths: a block's costs for a candidate token are the expected ones, ratio x the
@@ -169,6 +172,9 @@ def _single_cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
         return params, active, 2 * (op.top_k * qo + kv + router)
     if k == "latent_attention":
         return op.params, op.params, op.flops
+    if k == "router_state":  # the layer's projection and the (shared) GRU cell; Analyze counts the cell once
+        p = op.projection_params + op.cell_params
+        return p, p, op.flops
     if k == "ffn":
         gate = op.expert.dim if op.gate != "none" else 0
         return op.expert.params + gate, op.expert.params + gate, op.expert.flops + 2 * gate
@@ -208,8 +214,9 @@ def _moe_costs(op: O.MoEOp, modalities: tuple[str, ...]) -> tuple[int, dict[str,
     active: dict[str, float] = defaultdict(float)
     flops: dict[str, float] = defaultdict(float)
     c = op.iterations  # a chain runs routers and experts c times (new routers, the same experts)
+    gate_dim = op.recurrent.hidden if op.recurrent is not None else op.dim  # a recurrent gate reads the state
     for g in op.groups:  # a token's cost sums over every group it belongs to
-        gate = op.dim * g.routed_experts if g.router.learned else 0
+        gate = gate_dim * g.routed_experts if g.router.learned else 0
         per_token, _, _ = g.router.experts_per_token(g.routed_experts)
         computed = per_token * g.num_experts / g.routed_experts  # zero-computation experts are free
         sp = g.shared.widened(g.num_shared).params if g.shared else 0
@@ -234,6 +241,7 @@ class Analyze(Pass):
         ternary_matrices = 0
         weights_seen: set[str] = set()
         depth: dict[int, tuple[float, tuple[str, ...]]] = {}  # layer -> kept ratio, candidate modalities
+        recurrent: dict | None = None  # a recurrent router's cell, projections and FLOPs over all layers
 
         def entry(layer):
             if layer not in layers:
@@ -268,6 +276,14 @@ class Analyze(Pass):
                 if op.name in weights_seen:
                     p = 0
                 weights_seen.add(op.name)
+            if op.kind == "router_state":  # one GRU cell serves every MoE layer: its parameters count once
+                recurrent = recurrent or {"cell": op.cell, "hidden": op.hidden, "projection": op.projection,
+                                          "cell_params": op.cell_params, "projection_params": 0, "layers": 0,
+                                          "flops_per_token": 0}
+                p -= op.cell_params if recurrent["layers"] else 0
+                recurrent["projection_params"] += op.projection_params
+                recurrent["layers"] += 1
+                recurrent["flops_per_token"] += op.flops
             ternary_matrices += _ternary_matrix_params(op) if p else 0
             if op.kind == "moe":
                 p_total, act_m, flops_m = _moe_costs(op, inp.modalities)
@@ -321,6 +337,8 @@ class Analyze(Pass):
             "activation_bytes_per_token": total["bytes"],
             "layers": per_layer,
         }
+        if recurrent is not None:
+            ctx.results["analysis"]["recurrent_router"] = recurrent
         if ternary_matrices:
             ctx.results["analysis"]["ternary_weights"] = {
                 "params": ternary_matrices,

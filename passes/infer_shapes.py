@@ -56,6 +56,12 @@ def _rule(op: O.OpBase, ins: list[TensorType]) -> list[TensorType]:
     if k == "moe":
         experts = sum(g.routed_experts for g in op.groups)
         return [ins[0], TensorType(shape=(), dtype="f32"), TensorType(shape=(experts,), dtype="i64")]
+    if k == "router_state":
+        if ins[0].shape[-1] != op.dim:
+            raise IRError(f"{op.name}: input width {ins[0].shape[-1]} != {op.dim}")
+        if len(ins) > 1 and ins[1].shape != (_tokens(ins[0]), op.hidden):
+            raise IRError(f"{op.name}: previous state {ins[1]} is not [{_tokens(ins[0])}, {op.hidden}]")
+        return [TensorType(shape=(_tokens(ins[0]), op.hidden))]
     if k == "select_tokens":
         sym = f"T_{'_'.join(op.modality_names)}"
         return [TensorType(shape=(sym, ins[0].shape[-1]), modalities=op.modality_names),

@@ -7,7 +7,8 @@
 plus an `ffn` for always-on shared experts, `add`s summing the groups, an `aux_loss` per group
 with loss terms, and the per-group expert counts handed to the output op. Zero-computation
 experts (identity / zero) are masked out of the expert GEMMs before the sort (`mask_experts`);
-`identity_experts` adds their share (the routing-weighted input).
+`identity_experts` adds their share (the routing-weighted input). A recurrent router's state (the
+moe op's fourth input) feeds the router gates in place of the token rows.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class LowerMoE(Pass):
 
     def _lower(self, g: Graph, node: int, moe_modalities: tuple[str, ...], carried: tuple[str, ...]) -> None:
         moe: O.MoEOp = g.op(node)
-        h, modality, task = g.inputs(node)
+        h, modality, task, *state = g.inputs(node)  # state: a recurrent router's, read by the gates
         y_out, aux_out, counts_out = g.outputs(node)
 
         def mk(op_cls, suffix: str, inputs: list[Value], n_out: int = 1, **attrs) -> list[Value]:
@@ -46,7 +47,8 @@ class LowerMoE(Pass):
         total: Value | None = None  # the sum of the iterations' outputs
         for it in range(moe.iterations):
             x_it = h if total is None else mk(O.AddOp, f"iteration_{it}_input", [h, total])[0]
-            y_it = self._iteration(g, moe, it, x_it, modality, task, moe_modalities, carried, mk, losses, counts)
+            y_it = self._iteration(g, moe, it, x_it, modality, task, moe_modalities, carried, mk, losses, counts,
+                                   state[0] if state else None)
             total = y_it if total is None else mk(O.AddOp, f"iteration_{it}_sum", [total, y_it])[0]
         g.replace_uses(y_out, total)
         for user, _ in g.users(aux_out) + g.users(counts_out):
@@ -58,9 +60,10 @@ class LowerMoE(Pass):
 
     def _iteration(self, g: Graph, moe: O.MoEOp, it: int, h: Value, modality: Value, task: Value,
                    moe_modalities: tuple[str, ...], carried: tuple[str, ...], mk, losses: list[Value],
-                   counts: dict[str, Value]) -> Value:
+                   counts: dict[str, Value], state: Value | None = None) -> Value:
         """One pass of every group (and the shared experts) over h; iteration `it` > 0 of a chain has
-        its own routers (`router_1`, ...) and reuses the experts."""
+        its own routers (`router_1`, ...) and reuses the experts. With a recurrent router's `state`,
+        the gates read the group's rows of the state instead of h."""
         total: Value | None = None
         n_groups = len(moe.groups)
         suffix = f"_{it}" if it else ""
@@ -68,17 +71,20 @@ class LowerMoE(Pass):
             prefix = grp.name if n_groups > 1 or grp.name != "all" else ""
             p = f"{prefix}." if prefix else ""
             if {moe_modalities[i] for i in grp.modalities} >= set(carried):  # the group sees every token
-                xg, idx = h, None
+                xg, idx, sg = h, None, state
             else:
-                xg, idx = mk(O.SelectTokensOp, f"{p}select".lstrip("."), [h, modality], 2,
-                             modalities=grp.modalities,
-                             modality_names=tuple(moe_modalities[i] for i in grp.modalities))
+                select = {"modalities": grp.modalities,
+                          "modality_names": tuple(moe_modalities[i] for i in grp.modalities)}
+                xg, idx = mk(O.SelectTokensOp, f"{p}select".lstrip("."), [h, modality], 2, **select)
+                sg = None if state is None else mk(O.SelectTokensOp, f"{p}state_select", [state, modality], 2,
+                                                   **select)[0]
             e, ex = grp.num_experts, grp.expert
             routed = grp.routed_experts  # with zero-computation experts after the computed ones
             r = grp.router
             if r.learned:
                 balance = r.bias_update if r.kind == "group_limited" else 0.0
-                (logits,) = mk(O.RouterGateOp, f"{p}router{suffix}", [xg], dim=moe.dim, num_experts=routed,
+                gate_in, gate_dim = (xg, moe.dim) if sg is None else (sg, moe.recurrent.hidden)
+                (logits,) = mk(O.RouterGateOp, f"{p}router{suffix}", [gate_in], dim=gate_dim, num_experts=routed,
                                jitter=r.jitter, balance_rate=balance)
                 source = logits
             else:  # deterministic: experts chosen by modality id, task id or a hash of the token index

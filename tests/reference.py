@@ -303,20 +303,44 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
     return out
 
 
-def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, step=0):
+def gru_cell(p: dict, prefix: str, x, h):
+    """torch.nn.GRUCell's update for one token: x [input], h [hidden] (None: zeros); the weights
+    stack the reset, update and new gates' rows in that order."""
+    w_ir, w_iz, w_in = p[f"{prefix}.weight_ih"].chunk(3)
+    w_hr, w_hz, w_hn = p[f"{prefix}.weight_hh"].chunk(3)
+    b_ir, b_iz, b_in = p[f"{prefix}.bias_ih"].chunk(3)
+    b_hr, b_hz, b_hn = p[f"{prefix}.bias_hh"].chunk(3)
+    if h is None:
+        h = torch.zeros(w_hr.shape[1], dtype=x.dtype)
+    r = torch.sigmoid(w_ir @ x + b_ir + w_hr @ h + b_hr)
+    z = torch.sigmoid(w_iz @ x + b_iz + w_hz @ h + b_hz)
+    n = torch.tanh(w_in @ x + b_in + r * (w_hn @ h + b_hn))
+    return (1 - z) * n + z * h
+
+
+def router_state(p: dict, prefix: str, x, state):
+    """RMoE: every token's state after this layer, GRU(P x_t, h_t) with P the layer's projection."""
+    rows = x.reshape(-1, x.shape[-1])
+    projected = [r @ p[f"{prefix}.router_projection.weight"].T for r in rows]
+    return [gru_cell(p, "router_gru", u, None if state is None else state[t]) for t, u in enumerate(projected)]
+
+
+def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, step=0, router_input=None):
     """A chain of `op.iterations` MoE passes, h_{c+1} = h_c + moe_c(h_c); returns the sum of the
-    passes' outputs, their aux losses and the expert counts summed over the passes."""
+    passes' outputs, their aux losses and the expert counts summed over the passes. A recurrent
+    router's gates read `router_input` (one state row per token) instead of the tokens."""
     total, aux, counts = None, 0.0, None
     for it in range(op.iterations):
         y, a, c = moe_once(op, p, prefix, x if total is None else x + total, modality, task,
-                           router=f"router_{it}" if it else "router", step=step)
+                           router=f"router_{it}" if it else "router", step=step, router_input=router_input)
         total = y if total is None else total + y
         aux = aux + a
         counts = c if counts is None else counts + c
     return total, aux, counts
 
 
-def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="router", step=0):
+def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="router", step=0,
+             router_input=None):
     flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
     tasks = task.reshape(-1) if task is not None else None
     y = torch.zeros_like(flat)
@@ -331,7 +355,7 @@ def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="
         logits_all, probs_all = [], []
         if r.learned:
             for t in rows:
-                logits = flat[t] @ p[f"{gp}.{router}.weight"].T
+                logits = (flat[t] if router_input is None else router_input[t]) @ p[f"{gp}.{router}.weight"].T
                 logits_all.append(logits)
                 t_ = temperature(r.temperature, step)
                 probs_all.append(torch.softmax(logits / t_, -1) if r.score == "softmax" else torch.sigmoid(logits))
@@ -364,9 +388,10 @@ def forward(spec, params: dict, x, modality, task=None, step=0):
     concatenated in order])."""
     aux_total = torch.zeros((), dtype=x.dtype)
     all_counts = []
+    state = None  # a recurrent router's per-token state, carried from MoE layer to MoE layer
     for i, block in enumerate(spec.layers):
         if block.depth is None:
-            x, aux, counts = sublayers(spec, block, i, params, x, modality, task, step)
+            x, aux, counts, state = sublayers(spec, block, i, params, x, modality, task, step, state=state)
         else:
             x, aux, counts = depth_block(spec, block, i, params, x, modality, task, step)
         aux_total = aux_total + aux
@@ -377,8 +402,10 @@ def forward(spec, params: dict, x, modality, task=None, step=0):
     return x, aux_total, all_counts
 
 
-def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend=None):
-    """The block's sublayers on x; `attend(op, prefix, h, names)` replaces whole-sequence attention."""
+def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend=None, state=None):
+    """The block's sublayers on x; `attend(op, prefix, h, names)` replaces whole-sequence attention;
+    `state` is a recurrent router's state from the previous MoE layer. Returns (x, aux loss, expert
+    counts per routed sublayer, state)."""
     aux_total = torch.zeros((), dtype=x.dtype)
     all_counts = []
     for sub in block.sublayers:
@@ -399,13 +426,16 @@ def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend
         elif isinstance(sub.op, O.FFNOp):
             out = by_modality(lambda pre_, r, sub=sub: dense_ffn(sub.op.expert, params, pre_, r), name, h, names)
         else:
-            out, aux, counts = moe(sub.op, params, name, h, modality, task, step)
+            if sub.op.recurrent is not None:
+                state = router_state(params, name, h, state)
+            out, aux, counts = moe(sub.op, params, name, h, modality, task, step,
+                                   state if sub.op.recurrent is not None else None)
             aux_total = aux_total + aux
             all_counts.append(counts)
         x = x + out
         if not pre:
             x = norm_(x)
-    return x, aux_total, all_counts
+    return x, aux_total, all_counts, state
 
 
 def depth_block(spec, block, i: int, params: dict, x, modality, task, step):
@@ -446,7 +476,7 @@ def depth_block(spec, block, i: int, params: dict, x, modality, task, step):
                 out[idx] = attention(op, params, prefix, h[idx].unsqueeze(0), sub_names)[0]
         return out
 
-    y, aux, counts = sublayers(spec, block, i, params, rows, row_mods, row_tasks, step, attend)
+    y, aux, counts, _ = sublayers(spec, block, i, params, rows, row_mods, row_tasks, step, attend)
     out = xs.clone()
     for j, (b, t) in enumerate(kept):
         out[b, t] = xs[b, t] + gates[j] * (y[j] - xs[b, t])

@@ -529,6 +529,28 @@ model moa {{
 }}
 """
 
+RECURRENT = """
+model rmoe {{
+  const d = 16
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  block dense {{
+    attention(heads = 2)
+    glu(d, 24)
+  }}
+  block b {{
+    {settings}
+    attention(heads = 2)
+    moe {{
+      {body}
+      recurrent = {recurrent}
+      loss load_balance(0.1), z_loss(0.01)
+    }}
+  }}
+  layers {{ {layers} }}
+}}
+"""
+
 
 @pytest.mark.parametrize("kv,k,extra", [
     (2, 2, ", load_balance = 0.1, z_loss = 0.01"),
@@ -664,3 +686,148 @@ def test_attention_experts_lower_to_mlir(tmp_path):
     model = moec.load(path, static=True).eval()
     text = mlir.emit(model, (torch.randn(1, 6, 32),), str(tmp_path / "moa.mlir"))
     assert "func.func" in text and "torch.aten." not in text and "torch.operator" not in text
+def _recurrent(tmp_path, body="experts 6 x glu(d, 12); router top_k(k = 2, renormalize = true)",
+               recurrent="gru(hidden = 8, projection = 6)", layers="repeat 2 { b dense } b", settings="",
+               name="r.moe"):
+    return _write(tmp_path, RECURRENT.format(body=body, recurrent=recurrent, layers=layers, settings=settings), name)
+
+
+@pytest.mark.parametrize("case", [
+    {},
+    {"body": "experts 6 x mlp(d, 12, bias = true); shared 1 x glu(d, 8); router top_k(k = 3, score = sigmoid)",
+     "recurrent": "gru(hidden = 12)", "settings": "residual = post_norm"},
+    {"body": ("group text { experts 4 x glu(d, 8); router top_k(k = 1) }\n"  # MoMa-like modality groups
+              "group image { experts 3 x glu(d, 8); experts 1 x identity; router top_k(k = 2) }")},
+    {"body": ("group text { experts 3 x glu(d, 8); router dynamic_k(threshold = 0.6) }\n"
+              "group image { experts 4 x glu(d, 8); router group_limited(k = 2, groups = 2, top_groups = 1) }\n"
+              "experts 2 x glu(d, 10); router soft()"), "layers": "b b"},  # with an inter-modality pool
+    {"body": "experts 4 x glu(d, 12); router expert_choice(capacity = 1.5)", "settings": "per_modality = true"},
+])
+def test_recurrent_router_matches_reference(tmp_path, case):
+    """h_l = GRU(P_l x_l, h_{l-1}) through the MoE layers (dense layers pass the state on), logits W_l h_l;
+    forward and backward against the plain GRU formulas of tests/reference.py."""
+    path = _recurrent(tmp_path, **case)
+    torch.manual_seed(19)
+    model, _ = _check(path, torch.randn(2, 7, 16), torch.randint(0, 2, (2, 7)))
+    params = dict(model.named_parameters())
+    hidden = 12 if "hidden = 12" in case.get("recurrent", "") else 8
+    assert params["router_gru.weight_hh"].shape == (3 * hidden, hidden)  # one cell, at model level
+    assert not [n for n in params if "gru" in n and not n.startswith("router_gru.")]
+    assert params["layers.0.moe.router_projection.weight"].shape == (hidden if hidden == 12 else 6, 16)
+    gates = [p for n, p in params.items() if n.endswith("router.weight")]
+    assert gates and all(p.shape[1] == hidden for p in gates)  # the gates read the state
+
+
+def test_recurrent_router_state_crosses_layers(tmp_path):
+    """The state is an IR edge from one MoE layer's router_state to the next one's; gradients of a
+    late layer's loss reach the first layer's projection through it."""
+    path = _recurrent(tmp_path)
+    graph = compile_model(path, pipeline="frontend").graph
+    updates = graph.find("router_state")
+    assert [graph.op(n).layer for n in updates] == [0, 2, 4]
+    assert len(graph.inputs(updates[0])) == 1  # h_0 = 0
+    assert [graph.inputs(n)[1].node for n in updates[1:]] == updates[:-1]
+    assert all(graph.inputs(n)[3].node == u for u, n in zip(updates, graph.find("moe")))
+    text = graph.print()
+    assert "router_state(" in text and "recurrent=<cell=gru, hidden=8, projection=6>" in text
+
+    model = moec.load(path)
+    out = model(torch.randn(2, 5, 16), torch.randint(0, 2, (2, 5)))
+    model.zero_grad()
+    out.aux_loss.backward()  # the routers' losses: the last layer's depends on every earlier projection
+    assert float(model.layers[0].moe.router_projection.weight.grad.abs().sum()) > 0
+    assert float(model.router_gru.weight_hh.grad.abs().sum()) > 0
+
+
+def test_recurrent_router_forms_agree(tmp_path):
+    """Default, unfused and static forms of a MoMa-like recurrent model give the same outputs."""
+    path = _recurrent(tmp_path, body=("group text { experts 4 x glu(d, 8); router top_k(k = 2) }\n"
+                                      "group image { experts 3 x mlp(d, 8); router top_k(k = 1) }"))
+    models = [moec.load(path, **form) for form in ({}, {"pipeline": "unfused"}, {"static": True})]
+    x, modality = torch.randn(2, 7, 16), torch.randint(0, 2, (2, 7))
+    reference = models[0](x, modality)
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+        out = m(x, modality)
+        torch.testing.assert_close(out.output, reference.output)
+        torch.testing.assert_close(out.aux_loss, reference.aux_loss)
+        assert all(torch.equal(a, b) for a, b in zip(out.expert_counts, reference.expert_counts))
+
+
+def test_recurrent_router_accounting(tmp_path):
+    """Per MoE layer: the projection and the cell's GEMMs; the cell's parameters once; the gates are
+    hidden-wide; the generated module holds exactly the counted parameters."""
+    body = "experts 6 x glu(d, 12); router top_k(k = 2)"
+    plain = compile_model(_write(tmp_path, RECURRENT.format(body=body, recurrent="gru(hidden = 8)", layers="b b",
+                                                            settings="").replace("recurrent = gru(hidden = 8)", ""),
+                                 "plain.moe")).results["analysis"]
+    path = _recurrent(tmp_path, body=body, layers="b b")
+    rec = compile_model(path).results["analysis"]
+    d, e, hidden, p = 16, 6, 8, 6
+    cell = 3 * hidden * (p + hidden) + 6 * hidden
+    step = d * p + hidden * e - d * e  # per layer: projection, and a narrower gate
+    assert rec["layers"][0]["params"] - plain["layers"][0]["params"] == step + cell
+    assert rec["layers"][1]["params"] - plain["layers"][1]["params"] == step
+    flops = 2 * (d * p + 3 * hidden * (p + hidden) + hidden * e - d * e)
+    for a, b in zip(plain["layers"], rec["layers"]):
+        assert b["flops_per_token"]["text"] - a["flops_per_token"]["text"] == flops
+        assert b["active_params_per_token"]["image"] - a["active_params_per_token"]["image"] == (
+            d * p + 3 * hidden * (p + hidden) + 6 * hidden + hidden * e - d * e)
+    assert rec["recurrent_router"] == {"cell": "gru", "hidden": 8, "projection": 6, "cell_params": cell,
+                                       "projection_params": 2 * d * p, "layers": 2,
+                                       "flops_per_token": 2 * 2 * (d * p + 3 * hidden * (p + hidden))}
+    unfused = compile_model(path, pipeline="unfused").results["analysis"]
+    assert unfused["params"] == rec["params"] and unfused["flops_per_token"] == rec["flops_per_token"]
+    assert sum(x.numel() for x in moec.load(path).parameters()) == rec["params"]["total"]
+
+
+@pytest.mark.parametrize("case,code,text", [
+    ({"body": "experts 2 x glu(d, 8); router deterministic(by = modality)"}, "E0220", "logits"),
+    ({"body": ("group text { experts 2 x glu(d, 8); router top_k(k = 1) }\n"
+               "group image { experts 2 x glu(d, 8); router deterministic(by = hash) }")}, "E0220", "group `image`"),
+    ({"body": "experts 4 x glu(d, 8); router top_k(k = 1); iterations = 2"}, "E0220", "chain of experts"),
+    ({"body": "experts 4 x glu(d, 8); router top_k(k = 1, jitter = 0.1)"}, "E0220", "jitter"),
+    ({"recurrent": "gru(hidden = 0)"}, "E0207", "hidden"),
+    ({"recurrent": "gru(hidden = 8, projection = -2)"}, "E0207", "projection"),
+    ({"recurrent": "gru(hidden = 2.5)"}, "E0205", "integer"),
+    ({"recurrent": "gru(projection = 4)"}, "E0205", "needs `hidden`"),
+    ({"recurrent": "gru(hidden = 8, layers = 2)"}, "E0204", "layers"),
+    ({"recurrent": "lstm(hidden = 8)"}, "E0205", "recurrent cell"),
+    ({"recurrent": "true"}, "E0205", "recurrent cell"),
+])
+def test_recurrent_router_misuse(tmp_path, case, code, text):
+    diags = check(_recurrent(tmp_path, **case))
+    assert [d.code for d in diags.items] == [code], diags.render()
+    assert text in diags.items[0].message
+
+
+def test_recurrent_router_must_be_on_every_moe_layer_with_one_size(tmp_path):
+    other = RECURRENT.replace("block dense {{", "block c {{ moe {{ experts 2 x glu(d, 8); router top_k(k = 1)"
+                                                "{extra} }} }}\n  block dense {{")
+    src = other.format(body="experts 4 x glu(d, 8); router top_k(k = 1)", recurrent="gru(hidden = 8)",
+                       layers="b c b", settings="", extra="")
+    diags = check(_write(tmp_path, src, "mixed.moe"))
+    assert [d.code for d in diags.items] == ["E0220"] and "others do" in diags.items[0].message
+    src = other.format(body="experts 4 x glu(d, 8); router top_k(k = 1)", recurrent="gru(hidden = 8)",
+                       layers="b c b", settings="", extra="; recurrent = gru(hidden = 8, projection = 4)")
+    diags = check(_write(tmp_path, src, "sizes.moe"))
+    assert [d.code for d in diags.items] == ["E0210"] and "one GRU cell" in diags.items[0].hint
+
+
+def test_recurrent_router_hls_target_refuses(tmp_path):
+    path = _recurrent(tmp_path, body="experts 4 x glu(d, 8); router top_k(k = 1)", layers="b b")
+    from moec.backends import BackendError
+    from moec.backends.hls import project_for
+
+    with pytest.raises(BackendError, match="does not support recurrent routers"):
+        project_for(compile_model(path))
+
+
+def test_recurrent_router_static_form_exports(tmp_path):
+    """The GRU update has static shapes: the static form of a grouped recurrent model exports."""
+    path = _recurrent(tmp_path, body=("group text { experts 4 x glu(d, 8); router top_k(k = 2) }\n"
+                                      "group image { experts 3 x mlp(d, 8); router top_k(k = 1) }"))
+    model = moec.load(path, static=True).eval()
+    x, modality = torch.randn(1, 6, 16), torch.randint(0, 2, (1, 6))
+    exported = torch.export.export(model, (x, modality))
+    torch.testing.assert_close(exported.module()(x, modality).output, model(x, modality).output)

@@ -161,6 +161,44 @@ def test_pytorch_routed_layers_feed_the_expert_kernels(tmp_path):
     assert_same(ref, tri, torch.randn(3, 11, 32), torch.randint(0, 2, (3, 11)))
 
 
+RECURRENT = """
+model rec {
+  const d = 32
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  expert ffn = glu(d, 48, act = silu)
+  block sparse {
+    moe {
+      group text  { experts 4 x ffn; router top_k(k = 2, renormalize = true) }
+      group image { experts 4 x ffn; router top_k(k = 1) }
+      recurrent = gru(hidden = 16, projection = 24)
+      loss load_balance(0.01), z_loss(0.001)
+    }
+  }
+  block pooled {
+    moe {
+      group text { experts 3 x ffn; router expert_choice(capacity = 1.0) }
+      experts 2 x ffn
+      router top_k(k = 1)
+      recurrent = gru(hidden = 16, projection = 24)
+    }
+  }
+  block dense { ffn }
+  layers { sparse dense sparse pooled }
+}
+"""
+
+
+def test_recurrent_router_feeds_the_router_kernels(tmp_path):
+    """RMoE: the GRU state (PyTorch) feeds the router kernels under the groups' token masks (one
+    merged expert launch), and a PyTorch-routed group beside a pool; gradients cross the layers."""
+    ref, tri = pair(str(tmp_path / "rec.moe"), str(tmp_path / "out"), RECURRENT)
+    source = (tmp_path / "out" / "rec.py").read_text()
+    assert "router_gru(" in source and "merge_groups(" in source and "fused_route(" in source
+    torch.manual_seed(3)
+    assert_same(ref, tri, torch.randn(2, 23, 32), torch.randint(0, 2, (2, 23)))
+
+
 def test_group_limited_bias_selects_and_updates(tmp_path):
     """A non-zero selection bias changes which experts are chosen (not the weights); training
     steps update it identically in both backends."""

@@ -40,8 +40,9 @@ MAX_MODALITIES = 64  # modality masks are 64-bit
 
 # Ops that only a language feature the target lacks produces: name the feature, not the op.
 FEATURE_OF_OP = {**{kind: "zero-computation experts" for kind in ("mask_experts", "identity_experts", "count_experts")},
-                 "depth_route": "Mixture-of-Depths (`depth = keep_top(...)`)"}
-FEATURE_OF_OP["attention_experts"] = "attention experts (attention(experts = ...))"
+                 "depth_route": "Mixture-of-Depths (`depth = keep_top(...)`)",
+                 "attention_experts": "attention experts (attention(experts = ...))",
+                 "router_state": "recurrent routers (`recurrent = gru(...)`: a GRU state carried between MoE layers)"}
 
 
 @dataclass

@@ -171,6 +171,10 @@ class _BlockEmitter:
         self.region_anchor: dict[str, str] = {}
         self.routers: dict[str, str] = {}  # module path of an expert group -> its router attribute
         self.kept_tokens = False  # between a depth_route and its depth_combine
+        self.selections: dict[tuple, str] = {}  # (modality ids, modalities) -> the selected tokens' index / mask
+        self.recurrent = bool(graph.find("router_state"))  # blocks take and return a recurrent router's state
+        if self.recurrent:
+            self.used |= {"router_state", "router_gru"}  # the forward arguments of the state and the GRU cell
 
     # ---- naming -----------------------------------------------------------------------------
     def rel(self, node: int) -> list[str]:
@@ -190,6 +194,8 @@ class _BlockEmitter:
         return name
 
     def ref(self, value: Value, consumer: int) -> str:
+        if value.node not in self.in_layer and self.g.op(value.node).kind == "router_state":
+            return "router_state"  # an earlier layer's state: the block's argument, already [T, hidden]
         if value.node not in self.in_layer:
             port = value.port if self.g.op(value.node).kind == "input" else 0
             base = ("x", "modality", "task")[port]
@@ -279,11 +285,14 @@ class _BlockEmitter:
             for v in self.g.outputs(node):
                 if any(self.g.op(user).kind == "output" for user, _ in self.g.users(v)):
                     (counts if self.g.type_of(v).dtype == "i64" else aux_terms).append(self.names[v])
-        out = [self.names[v] for n in self.nodes for v in self.g.outputs(n)
-               if any(u not in self.in_layer and self.g.op(u).kind != "output" for u, _ in self.g.users(v))]
+        states = [self.names[v] for n in self.nodes if self.g.op(n).kind == "router_state" for v in self.g.outputs(n)]
+        out = [self.names[v] for n in self.nodes for v in self.g.outputs(n) if self.g.op(n).kind != "router_state"
+               and any(u not in self.in_layer and self.g.op(u).kind != "output" for u, _ in self.g.users(v))]
         aux = " + ".join(aux_terms) if aux_terms else "x.new_zeros((), dtype=torch.float32)"
         cnt = ("torch.cat([" + ", ".join(counts) + "])" if len(counts) > 1 else counts[0]) if counts else "None"
         self.view.returns = f"{out[0]}, {aux}, {cnt}"
+        if self.recurrent:  # the state after this block's last MoE layer (a block without one passes it on)
+            self.view.returns += f", {states[-1] if states else 'router_state'}"
         self.view.modules = [_Module(attr, _ctor(sub)) for attr, sub in self.tree.items()]
 
     def line(self, text: str) -> None:
@@ -362,10 +371,26 @@ class _BlockEmitter:
         self.line(f"{x} = {ins[0]} + {ins[1]}")
 
     def _op_select_tokens(self, node, op, ins, path):
+        if (ins[1], op.modalities) in self.selections:  # the same tokens again (a group's router state)
+            xs_value, idx_value = self.g.outputs(node)
+            self.names[idx_value] = idx = self.selections[(ins[1], op.modalities)]
+            (xs,) = self.assign_values([xs_value], ["state"], node)
+            self.line(f"{xs} = {ins[0]}.index_select(0, {idx})")
+            return
         xs, idx = self.assign(node, ["x", "idx"])
         self.line(f"{idx} = select_tokens({ins[1]}, {tuple(op.modalities)!r})")
         self.line(f"{xs} = {ins[0]}.index_select(0, {idx})")
         self.view.sync_notes.append("token selection by modality")
+        self.selections[(ins[1], op.modalities)] = idx
+
+    def _op_router_state(self, node, op, ins, path):
+        """h_l = GRU(P_l x_l, h_{l-1}): this layer's projection, the model's shared cell (`router_gru`,
+        an argument of forward); the first MoE layer's previous state is None (zeros)."""
+        attr = self.module([*path[:-1], "router_projection"], f"nn.Linear({op.dim}, {op.projection}, bias=False)")
+        (state,) = self.assign(node, ["state"])
+        projected = self.fresh("router_input")
+        self.line(f"{projected} = {attr}({ins[0]})")
+        self.line(f"{state} = router_gru({projected}, {ins[1] if len(ins) > 1 else 'router_state'})")
 
     def _op_scatter_tokens(self, node, op, ins, path):
         (y,) = self.assign(node, ["out"])
@@ -585,9 +610,13 @@ class _StaticBlockEmitter(_BlockEmitter):
     def _op_select_tokens(self, node, op, ins, path):
         xs, idx = self.g.outputs(node)
         self.names[xs] = ins[0]  # the group reads all tokens; its mask says which are its own
+        if (ins[1], op.modalities) in self.selections:  # the same tokens again (a group's router state)
+            self.names[idx] = self.selections[(ins[1], op.modalities)]
+            return
         mask = self.fresh(f"{self.group_of(node)}_mask")
         self.names[idx] = mask
         self.masks[self.group_of(node)] = mask
+        self.selections[(ins[1], op.modalities)] = mask
         self.line(f"{mask} = token_mask_for({ins[1]}, {tuple(op.modalities)!r})")
 
     def _op_scatter_tokens(self, node, op, ins, path):
@@ -710,7 +739,20 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
         version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
         modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim, blocks=list(blocks.values()),
         layers=layers, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
-        total_syncs=sum(per_layer[layer.cls] for layer in layers))
+        router_cell=router_cell(graph), total_syncs=sum(per_layer[layer.cls] for layer in layers))
+
+
+def router_cell(graph: Graph) -> str | None:
+    """Constructor of a recurrent router's GRU cell (one per model, shared by every MoE layer), or None."""
+    cells = {(op.cell, op.projection, op.hidden) for op in map(graph.op, graph.find("router_state"))}
+    if not cells:
+        return None
+    if len(cells) > 1:  # the checker requires one size; a hand-built graph might not
+        raise BackendError(f"recurrent routers of different sizes share one cell: {sorted(cells)}")
+    ((cell, projection, hidden),) = cells
+    if cell != "gru":  # pragma: no cover - the checker admits only gru
+        raise BackendError(f"no PyTorch lowering for the recurrent cell `{cell}`")
+    return f"nn.GRUCell({projection}, {hidden})"
 
 
 def _template(name: str) -> str:

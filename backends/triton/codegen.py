@@ -32,6 +32,7 @@ from moec.backends.pytorch.codegen import (
     _weight,
     emit_blocks,
     py_name,
+    router_cell,
 )
 from moec.ir import Graph
 
@@ -119,8 +120,12 @@ class _TritonBlockEmitter(_BlockEmitter):
         xs, idx = self.g.outputs(node)
         group = self.group_of_path(path)
         self.names[xs] = ins[0]  # the group's router sees every token under its mask
+        if (ins[1], op.modalities) in self.selections:  # the same tokens again (a group's router state)
+            self.names[idx] = self.selections[(ins[1], op.modalities)]
+            return
         self.names[idx] = mask = self.fresh(f"{self.group_of(node)}_mask")
         self.masks[group] = mask
+        self.selections[(ins[1], op.modalities)] = mask
         self.line(f"{mask} = token_mask_for({ins[1]}, {tuple(op.modalities)!r})")
 
     def _op_scatter_tokens(self, node, op, ins, path):
@@ -312,7 +317,7 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
         blocks_cfg=", ".join(f"{k}={v}" for k, v in blocks_cfg.items()), pytorch_routers=pytorch_notes,
         modalities=inp.modalities, modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim,
         blocks=list(blocks.values()), layers=layers, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
-        total_syncs=sum(per_layer[layer.cls] for layer in layers),
+        router_cell=router_cell(graph), total_syncs=sum(per_layer[layer.cls] for layer in layers),
         uses_task=any(graph.op(n).kind in ("route", "router") and graph.op(n).router.by == "task"
                       for n in graph.nodes()))
     kernel_text = _env().get_template("kernels.py.j2").render(
