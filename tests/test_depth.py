@@ -209,3 +209,11 @@ def test_latent_attention_has_no_depth_form(tmp_path):
                        attention="latent_attention(heads = 2, kv_rank = 8, qk_nope_dim = 4, qk_rope_dim = 4, v_dim = 4)")
     diags = check(_write(tmp_path, src))
     assert [d.code for d in diags.items] == ["E0220"] and "no Mixture-of-Depths form" in diags.items[0].message
+
+
+def test_recurrent_router_has_no_depth_form(tmp_path):
+    src = DEPTH.format(depth="keep_top(0.5)", settings="", attention="attention(heads = 2)",
+                       ffn="moe { experts 4 x glu(d, 8); router top_k(k = 1); recurrent = gru(hidden = 8) }")
+    diags = check(_write(tmp_path, src))
+    assert "E0220" in [d.code for d in diags.items], diags.render()
+    assert any("no Mixture-of-Depths form" in d.message for d in diags.items)

@@ -319,3 +319,21 @@ def test_deepseek_v3_sized_compiles_under_one_second(tmp_path):
     active = 3 * dense + 58 * (attn + router(d, 256) + 9 * glu(d, 2048) + 2 * d) + d
     assert a["params"]["active_per_token"] == {"default": active}
     assert len(a["layers"]) == 61 and [x["kind"] for x in a["layers"][2:4]] == ["dense", "moe"]
+
+
+@pytest.mark.parametrize("m", [2, 4, 8])
+def test_fine_grained_split_keeps_expert_flops_and_params(tmp_path, m):
+    """DeepSeekMoE's fine-grained segmentation: N experts of width f at top-K become mN experts of
+    width f/m at top-mK with the same expert parameters and FLOPs; only the router grows (m x)."""
+    def analysis(n, width, k, name):
+        src = (f"model fg {{ input(dim = 32); block b {{ moe {{ experts {n} x glu(32, {width}); "
+               f"router top_k(k = {k}) }} }}; layers {{ b }} }}")
+        path = tmp_path / name
+        path.write_text(src)
+        return compile_model(str(path)).results["analysis"]["layers"][0]
+
+    coarse, fine = analysis(8, 64, 2, "coarse.moe"), analysis(8 * m, 64 // m, 2 * m, "fine.moe")
+    router_growth = 32 * 8 * (m - 1)
+    assert fine["params"] - coarse["params"] == router_growth
+    assert fine["flops_per_token"]["default"] - coarse["flops_per_token"]["default"] == 2 * router_growth
+    assert fine["active_params_per_token"]["default"] - coarse["active_params_per_token"]["default"] == router_growth
