@@ -496,6 +496,13 @@ def _ffn(xs, act, up, down, gate, ub, db, gb, mm):
     return y
 
 
+_ACT_INTO = {  # act(t) written into `out`
+    "silu": lambda t, out: torch.ops.aten.silu.out(t, out=out),
+    "gelu": lambda t, out: torch.ops.aten.gelu.out(t, out=out),
+    "gelu_tanh": lambda t, out: torch.ops.aten.gelu.out(t, approximate="tanh", out=out),
+    "relu": lambda t, out: torch.clamp_min(t, 0, out=out),
+    "identity": lambda t, out: out.copy_(t),
+}
 _ACT_BACKWARD = {  # d act(t) / dt applied to a gradient: (grad, t) -> grad of t
     "silu": torch.ops.aten.silu_backward,
     "gelu": lambda g, t: torch.ops.aten.gelu_backward(g, t),
@@ -515,21 +522,21 @@ def _segments(sizes: list[int], E: int):
 
 
 class _SplitExperts(torch.autograd.Function):
-    """The split path as one autograd node: per expert, gather -> up/gate GEMMs -> activation ->
-    routing weight -> down GEMM -> index_add, and in backward the six GEMMs per expert writing
-    straight into the stacked weight gradients (no per-expert autograd graph, no stack/cat of
-    gradients, no [T*k, d] buffer in forward beyond the saved rows)."""
+    """The split path as one autograd node. Forward, per expert: gather its token rows, up (and
+    gate) GEMM, activation, routing weight, down GEMM, index_add into the output; what backward
+    needs (rows, pre-activations, activation, hidden) is written into preallocated buffers. Backward
+    runs the six GEMMs per expert and writes the stacked weight gradients directly (no per-expert
+    autograd graph, no stack/cat of gradients, nothing recomputed)."""
 
     @staticmethod
     def forward(ctx, x, row_w, up, down, gate, ub, db, gb, tok, sizes, act_name, acc_dtype, train):
-        act = _activation(act_name)
-        E, T, d = up.shape[0], x.shape[0], x.shape[1]
-        n_valid = sum(sizes[:E])
+        act, act_into = _activation(act_name), _ACT_INTO[act_name]
+        E, T, d, f = up.shape[0], x.shape[0], x.shape[1], up.shape[2]
+        n = sum(sizes[:E])
         out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
         keep = train and any(ctx.needs_input_grad)  # save what backward needs only when it will run
-        xs = x.new_empty(n_valid, d) if keep else None
-        us = x.new_empty(n_valid, up.shape[2]) if keep else None
-        gs = x.new_empty(n_valid, up.shape[2]) if keep and gate is not None else None
+        xs, us, hs = (x.new_empty(n, d), x.new_empty(n, f), x.new_empty(n, f)) if keep else (None, None, None)
+        gs, acts = (x.new_empty(n, f), x.new_empty(n, f)) if keep and gate is not None else (None, None)
         for e, a, b in _segments(sizes, E):
             tok_e = tok[a:b]
             xe = x.index_select(0, tok_e) if xs is None else torch.index_select(x, 0, tok_e, out=xs[a:b])
@@ -540,58 +547,61 @@ class _SplitExperts(torch.autograd.Function):
                 g = xe @ gate[e] if gs is None else torch.mm(xe, gate[e], out=gs[a:b])
                 if gb is not None:
                     g += gb[e]
-                h = act(g) * u
+                a_g = act(g) if acts is None else act_into(g, acts[a:b])
+                h = a_g * u if hs is None else torch.mul(a_g, u, out=hs[a:b])
             else:
-                h = act(u)
+                h = act(u) if hs is None else act_into(u, hs[a:b])
             w = row_w[a:b].to(h.dtype).unsqueeze(1)
             y = (h * w) @ down[e]  # routing weight before the down GEMM
             if db is not None:
                 y += w * db[e]
             out.index_add_(0, tok_e, y.to(acc_dtype))
         if keep:
-            ctx.save_for_backward(xs, us, gs, row_w, up, down, gate, db, tok)
+            ctx.save_for_backward(xs, us, gs, acts, hs, row_w, up, down, gate, db, tok)
             ctx.sizes, ctx.act_name, ctx.x_shape = sizes, act_name, (T, d)
-            ctx.has_bias = (ub is not None, gb is not None)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        xs, us, gs, row_w, up, down, gate, db, tok = ctx.saved_tensors
+        xs, us, gs, acts, hs, row_w, up, down, gate, db, tok = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, row_w, up, down, gate, ub, db, gb
-        act, act_bwd = _activation(ctx.act_name), _ACT_BACKWARD[ctx.act_name]
-        E = up.shape[0]
+        act_bwd = _ACT_BACKWARD[ctx.act_name]
+        E, f, d = up.shape[0], up.shape[2], down.shape[2]
         dout = dout.to(xs.dtype)
+
+        def weight_grad(flag: bool, like: Tensor) -> Tensor | None:
+            if not flag:
+                return None
+            grad = torch.empty_like(like)
+            for e in range(E):
+                if not ctx.sizes[e]:
+                    grad[e].zero_()  # experts without rows (the others are written whole below)
+            return grad
+
         dx = torch.zeros(ctx.x_shape, dtype=xs.dtype, device=xs.device) if need[0] else None
         dw = torch.zeros_like(row_w) if need[1] else None
-        gup, gdown = (torch.zeros_like(up) if need[2] else None), (torch.zeros_like(down) if need[3] else None)
-        ggate = torch.zeros_like(gate) if need[4] else None
-        gub = up.new_zeros(E, up.shape[2]) if need[5] else None
-        gdb = down.new_zeros(E, down.shape[2]) if need[6] else None
-        ggb = up.new_zeros(E, up.shape[2]) if need[7] else None
+        gup, gdown, ggate = weight_grad(need[2], up), weight_grad(need[3], down), weight_grad(need[4], gate)
+        gub, gdb, ggb = weight_grad(need[5], up[:, 0]), weight_grad(need[6], down[:, 0]), weight_grad(need[7], up[:, 0])
         for e, a, b in _segments(ctx.sizes, E):
-            tok_e, xe, u = tok[a:b], xs[a:b], us[a:b]
+            tok_e, xe, u, h = tok[a:b], xs[a:b], us[a:b], hs[a:b]
             w = row_w[a:b].to(xs.dtype).unsqueeze(1)
             dy = dout.index_select(0, tok_e)
-            if gate is not None:
-                g = gs[a:b]
-                act_g = act(g)
-                h = act_g * u
-            else:
-                h = act(u)
+            if gdown is not None:  # d down = (h w)^T dy: the weight goes on the narrower side
+                torch.mm(h.t(), dy * w, out=gdown[e]) if d <= f else torch.mm((h * w).t(), dy, out=gdown[e])
+            if gdb is not None:
+                gdb[e] = (dy * w).sum(0)
             dhw = dy @ down[e].t()
-            if gdown is not None:
-                torch.mm((h * w).t(), dy, out=gdown[e])
             if dw is not None:
-                dw_e = (dhw * h).sum(1)
+                dw_e = torch.linalg.vecdot(dhw, h)
                 if db is not None:
                     dw_e += dy @ db[e]
                 dw[a:b] = dw_e.to(dw.dtype)
-            if gdb is not None:
-                gdb[e] = (dy * w).sum(0)
-            dh = dhw * w
+            dh = dhw.mul_(w)
             if gate is not None:
-                du, dg = dh * act_g, act_bwd(dh * u, g)
+                g = gs[a:b]
+                du = dh * acts[a:b]
+                dg = act_bwd(dh.mul_(u), g)
             else:
                 du, dg = act_bwd(dh, u), None
             if gup is not None:
