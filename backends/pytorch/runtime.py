@@ -552,7 +552,7 @@ class _SplitExperts(torch.autograd.Function):
             else:
                 h = act(u) if hs is None else act_into(u, hs[a:b])
             w = row_w[a:b].to(h.dtype).unsqueeze(1)
-            y = (h * w) @ down[e]  # routing weight before the down GEMM
+            y = (h @ down[e]).mul_(w) if d < f else (h * w) @ down[e]  # the weight on the narrower side
             if db is not None:
                 y += w * db[e]
             out.index_add_(0, tok_e, y.to(acc_dtype))
