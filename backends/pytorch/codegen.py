@@ -25,7 +25,7 @@ from moec.ir import Graph, Value
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
         "Attention", "AttentionExperts", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
-        "PerModality", "activate",
+        "PerModality", "activate", "modality_rows",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "moe_experts",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
@@ -172,6 +172,7 @@ class _BlockEmitter:
         self.routers: dict[str, str] = {}  # module path of an expert group -> its router attribute
         self.kept_tokens = False  # between a depth_route and its depth_combine
         self.selections: dict[tuple, str] = {}  # (modality ids, modalities) -> the selected tokens' index / mask
+        self.rows_of_modalities: dict[tuple, str] = {}  # (modality ids, per-modality ids) -> their token rows
         self.recurrent = bool(graph.find("router_state"))  # blocks take and return a recurrent router's state
         if self.recurrent:
             self.used |= {"router_state", "router_gru"}  # the forward arguments of the state and the GRU cell
@@ -298,17 +299,27 @@ class _BlockEmitter:
     def line(self, text: str) -> None:
         self.view.body.append(text)
 
+    def modality_rows(self, ids_name: str, op: O.OpBase) -> str:
+        """The name of the per-modality token rows of `ids_name`, computed once per block."""
+        key = (ids_name, op.per_modality)
+        if key not in self.rows_of_modalities:
+            self.rows_of_modalities[key] = name = self.fresh("rows")
+            self.line(f"{name} = modality_rows({ids_name}, {tuple(op.per_modality)!r})")
+            self.view.sync_notes.append("tokens of each modality")
+        return self.rows_of_modalities[key]
+
     def per_modality(self, op: O.OpBase, ctor: str) -> str:
         """`PerModality(ids, text=ctor, image=ctor)` for a Mixture-of-Transformers op, else ctor."""
         ids = getattr(op, "per_modality", ())
         if not ids:
             return ctor
-        self.view.sync_notes += ["tokens of each modality"] * len(ids)
         copies = "".join(f"\n            {py_name(self.modalities[i])}={ctor}," for i in ids)
         return f"PerModality(\n            {tuple(ids)!r},{copies}\n        )"
 
     def _op_norm(self, node, op, ins, path):
         attr = self.module(path, self.per_modality(op, _norm_ctor(op)))
+        if op.per_modality:
+            ins = [ins[0], self.modality_rows(ins[1], op)]
         (h,) = self.assign(node, ["h"])
         self.line(f"{h} = {attr}({', '.join(ins)})")
 
@@ -342,7 +353,10 @@ class _BlockEmitter:
             names = {py_name(self.modalities[i]): i for i in op.per_modality}
             head, args = ctor.split("(", 1)
             ctor = f"{head}(\n            {args[:-1]},\n            per_modality={names!r},\n        )"
-            self.view.sync_notes += ["tokens of each modality"] * 4 * len(op.per_modality)
+            if op.kept_tokens:  # the projections see the padded kept tokens: they select their rows
+                self.view.sync_notes += ["tokens of each modality"] * 4 * len(op.per_modality)
+            else:
+                ins = [ins[0], self.modality_rows(ins[1], op), *ins[2:]]
         attr = self.module(path, ctor)
         (h,) = self.assign(node, ["h"])
         self.line(f"{h} = {attr}({', '.join(ins)})")
@@ -362,6 +376,8 @@ class _BlockEmitter:
 
     def _op_ffn(self, node, op, ins, path):
         attr = self.module(path, self.per_modality(op, _ffn_ctor(op.expert, op.gate)))
+        if op.per_modality:
+            ins = [ins[0], self.modality_rows(ins[1], op)]
         (h,) = self.assign(node, ["h" if self.region(node) is None else path[-1]])
         self.line(f"{h} = {attr}({', '.join(ins)})")
 
@@ -606,6 +622,11 @@ class _StaticBlockEmitter(_BlockEmitter):
     def mask_arg(self, node: int) -> list[str]:
         mask = self.masks.get(self.group_of(node))
         return [f"token_mask={mask}"] if mask else []
+
+    def modality_rows(self, ids_name: str, op: O.OpBase) -> str:
+        """Per-modality copies read the ids tensor itself (the rows have data-dependent sizes)."""
+        self.view.sync_notes += ["tokens of each modality"] * len(op.per_modality)
+        return ids_name
 
     def _op_select_tokens(self, node, op, ins, path):
         xs, idx = self.g.outputs(node)

@@ -935,11 +935,22 @@ class LoRAExperts(nn.Module):
     gate_bias = property(lambda self: self._bias("gate") if self.glu else None)
 
 
+def modality_rows(modality: Tensor, ids: tuple[int, ...]) -> dict[int, Tensor]:
+    """The flat token rows of each modality id in `ids` (in token order), for the PerModality
+    modules of a block: one host sync for all of them."""
+    mods = modality.reshape(-1)
+    order = torch.argsort(mods, stable=True)
+    counts = torch.bincount(mods, minlength=max(ids) + 1).tolist()  # host sync: the segment sizes
+    segments = dict(enumerate(order.split(counts)))
+    return {i: segments[i] for i in ids}
+
+
 class PerModality(nn.Module):
     """One copy of a token-wise module per modality (Mixture-of-Transformers): each token goes
     through the copy of its modality. ``ids`` are the modality ids the copies serve, in the order
-    of ``copies`` (their names are the modality names). One host sync per modality (the index of
-    its tokens); a modality without tokens costs nothing."""
+    of ``copies`` (their names are the modality names). ``modality`` is the ids tensor (one host
+    sync per modality) or the rows of ``modality_rows`` computed once per block; a modality without
+    tokens costs nothing."""
 
     def __init__(self, ids: tuple[int, ...], **copies: nn.Module):
         super().__init__()
@@ -949,12 +960,14 @@ class PerModality(nn.Module):
         for name, module in copies.items():
             self.add_module(name, module)
 
-    def forward(self, x: Tensor, modality: Tensor) -> Tensor:
-        flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
-        parts = []
-        for i, module in zip(self.ids, self.children()):
-            idx = (mods == i).nonzero().squeeze(1)
-            parts.append((idx, module(flat.index_select(0, idx))))
+    def forward(self, x: Tensor, modality: Tensor | dict[int, Tensor]) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if isinstance(modality, Tensor):
+            mods = modality.reshape(-1)
+            rows = {i: (mods == i).nonzero().squeeze(1) for i in self.ids}
+        else:
+            rows = modality
+        parts = [(rows[i], module(flat.index_select(0, rows[i]))) for i, module in zip(self.ids, self.children())]
         width = parts[0][1].shape[-1]
         out = flat.new_zeros(flat.shape[0], width, dtype=parts[0][1].dtype)
         for idx, y in parts:
@@ -1007,8 +1020,9 @@ class Attention(nn.Module):
         elif qk_norm != "none":
             raise ValueError(f"Attention: qk_norm must be 'none', 'head' or 'projection', got {qk_norm!r}")
 
-    def forward(self, x: Tensor, modality: Tensor | None = None, route=None) -> Tensor:
-        """``modality`` (ids shaped like x.shape[:-1]) picks the projections of per-modality attention.
+    def forward(self, x: Tensor, modality: Tensor | dict[int, Tensor] | None = None, route=None) -> Tensor:
+        """``modality`` (ids shaped like x.shape[:-1], or their ``modality_rows``) picks the projections
+        of per-modality attention.
         With a Mixture-of-Depths ``route`` (moec_depth.DepthRoute), x [N, dim] holds the kept
         tokens' rows: each attends to the kept tokens of its own sequence, at its original position."""
         if route is not None:
@@ -1019,7 +1033,7 @@ class Attention(nn.Module):
         shape = x.shape
         seq = shape[-2] if x.dim() >= 2 else 1
         b = math.prod(shape[:-2]) if x.dim() > 2 else 1
-        mods = None if modality is None else modality.reshape(b, seq)
+        mods = modality if modality is None or isinstance(modality, dict) else modality.reshape(b, seq)
         return self._attend(x.reshape(b, seq, shape[-1]), mods).reshape(shape)
 
     def _attend(self, xs: Tensor, mods: Tensor | None, positions: Tensor | None = None,
