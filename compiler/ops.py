@@ -31,12 +31,21 @@ class ExpertSpec(Spec):
     weights: Literal["full", "ternary"] = "full"  # ternary: {-1, 0, 1} x a per-expert absmean scale
     lora_rank: int | None = None  # routed LoRA experts: rank-r adapters of one frozen base FFN
     lora_alpha: float | None = None  # adapter scale alpha / r (alpha defaults to r)
+    lora_on: tuple[Literal["gate", "up", "down"], ...] | None = None  # adapted projections; None: all
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return ("gate", "up", "down") if self.form == "glu" else ("up", "down")
+
+    def adapted(self, projection: str) -> bool:
+        """Whether a LoRA expert carries an adapter on this projection."""
+        return self.lora_rank is not None and (self.lora_on is None or projection in self.lora_on)
 
     @property
     def adapter_params(self) -> int:
-        """Trainable parameters of one LoRA expert: A [in, r] and B [r, out] per matrix."""
-        mats = 3 if self.form == "glu" else 2
-        return mats * (self.lora_rank or 0) * (self.dim + self.hidden)
+        """Trainable parameters of one LoRA expert: A [in, r] and B [r, out] per adapted matrix."""
+        adapted = sum(self.adapted(p) for p in self.projections)
+        return adapted * (self.lora_rank or 0) * (self.dim + self.hidden)
 
     @property
     def params(self) -> int:
@@ -461,7 +470,7 @@ class ExpertGemmOp(OpBase):
 
     kind: Literal["expert_gemm"] = "expert_gemm"
     num_experts: int
-    quiet_when_default: ClassVar[tuple[str, ...]] = ("weights", "lora_rank", "lora_alpha")
+    quiet_when_default: ClassVar[tuple[str, ...]] = ("weights", "lora_rank", "lora_alpha", "lora_on")
     projection: Literal["up", "gate", "down"]
     in_dim: int
     out_dim: int
@@ -469,6 +478,11 @@ class ExpertGemmOp(OpBase):
     weights: Literal["full", "ternary"] = "full"
     lora_rank: int | None = None  # see ExpertSpec
     lora_alpha: float | None = None
+    lora_on: tuple[Literal["gate", "up", "down"], ...] | None = None
+
+    @property
+    def adapted(self) -> bool:
+        return self.lora_rank is not None and (self.lora_on is None or self.projection in self.lora_on)
 
 
 class ActivationOp(OpBase):

@@ -328,6 +328,24 @@ class Elaborator:
             return BAD
         return spec
 
+    def _lora_on(self, call: ast.Call, args: dict):
+        """`lora_on = [up, down]`: the adapted projections, checked, in canonical order (None: all;
+        BAD after an error)."""
+        loc = next((a.loc for a in call.args if a.name == "lora_on"), call.loc)
+        if args["lora_rank"] is None:
+            self.d.error("E0211", "`lora_on` without `lora_rank`", loc, "give lora_rank = r as well")
+            return BAD
+        allowed = K.LORA_PROJECTIONS if call.name == "glu" else ("up", "down")
+        names = [getattr(v, "name", v) for v in args["lora_on"]]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names or len(set(names)) != len(names):
+            what = f"`{bad[0]}` is not a projection of {call.name}" if bad else (
+                "`lora_on` lists no projection" if not names else "`lora_on` lists a projection twice")
+            self.d.error("E0206", what, loc, f"{call.name} projections: {', '.join(allowed)}")
+            return BAD
+        chosen = tuple(p for p in allowed if p in names)
+        return None if len(chosen) == len(allowed) else chosen
+
     def _layer_schedule(self, p: K.Param, v, loc: SourceLoc, scope: Scope):
         """A number, or a per-layer schedule call (`layer_linear(start, end)`, `layer_cosine(...)`)."""
         if _is_number(v):
@@ -417,6 +435,10 @@ class Elaborator:
         if args["lora_rank"] is not None and args["weights"] != "full":
             self.d.error("E0206", "LoRA experts adapt full-precision weights, not ternary ones", call.loc)
             return None
+        if args["lora_on"] is not None:
+            args["lora_on"] = self._lora_on(call, args)
+            if args["lora_on"] is BAD:
+                return None
         spec = O.ExpertSpec(form=call.name, **args)
         if self.dim and spec.dim != self.dim:
             self.d.error("E0210", f"expert input dimension {spec.dim} does not match the model dimension "

@@ -36,8 +36,11 @@ class Kind:
 _ACTS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 _WEIGHTS = ("full", "ternary")
 # LoRA experts: in a routed pool, `lora_rank = r` makes the experts rank-r adapters (scaled by
-# lora_alpha / r) of one frozen base FFN of this shape: W_e = W_0 + (alpha / r) A_e B_e.
-_LORA = (Param("lora_rank", "int", None, positive=True), Param("lora_alpha", "float", None, positive=True))
+# lora_alpha / r) of one frozen base FFN of this shape: W_e = W_0 + (alpha / r) A_e B_e, on the
+# projections `lora_on` lists (all of them by default; the others stay the frozen base).
+_LORA = (Param("lora_rank", "int", None, positive=True), Param("lora_alpha", "float", None, positive=True),
+         Param("lora_on", "list", None))
+LORA_PROJECTIONS = ("gate", "up", "down")
 
 EXPERTS = {
     "mlp": Kind("mlp", (Param("dim", "int", positive=True), Param("hidden", "int", positive=True),

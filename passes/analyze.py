@@ -187,7 +187,7 @@ def _single_cost(graph: Graph, node: int, op: O.OpBase) -> tuple[int, int, int]:
         per = op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
         top = _k_of(graph, node, op.num_experts)
         if op.lora_rank is not None:  # one frozen base matrix + an adapter (A [in, r], B [r, out]) per expert
-            adapter = op.lora_rank * (op.in_dim + op.out_dim)
+            adapter = op.lora_rank * (op.in_dim + op.out_dim) if op.adapted else 0
             return (per + op.num_experts * adapter, _int(per + top * adapter),
                     _int(2 * top * (op.in_dim * op.out_dim + adapter)))
         return op.num_experts * per, _int(top * per), _int(2 * top * op.in_dim * op.out_dim)

@@ -108,7 +108,7 @@ class FuseExpertGemm(Pass):
             up_op, act_op = graph.op(gemms["up"]), graph.op(act)
             expert = O.ExpertSpec(form="glu" if act_op.glu else "mlp", dim=up_op.in_dim, hidden=up_op.out_dim,
                                   act=act_op.act, bias=up_op.bias, weights=up_op.weights, lora_rank=up_op.lora_rank,
-                                  lora_alpha=up_op.lora_alpha)
+                                  lora_alpha=up_op.lora_alpha, lora_on=up_op.lora_on)
             name = up_op.name.rsplit(".", 1)[0]  # ...experts: the module holding the stacked weights
             node = graph.add(O.FusedExpertsOp(name=name, num_experts=up_op.num_experts, expert=expert,
                                               **_common(up_op)), [x, ids, weights, order, offsets],

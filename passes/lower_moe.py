@@ -102,7 +102,7 @@ class LowerMoE(Pass):
             (offsets,) = mk(O.ExpertOffsetsOp, f"{p}offsets", [cnt], num_experts=e)
             (rows,) = mk(O.GatherRowsOp, f"{p}gather", [xg, order])
             gemm = {"num_experts": e, "bias": ex.bias, "weights": ex.weights, "lora_rank": ex.lora_rank,
-                    "lora_alpha": ex.lora_alpha}
+                    "lora_alpha": ex.lora_alpha, "lora_on": ex.lora_on}
             (up,) = mk(O.ExpertGemmOp, f"{p}experts.up_proj", [rows, offsets], projection="up", in_dim=ex.dim,
                        out_dim=ex.hidden, **gemm)
             if ex.form == "glu":

@@ -188,6 +188,8 @@ def expert_weight(e: O.ExpertSpec, p: dict, prefix: str, name: str, i: int):
     """Matrix `name` (up / gate / down) of expert i: stacked, or a LoRA expert's W0 + (alpha/r) A_i B_i."""
     if e.lora_rank is None:
         return maybe_ternary(e, p[f"{prefix}.{name}_proj"][i])
+    if not e.adapted(name):
+        return p[f"{prefix}.base.{name}_proj"][0]
     scale = (e.lora_alpha or e.lora_rank) / e.lora_rank
     return p[f"{prefix}.base.{name}_proj"][0] + scale * (p[f"{prefix}.{name}_lora_a"][i] @ p[f"{prefix}.{name}_lora_b"][i])
 

@@ -468,6 +468,8 @@ def _random_adapters(model):
     "experts 3 x mlp(d, 10, act = gelu, bias = true, lora_rank = 2); router top_k(k = 1); shared 1 x glu(d, 8)",
     ("group text { experts 3 x glu(d, 8, lora_rank = 2); router top_k(k = 2) }\n"
      "      group image { experts 2 x glu(d, 8); router top_k(k = 1) }"),
+    "experts 4 x glu(d, 12, lora_rank = 3, lora_on = [up, gate]); router top_k(k = 2)",
+    "experts 3 x mlp(d, 10, bias = true, lora_rank = 2, lora_on = [down]); router top_k(k = 2, renormalize = true)",
 ])
 def test_lora_experts_match_reference(tmp_path, body):
     path = _write(tmp_path, LORA.format(body=body))
@@ -477,8 +479,9 @@ def test_lora_experts_match_reference(tmp_path, body):
     assert frozen and all(".base." in n for n in frozen)  # the base FFN is frozen, the adapters train
 
 
-def test_lora_experts_forms_agree(tmp_path):
-    path = _write(tmp_path, LORA.format(body="experts 4 x glu(d, 12, lora_rank = 3); router top_k(k = 2)"))
+@pytest.mark.parametrize("expert", ["glu(d, 12, lora_rank = 3)", "glu(d, 12, lora_rank = 3, lora_on = [gate, down])"])
+def test_lora_experts_forms_agree(tmp_path, expert):
+    path = _write(tmp_path, LORA.format(body=f"experts 4 x {expert}; router top_k(k = 2)"))
     models = [moec.load(path, **form) for form in ({}, {"pipeline": "unfused"}, {"static": True})]
     state = models[0].state_dict()
     for m in models:
@@ -500,12 +503,24 @@ def test_lora_experts_accounting(tmp_path):
     assert layer["params"] == attention + norms + router + base + 4 * adapter
     assert layer["active_params_per_token"]["text"] == attention + norms + router + base + 2 * adapter
     assert layer["flops_per_token"]["text"] == 2 * attention + 2 * router + 2 * (2 * base + 2 * adapter)
+    down_only = compile_model(_write(tmp_path, LORA.format(
+        body="experts 4 x glu(d, 12, lora_rank = 3, lora_on = [down]); router top_k(k = 2)"), "down.moe"))
+    layer = down_only.results["analysis"]["layers"][0]
+    assert layer["params"] == attention + norms + router + base + 4 * adapter // 3  # one adapted matrix of three
+    model = moec.load(_write(tmp_path, LORA.format(
+        body="experts 4 x glu(d, 12, lora_rank = 3, lora_on = [down]); router top_k(k = 2)"), "down2.moe"))
+    assert sum(p.numel() for p in model.parameters()) == down_only.results["analysis"]["params"]["total"]
+    assert not any("up_lora" in n or "gate_lora" in n for n, _ in model.named_parameters())
 
 
 @pytest.mark.parametrize("body,code", [
     ("experts 2 x glu(d, 8); router top_k(k = 1); shared 1 x glu(d, 8, lora_rank = 2)", "E0220"),
     ("experts 2 x glu(d, 8, lora_alpha = 4); router top_k(k = 1)", "E0211"),
     ("experts 2 x glu(d, 8, lora_rank = 2, weights = ternary); router top_k(k = 1)", "E0206"),
+    ("experts 2 x glu(d, 8, lora_on = [up]); router top_k(k = 1)", "E0211"),
+    ("experts 2 x mlp(d, 8, lora_rank = 2, lora_on = [gate]); router top_k(k = 1)", "E0206"),
+    ("experts 2 x glu(d, 8, lora_rank = 2, lora_on = [up, up]); router top_k(k = 1)", "E0206"),
+    ("experts 2 x glu(d, 8, lora_rank = 2, lora_on = []); router top_k(k = 1)", "E0206"),
 ])
 def test_lora_experts_misuse(tmp_path, body, code):
     diags = check(_write(tmp_path, LORA.format(body=body)))

@@ -535,8 +535,9 @@ class _BlockEmitter:
                         bias: bool) -> str:
         lora = getattr(gemm_like, "expert", gemm_like)  # fused_experts carries an ExpertSpec
         if lora.lora_rank is not None:
+            on = f", adapted={lora.lora_on!r}" if lora.lora_on is not None else ""
             return self.module(path, f"LoRAExperts(num_experts={gemm_like.num_experts}, dim={dim}, hidden={hidden}, "
-                                     f"glu={glu}, bias={bias}, rank={lora.lora_rank}, alpha={lora.lora_alpha!r})")
+                                     f"glu={glu}, bias={bias}, rank={lora.lora_rank}, alpha={lora.lora_alpha!r}{on})")
         return self.module(path, f"Experts(num_experts={gemm_like.num_experts}, dim={dim}, hidden={hidden}, "
                                  f"glu={glu}, bias={bias})")
 

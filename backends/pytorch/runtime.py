@@ -901,27 +901,33 @@ class Experts(nn.Module):
 class LoRAExperts(nn.Module):
     """`num_experts` LoRA experts over one frozen base FFN (``base``: stacked weights of one expert,
     ``requires_grad=False``): expert e's matrix P is ``W0_P + (alpha / rank) * P_lora_a[e] @
-    P_lora_b[e]`` (A [E, in, r] random, B [E, r, out] zero, so training starts at the base).
+    P_lora_b[e]`` (A [E, in, r] random, B [E, r, out] zero, so training starts at the base) for the
+    projections in ``adapted`` (all by default); the others are the base matrix for every expert.
 
     ``up_proj`` / ``gate_proj`` / ``down_proj`` (and the biases) are the merged [E, in, out] weights,
     so every dispatch path reads them like ``Experts``; merging costs E x in x out per matrix and
     forward (a low-rank grouped path would avoid it)."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, glu: bool, bias: bool = False, rank: int = 8,
-                 alpha: float | None = None):
+                 alpha: float | None = None, adapted: tuple[str, ...] | None = None):
         super().__init__()
         self.scale = (alpha if alpha is not None else rank) / rank
         self.base = Experts(1, dim, hidden, glu, bias).requires_grad_(False)
         shapes = {"up": (dim, hidden), "down": (hidden, dim), **({"gate": (dim, hidden)} if glu else {})}
-        for name, (n_in, n_out) in shapes.items():
+        self.adapted = tuple(shapes) if adapted is None else tuple(adapted)
+        for name in self.adapted:
+            n_in, n_out = shapes[name]
             a = torch.empty(num_experts, n_in, rank).uniform_(-1 / math.sqrt(n_in), 1 / math.sqrt(n_in))
             self.register_parameter(f"{name}_lora_a", nn.Parameter(a))
             self.register_parameter(f"{name}_lora_b", nn.Parameter(torch.zeros(num_experts, rank, n_out)))
         self.num_experts, self.glu = num_experts, glu
 
     def _merged(self, name: str) -> Tensor:
+        base = getattr(self.base, f"{name}_proj")
+        if name not in self.adapted:
+            return base.expand(self.num_experts, -1, -1)
         a, b = getattr(self, f"{name}_lora_a"), getattr(self, f"{name}_lora_b")
-        return getattr(self.base, f"{name}_proj") + self.scale * torch.bmm(a, b)
+        return base + self.scale * torch.bmm(a, b)
 
     def _bias(self, name: str) -> Tensor | None:
         b = getattr(self.base, f"{name}_bias")
