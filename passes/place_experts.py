@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import itertools
 import json
 import math
 import re
@@ -533,13 +534,18 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
                 mcap: list[float] | None) -> list[list[int]] | None:
     """Group by group (declaration order), heaviest replica first: onto a device this group already
     uses (the fullest that still fits under `cap`), else onto a fresh device (home devices first,
-    then the emptiest, then the lightest). None when something does not fit."""
+    then the emptiest, then the lightest). None when something does not fit, as soon as a device
+    cannot be filled: every slot gets a replica, so a device with f free slots will carry at least
+    the f lightest replicas not placed yet."""
     bins: list[list[int]] = [[] for _ in range(n)]
     loads = [0.0] * n
     mem = [0] * n
     by_group: list[list[int]] = [[] for _ in range(n_groups)]
     for i in sorted(range(len(w)), key=lambda i: -w[i]):
         by_group[grp[i]].append(i)
+    rest = sorted(w)  # loads of the replicas not placed yet
+    lightest = list(itertools.accumulate(rest[:s], initial=0.0))  # sums of the k lightest of them
+    over = cap + 1e-9 * abs(cap)
     for g, mine in enumerate(by_group):
         rg = remote[g]
         open_: list[int] = []  # devices of this group with a free slot
@@ -566,6 +572,14 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
             mem[d] += bi
             if len(bins[d]) == s:
                 open_.remove(d)
+            k = bisect.bisect_left(rest, w[i])
+            changed = k < s and (len(rest) <= s or rest[s] != w[i])  # the lightest few are others now
+            del rest[k]
+            if changed:
+                lightest = list(itertools.accumulate(rest[:s], initial=0.0))
+            for e in range(n) if changed else (d,):
+                if loads[e] + lightest[min(s - len(bins[e]), len(rest))] > over:
+                    return None
     return bins
 
 
@@ -594,23 +608,29 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
     """Swaps of replicas of different groups that keep every device at or under `cap` (the best max
     load) and improve (traffic, devices per group, sum of squared per-device group counts)
     lexicographically. A swap that changes loads must stay cap * 1e-9 below the cap, so rounding
-    can never lift the maximum; swapping equal loads is always allowed. Partners of a replica come
-    from the window of loads the caps allow (bisection in all replicas sorted by load) when that
-    window is narrow, else from the devices where its group is at least as present."""
+    can never lift the maximum; swapping equal loads is always allowed. Partners of a replica are
+    the other groups' replicas whose load lies in the window the caps allow (bisection in each
+    group's replicas sorted by load) when that window is narrow, else the other groups' replicas on
+    the devices where its group is at least as present."""
     n = len(bins)
     loads = [math.fsum(w[i] for i in b) for b in bins]
     lim = cap - 1e-9 * cap
     dev = [0] * len(w)
+    on = [[[] for _ in range(n_groups)] for _ in range(n)]  # [device][group] -> its replicas there
     for d, b in enumerate(bins):
         for i in b:
             dev[i] = d
-    cnt = [[0] * n for _ in range(n_groups)]
-    for i, g in enumerate(grp):
-        cnt[g][dev[i]] += 1
+            on[d][grp[i]].append(i)
+    cnt = [[len(on[d][g]) for d in range(n)] for g in range(n_groups)]
+    mixed = {d for d in range(n) if sum(1 for g in range(n_groups) if cnt[g][d]) > 1}  # holding 2+ groups
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
     order = sorted(range(len(w)), key=w.__getitem__)
-    gw = [w[i] for i in order]  # every replica by load: the loads never change, only devices do
-    s = max(len(b) for b in bins)
+    # each group's replicas by load: the loads never change, only devices do
+    by_load = [[i for i in order if grp[i] == g] for g in range(n_groups)]
+    keys = [[w[i] for i in items] for items in by_load]
+    others = [[h for h in range(n_groups) if h != g] for g in range(n_groups)]
+    narrow = n * max(len(b) for b in bins) // 4
+    bisect_left, bisect_right = bisect.bisect_left, bisect.bisect_right
     for _ in range(max_passes):
         changed = False
         slack = lim - min(loads)
@@ -622,32 +642,31 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
                 continue  # a device holding only this group: nothing to gain
             rg = remote[g]
             wa, ld = w[a], loads[d]
-            hi = wa + lim - ld  # w[b] <= hi keeps device d under the cap
-            # partners: replicas whose load lies in the window the caps allow (plus equal loads),
-            # from the global list when that window is narrow, else from the target devices
-            j0, j1 = bisect.bisect_left(gw, wa - slack), bisect.bisect_right(gw, hi)
-            q0, q1 = bisect.bisect_left(gw, wa), bisect.bisect_right(gw, wa)
-            width = max(j1 - j0, 0) + (q1 - q0)
-            if width <= n * s // 4:
-                idx = range(j0, j1) if j0 < j1 else ()
-                if q0 < q1 and (q0 < j0 or q1 > j1):
-                    idx = sorted(set(idx) | set(range(q0, q1)))
-                cand = [(dev[order[k]], order[k]) for k in idx]
-            else:
-                cand = [(e, b) for e in range(n)
-                        if e != d and (cg[e] >= cgd or (use_traffic and rg[e] < rg[d])) for b in bins[e]]
+            lo, hi = wa - slack, wa + lim - ld  # w[b] <= hi keeps device d under the cap
+            cand = []
+            for h in others[g]:
+                kh = keys[h]
+                j0 = bisect_left(kh, lo)
+                j1 = bisect_right(kh, hi, j0)
+                cand += by_load[h][j0:j1]
+                if hi < wa:  # equal loads may always swap
+                    q0 = bisect_left(kh, wa, j1)
+                    cand += by_load[h][q0:bisect_right(kh, wa, q0)]
+            if len(cand) > narrow:  # a wide window: the devices where this group is at least as present
+                devices = range(n) if use_traffic else mixed
+                cand = [b for e in devices if e != d and (cg[e] >= cgd or (use_traffic and rg[e] < rg[d]))
+                        for h in others[g] for b in on[e][h]]
             best, move = (0.0, 0, 0), None
-            for e, b in cand:
+            for b in cand:
+                e = dev[b]
                 if e == d or (cg[e] < cgd and not (use_traffic and rg[e] < rg[d])):
-                    continue
-                h = grp[b]
-                if h == g:
                     continue
                 x = wa - w[b]
                 if x != 0.0 and (ld - x > lim or loads[e] + x > lim):
                     continue
                 if mem is not None and (mem[d] - ib[a] + ib[b] > mcap[d] or mem[e] + ib[a] - ib[b] > mcap[e]):
                     continue
+                h = grp[b]
                 ch = cnt[h]
                 spread = (cgd == 1) - (cg[e] == 0) + (ch[e] == 1) - (ch[d] == 0)
                 sq = 2 * (cg[e] - cgd) + 2 * (ch[d] - ch[e]) + 4
@@ -664,6 +683,10 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
             h = grp[b]
             bins[d][bins[d].index(a)] = b
             bins[e][bins[e].index(b)] = a
+            on[d][g].remove(a)
+            on[e][h].remove(b)
+            on[e][g].append(a)
+            on[d][h].append(b)
             dev[a], dev[b] = e, d
             cnt[g][d] -= 1
             cnt[g][e] += 1
@@ -674,6 +697,11 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
             if mem is not None:
                 mem[d] += ib[b] - ib[a]
                 mem[e] += ib[a] - ib[b]
+            for dd in (d, e):
+                if sum(1 for c in cnt if c[dd]) > 1:
+                    mixed.add(dd)
+                else:
+                    mixed.discard(dd)
             slack = lim - min(loads)
             changed = True
         if not changed:
