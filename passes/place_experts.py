@@ -406,6 +406,11 @@ def _replicate(load: list[float], redundant: int, tiebreak: list | None = None,
     return cnt, order
 
 
+def _heaviest_first(w: list[float]) -> list[int]:
+    """Item indices by weight descending; equal weights in index order."""
+    return sorted(range(len(w)), key=[-x for x in w].__getitem__)
+
+
 def _lpt(w: list[float], n: int, s: int) -> list[list[int]]:
     """EPLB's balanced packing: items by weight descending (stable), each onto the least-loaded
     device with a free slot (lowest index on ties). Returns the items of each device in order."""
@@ -413,7 +418,7 @@ def _lpt(w: list[float], n: int, s: int) -> list[list[int]]:
     if s == 1:  # EPLB keeps the identity when every device has one slot
         return [[i] for i in range(n)]
     heap = [(0.0, d) for d in range(n)]
-    for i in sorted(range(len(w)), key=lambda i: -w[i]):
+    for i in _heaviest_first(w):
         load, d = heapq.heappop(heap)
         bins[d].append(i)
         if len(bins[d]) < s:
@@ -425,7 +430,7 @@ def _kk(w: list[float], n: int, s: int) -> list[list[int]]:
     """Balanced largest differencing (Karmarkar-Karp with equal cardinality): items sorted descending
     are cut into s blocks of n (one item per device); the two partial partitions with the largest
     spread are merged repeatedly, pairing the heaviest subsets of one with the lightest of the other."""
-    order = sorted(range(len(w)), key=lambda i: -w[i])
+    order = _heaviest_first(w)
     heap = []
     for k in range(s):
         part = [(w[i], [i]) for i in order[k * n:(k + 1) * n]]  # already descending
@@ -473,6 +478,7 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
     lower = max(total / n, max(w, default=0.0))
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
     ranked = sorted((ld, d) for d, ld in enumerate(loads))  # (load, device), kept sorted
+    bisect_left = bisect.bisect_left
     for _ in range(max_iters):
         ld, d = ranked[-1]
         if ld <= lower + eps:
@@ -496,18 +502,24 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
                 if wa - k0 <= eps:
                     break
                 if mem is None:
-                    j = bisect.bisect_left(ke, wa - half)
-                    cands = (j - 1, j) if j < m else (j - 1,)
-                else:
-                    cands = range(m)
-                for jj in cands:
+                    # the partners worth trying: the loads on e on either side of wa - half
+                    j = bisect_left(ke, wa - half)
+                    x = wa - ke[j - 1]
+                    if eps < x < hi and max(ld - x, le + x) < best:
+                        best, move = max(ld - x, le + x), (idd[ia], items[e][j - 1], e, x)
+                    if j < m:
+                        x = wa - ke[j]
+                        if eps < x < hi and max(ld - x, le + x) < best:
+                            best, move = max(ld - x, le + x), (idd[ia], items[e][j], e, x)
+                    continue
+                for jj in range(m):
                     x = wa - ke[jj]
                     if eps < x < hi:
                         nm = max(ld - x, le + x)
                         if nm < best:
                             a, b = idd[ia], items[e][jj]
-                            if mem is not None and (mem[d] - ib[a] + ib[b] > cap[d]
-                                                    or mem[e] + ib[a] - ib[b] > cap[e]):
+                            if (mem[d] - ib[a] + ib[b] > cap[d]
+                                    or mem[e] + ib[a] - ib[b] > cap[e]):
                                 continue
                             best, move = nm, (a, b, e, x)
         if move is None:
@@ -541,7 +553,7 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
     loads = [0.0] * n
     mem = [0] * n
     by_group: list[list[int]] = [[] for _ in range(n_groups)]
-    for i in sorted(range(len(w)), key=lambda i: -w[i]):
+    for i in _heaviest_first(w):
         by_group[grp[i]].append(i)
     rest = sorted(w)  # loads of the replicas not placed yet
     lightest = list(itertools.accumulate(rest[:s], initial=0.0))  # sums of the k lightest of them
@@ -777,12 +789,13 @@ class _Items:
 
     @classmethod
     def of(cls, lp: LayerProblem, cnt: list[int], log: list[int], gof: list[int]) -> _Items:
-        seen: dict[int, int] = {}
+        seen = [0] * len(cnt)
         rank = []
         for x in log:
-            rank.append(seen.get(x, 0))
-            seen[x] = rank[-1] + 1
-        return cls(log, [lp.load[x] / cnt[x] for x in log], [gof[x] for x in log], rank,
+            rank.append(seen[x])
+            seen[x] += 1
+        per_replica = [load / c for load, c in zip(lp.load, cnt)]
+        return cls(log, [per_replica[x] for x in log], [gof[x] for x in log], rank,
                    [lp.expert_bytes[x] for x in log])
 
 
