@@ -561,6 +561,8 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
     for g, mine in enumerate(by_group):
         rg = remote[g]
         open_: list[int] = []  # devices of this group with a free slot
+        # the others with a free slot, most preferred first (they take no replica until opened)
+        fresh = [e for *_, e in sorted((rg[e], len(bins[e]), loads[e], e) for e in range(n) if len(bins[e]) < s)]
         for i in mine:
             top = cap - w[i]
             bi = ib[i] if ib is not None else 0
@@ -571,13 +573,10 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
                     if best is None or key < best:
                         d, best = e, key
             if d < 0:
-                for e in range(n):
-                    if len(bins[e]) < s and loads[e] <= top and (mcap is None or mem[e] + bi <= mcap[e]):
-                        key = (rg[e], len(bins[e]), loads[e], e)
-                        if best is None or key < best:
-                            d, best = e, key
+                d = next((e for e in fresh if loads[e] <= top and (mcap is None or mem[e] + bi <= mcap[e])), -1)
                 if d < 0:
                     return None
+                fresh.remove(d)
                 open_.append(d)
             bins[d].append(i)
             loads[d] += w[i]
@@ -620,7 +619,8 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
     """Swaps of replicas of different groups that keep every device at or under `cap` (the best max
     load) and improve (traffic, devices per group, sum of squared per-device group counts)
     lexicographically. A swap that changes loads must stay cap * 1e-9 below the cap, so rounding
-    can never lift the maximum; swapping equal loads is always allowed. Partners of a replica are
+    can never lift the maximum; swapping equal loads is always allowed. Without traffic, only
+    replicas whose group holds at most half of their device look for a move. Partners of a replica are
     the other groups' replicas whose load lies in the window the caps allow (bisection in each
     group's replicas sorted by load) when that window is narrow, else the other groups' replicas on
     the devices where its group is at least as present."""
@@ -650,8 +650,8 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
             g, d = grp[a], dev[a]
             cg = cnt[g]
             cgd = cg[d]
-            if not use_traffic and cgd == len(bins[d]):
-                continue  # a device holding only this group: nothing to gain
+            if not use_traffic and cgd * 2 > len(bins[d]):
+                continue  # the group holds most of this device: its partners come to it instead
             rg = remote[g]
             wa, ld = w[a], loads[d]
             lo, hi = wa - slack, wa + lim - ld  # w[b] <= hi keeps device d under the cap
