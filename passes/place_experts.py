@@ -399,10 +399,10 @@ def _replicate(load: list[float], redundant: int, tiebreak: list | None = None,
     heap = [(-w / (1.0 - offset), tb[i], i) for i, w in enumerate(load)]
     heapq.heapify(heap)
     for _ in range(redundant):
-        _, t, i = heapq.heappop(heap)
+        _, t, i = heap[0]
         order.append(i)
         cnt[i] += 1
-        heapq.heappush(heap, (-load[i] / (cnt[i] - offset), t, i))
+        heapq.heapreplace(heap, (-load[i] / (cnt[i] - offset), t, i))
     return cnt, order
 
 
@@ -419,10 +419,12 @@ def _lpt(w: list[float], n: int, s: int) -> list[list[int]]:
         return [[i] for i in range(n)]
     heap = [(0.0, d) for d in range(n)]
     for i in _heaviest_first(w):
-        load, d = heapq.heappop(heap)
+        load, d = heap[0]
         bins[d].append(i)
         if len(bins[d]) < s:
-            heapq.heappush(heap, (load + w[i], d))
+            heapq.heapreplace(heap, (load + w[i], d))
+        else:
+            heapq.heappop(heap)
     return bins
 
 
@@ -600,10 +602,11 @@ def _relabel(bins: list[list[int]], w: list[float], grp: list[int], rank: list[i
     such class's slots, taken in `dev_order`, to its replicas sorted by group (then replica rank, so
     copies of one expert land on different devices). Device loads and memory do not change; groups
     gather on consecutive devices."""
-    classes: dict[tuple, tuple[list, list]] = {}
+    kind = w if ib is None else list(zip(w, ib))
+    classes: dict = {}
     for d in dev_order:
         for k, i in enumerate(bins[d]):
-            slots, members = classes.setdefault((w[i], ib[i] if ib is not None else 0), ([], []))
+            slots, members = classes.setdefault(kind[i], ([], []))
             slots.append((d, k))
             members.append(i)
     for slots, members in classes.values():
@@ -886,15 +889,19 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
         grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc)
         for k, bins in enumerate(([grouped] if grouped is not None else []) + pool):
             bins = [list(b) for b in bins]
-            _relabel(bins, w, grp, it.rank, dev_order, ib)
-            if k == 0 and (use_traffic or _locality_key(bins, w, grp, remote, False)[1] > bound):
+            _relabel(bins, w, grp, it.rank, dev_order, ib)  # keeps every device's loads and bytes
+            moved = k == 0 and grouped is not None
+            key = _locality_key(bins, w, grp, remote, use_traffic)
+            if k == 0 and (use_traffic or key[1] > bound):
                 _improve_locality(bins, w, grp, n_groups, remote, use_traffic, best_max, ib, mc)
-            if _max_load(bins, w) <= best_max and _bins_fit(bins, ib, mc):
-                found.append(bins)
-                if not use_traffic and _locality_key(bins, w, grp, remote, False)[1] <= bound:
+                moved = True
+                key = _locality_key(bins, w, grp, remote, use_traffic)
+            if not moved or (_max_load(bins, w) <= best_max and _bins_fit(bins, ib, mc)):
+                found.append((key, bins))
+                if not use_traffic and key[1] <= bound:
                     break  # every group on the fewest devices its replica count allows
-        pool = found + pool
-        best = min(pool, key=lambda b: _locality_key(b, w, grp, remote, use_traffic))
+        found += [(_locality_key(b, w, grp, remote, use_traffic), b) for b in pool]
+        best = min(found, key=lambda t: t[0])[1]
     else:
         best = pool[0]
     if best_max > eplb_max:  # never worse than EPLB, even by a rounding error
