@@ -39,8 +39,9 @@ Algorithms
   a lower bound, a second packing by cardinality-constrained Karmarkar-Karp differencing + swaps;
   (3) locality, never costing balance: replicas of equal load are relabelled so each group fills
   consecutive devices (its home devices first), a group-by-group packing capped at the best maximum
-  is tried, and swaps between groups that keep every device under that maximum reduce traffic and
-  devices per group. (4) Under a memory limit with experts of different sizes, a memory-only plan
+  is tried (devices holding a replica heavier than half that maximum keep their balanced contents),
+  and swaps between groups that keep every device under that maximum reduce traffic and devices per
+  group. (4) Under a memory limit with experts of different sizes, a memory-only plan
   over all layers (largest replicas first onto the emptiest device, then exchanges) fixes each
   layer's budget, and every swap respects it. EPLB's own plan is the fallback if anything ends up
   worse, so `place` is never worse than `eplb_baseline` on max/mean load (exactly rounded sums).
@@ -545,19 +546,22 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
 
 def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, cap: float,
                 remote: list[list[float]], ib: list[int] | None,
-                mcap: list[float] | None) -> list[list[int]] | None:
-    """Group by group (declaration order), heaviest replica first: onto a device this group already
+                mcap: list[float] | None, start: list[list[int]]) -> list[list[int]] | None:
+    """The devices of `start` that hold replicas keep them (they are full); the other replicas go
+    group by group (declaration order), heaviest replica first: onto a device this group already
     uses (the fullest that still fits under `cap`), else onto a fresh device (home devices first,
     then the emptiest, then the lightest). None when something does not fit, as soon as a device
     cannot be filled: every slot gets a replica, so a device with f free slots will carry at least
     the f lightest replicas not placed yet."""
-    bins: list[list[int]] = [[] for _ in range(n)]
-    loads = [0.0] * n
-    mem = [0] * n
+    bins = [list(b) for b in start]
+    loads = [math.fsum(w[i] for i in b) for b in bins]
+    mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else [0] * n
+    placed = {i for b in bins for i in b}
     by_group: list[list[int]] = [[] for _ in range(n_groups)]
     for i in _heaviest_first(w):
-        by_group[grp[i]].append(i)
-    rest = sorted(w)  # loads of the replicas not placed yet
+        if i not in placed:
+            by_group[grp[i]].append(i)
+    rest = sorted(w[i] for i in range(len(w)) if i not in placed)  # loads of the replicas not placed yet
     lightest = list(itertools.accumulate(rest[:s], initial=0.0))  # sums of the k lightest of them
     over = cap + 1e-9 * abs(cap)
     for g, mine in enumerate(by_group):
@@ -590,7 +594,7 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
             del rest[k]
             if changed:
                 lightest = list(itertools.accumulate(rest[:s], initial=0.0))
-            for e in range(n) if changed else (d,):
+            for e in open_ + fresh if changed else (d,):  # the devices with free slots
                 if loads[e] + lightest[min(s - len(bins[e]), len(rest))] > over:
                     return None
     return bins
@@ -886,7 +890,10 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
         dev_order = sorted(range(n), key=lambda d: (owner[d], d))
         bound = sum(-(-sum(1 for x in grp if x == g) // s) for g in range(n_groups))
         found = []
-        grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc)
+        # a device of the balanced packing holding a replica heavier than half the cap keeps its
+        # replicas: they fit only with a few chosen partners, which group by group would go elsewhere
+        start = [b if any(2 * w[i] > best_max for i in b) else [] for b in pool[0]]
+        grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start)
         for k, bins in enumerate(([grouped] if grouped is not None else []) + pool):
             bins = [list(b) for b in bins]
             _relabel(bins, w, grp, it.rank, dev_order, ib)  # keeps every device's loads and bytes
