@@ -53,6 +53,7 @@ Speed: pure Python; 256 experts x 64 devices x 61 layers takes about 30 ms (R = 
 from __future__ import annotations
 
 import bisect
+import functools
 import heapq
 import itertools
 import json
@@ -342,20 +343,29 @@ class Plan:
 
 
 # ---- shared pieces -------------------------------------------------------------------------------
-def _group_of(lp: LayerProblem) -> list[int]:
-    out = []
-    for gi, g in enumerate(lp.groups):
-        out += [gi] * g.size
-    return out
+@dataclass(frozen=True)
+class _Layout:
+    """What depends only on a layer's groups and the device count (shared by layers alike)."""
+
+    group_of: list[int]  # group of each logical expert
+    remote: list[list[float]]  # [group][device] -> fraction of the group's tokens not homed there
+    tiebreak: list[tuple[float, int]]  # replication ties go to the groups in turn, by position
+    dev_order: list[int]  # devices in the order the groups fill them
 
 
-def _remote_fraction(lp: LayerProblem, n: int) -> list[list[float]]:
-    """[group][device] -> fraction of the group's tokens that are not homed on that device."""
-    rows = []
-    for g in lp.groups:
+@functools.lru_cache(maxsize=64)
+def _layout(groups: tuple[ExpertGroup, ...], n: int) -> _Layout:
+    group_of = [gi for gi, g in enumerate(groups) for _ in range(g.size)]
+    remote = []
+    for g in groups:
         homes = set(g.home_devices) if g.home_devices else set(range(n))
-        rows.append([1.0 - (1.0 / len(homes) if d in homes else 0.0) for d in range(n)])
-    return rows
+        remote.append([1.0 - (1.0 / len(homes) if d in homes else 0.0) for d in range(n)])
+    tiebreak = [((x - groups[gi].start) / groups[gi].size, gi) for x, gi in enumerate(group_of)]
+    # a device goes to the group whose tokens it homes (lowest remote fraction), in declaration
+    # order; without homes, natural order
+    owner = [min(range(len(groups)), key=lambda g: (remote[g][d], g)) for d in range(n)]
+    dev_order = sorted(range(n), key=lambda d: (owner[d], d))
+    return _Layout(group_of, remote, tiebreak, dev_order)
 
 
 def _evaluate(lp: LayerProblem, n: int, phy2log: list[int], act_bytes: int) -> LayerPlan:
@@ -365,8 +375,8 @@ def _evaluate(lp: LayerProblem, n: int, phy2log: list[int], act_bytes: int) -> L
     for x in phy2log:
         logcnt[x] += 1
     per_replica = [lp.load[x] / logcnt[x] if logcnt[x] else 0.0 for x in range(e)]
-    grp = _group_of(lp)
-    remote = _remote_fraction(lp, n)
+    layout = _layout(tuple(lp.groups), n)
+    grp, remote = layout.group_of, layout.remote
     per_token = 2.0 * lp.d_model * act_bytes
     eb = lp.expert_bytes
     loads, mem, traffic = [], [], []
@@ -784,33 +794,39 @@ def _bins_fit(bins, ib, mcap) -> bool:
     return ib is None or all(sum(ib[i] for i in b) <= c for b, c in zip(bins, mcap))
 
 
-@dataclass
 class _Items:
-    """The replicas of one replication of a layer: logical expert, load, group, replica rank, bytes."""
+    """The replicas of one replication of a layer: logical expert, replicas of it and load of each;
+    group, replica rank and bytes when asked for."""
 
-    log: list[int]
-    w: list[float]
-    grp: list[int]
-    rank: list[int]
-    ib: list[int]
+    def __init__(self, lp: LayerProblem, cnt: list[int], log: list[int], gof: list[int]):
+        self.log, self.cnt = log, cnt
+        per_replica = [load / c for load, c in zip(lp.load, cnt)]
+        self.w = [per_replica[x] for x in log]
+        self._lp, self._gof = lp, gof
 
-    @classmethod
-    def of(cls, lp: LayerProblem, cnt: list[int], log: list[int], gof: list[int]) -> _Items:
-        seen = [0] * len(cnt)
+    @functools.cached_property
+    def grp(self) -> list[int]:
+        return [self._gof[x] for x in self.log]
+
+    @functools.cached_property
+    def rank(self) -> list[int]:
+        seen = [0] * len(self.cnt)
         rank = []
-        for x in log:
+        for x in self.log:
             rank.append(seen[x])
             seen[x] += 1
-        per_replica = [load / c for load, c in zip(lp.load, cnt)]
-        return cls(log, [per_replica[x] for x in log], [gof[x] for x in log], rank,
-                   [lp.expert_bytes[x] for x in log])
+        return rank
+
+    @functools.cached_property
+    def ib(self) -> list[int]:
+        return [self._lp.expert_bytes[x] for x in self.log]
 
 
 def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[float] | None,
                  planned: tuple[_Items, list[list[int]]] | None = None) -> LayerPlan:
-    gof = _group_of(lp)
+    layout = _layout(tuple(lp.groups), n)
+    gof, remote = layout.group_of, layout.remote
     n_groups = len(lp.groups)
-    remote = _remote_fraction(lp, n)
     use_traffic = lp.d_model > 0 and any(g.home_devices for g in lp.groups)
     local = n_groups > 1 or use_traffic
     hetero = mcap is not None and len(set(lp.expert_bytes)) > 1
@@ -818,20 +834,20 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
     iters = 4 * n + 16
 
     # replication variants: EPLB's rule first (its LPT packing is EPLB's plan), then Webster's
-    eplb = _Items.of(lp, *_replicate(lp.load, r), gof)
+    eplb = _Items(lp, *_replicate(lp.load, r), gof)
     variants = [eplb]
     tb = None
     if local and r:
         # ties in load per replica go to the groups in turn (in proportion to their sizes), so the
         # half-load replicas of a uniform profile do not all belong to the first group; kept only
         # when the replica loads are the same multiset as EPLB's (then balance is unaffected)
-        tb = [((x - lp.groups[gof[x]].start) / lp.groups[gof[x]].size, gof[x]) for x in range(lp.num_experts)]
-        alt = _Items.of(lp, *_replicate(lp.load, r, tb), gof)
-        if sorted(alt.w) == sorted(eplb.w):
+        tb = layout.tiebreak
+        alt = _Items(lp, *_replicate(lp.load, r, tb), gof)
+        if alt.cnt == eplb.cnt or sorted(alt.w) == sorted(eplb.w):
             variants[0] = alt
     if r:
-        web = _Items.of(lp, *_replicate(lp.load, r, tb, offset=0.5), gof)
-        if sorted(web.log) != sorted(variants[0].log):
+        web = _Items(lp, *_replicate(lp.load, r, tb, offset=0.5), gof)
+        if web.cnt != variants[0].cnt:
             variants.append(web)
     s = len(eplb.w) // n
     # variants[0] has EPLB's replica loads, so its LPT packing has EPLB's device loads
@@ -843,8 +859,12 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
         # the variant whose LPT packing is best (ties: EPLB's) is improved by swaps (and packed a
         # second time by Karmarkar-Karp + swaps below)
         for it in variants:
-            bins = [list(b) for b in eplb_lpt] if it is variants[0] else _lpt(it.w, n, s)
-            scored.append((_max_load(bins, it.w), len(scored), it, bins))
+            if it is variants[0]:
+                bins, m = [list(b) for b in eplb_lpt], eplb_max
+            else:
+                bins = _lpt(it.w, n, s)
+                m = _max_load(bins, it.w)
+            scored.append((m, len(scored), it, bins))
         _, _, it, bins = min(scored, key=lambda t: t[:2])
         _refine_balance(bins, it.w, None, None, iters)
         scored = [(_max_load(bins, it.w), 0, it, bins)]
@@ -880,14 +900,11 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
                 best_max, pool = m, [kk]
             elif m == best_max:
                 pool.append(kk)
-    w, grp = it.w, it.grp
+    w = it.w
     ib = it.ib if hetero else None
 
     if local:
-        # devices in the order the groups should fill them: a device goes to the group whose tokens
-        # it homes (lowest remote fraction), in declaration order; without homes, natural order
-        owner = [min(range(n_groups), key=lambda g: (remote[g][d], g)) for d in range(n)]
-        dev_order = sorted(range(n), key=lambda d: (owner[d], d))
+        grp = it.grp
         bound = sum(-(-sum(1 for x in grp if x == g) // s) for g in range(n_groups))
         found = []
         # a device of the balanced packing holding a replica heavier than half the cap keeps its
@@ -896,7 +913,7 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
         grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start)
         for k, bins in enumerate(([grouped] if grouped is not None else []) + pool):
             bins = [list(b) for b in bins]
-            _relabel(bins, w, grp, it.rank, dev_order, ib)  # keeps every device's loads and bytes
+            _relabel(bins, w, grp, it.rank, layout.dev_order, ib)  # keeps every device's loads and bytes
             moved = k == 0 and grouped is not None
             key = _locality_key(bins, w, grp, remote, use_traffic)
             if k == 0 and (use_traffic or key[1] > bound):
@@ -938,7 +955,7 @@ def _lean_items(lp: LayerProblem, r: int, gof: list[int]) -> _Items:
     """Replication that only copies the smallest experts (the least memory), by EPLB's rule."""
     small = min(lp.expert_bytes)
     lean_load = [x if b == small else -1.0 for x, b in zip(lp.load, lp.expert_bytes)]
-    return _Items.of(lp, *_replicate(lean_load, r), gof)
+    return _Items(lp, *_replicate(lean_load, r), gof)
 
 
 def _memory_plan(problem: PlacementProblem) -> list[tuple[_Items, list[list[int]]]]:
@@ -949,7 +966,7 @@ def _memory_plan(problem: PlacementProblem) -> list[tuple[_Items, list[list[int]
     per-device bytes become each layer's budget for the later layers, so the real placement of every
     layer always has at least this packing to fall back on. Raises when it exceeds the limit."""
     n, r, limit = problem.num_devices, problem.redundant, problem.memory_limit
-    lean = [_lean_items(lp, r, _group_of(lp)) for lp in problem.layers]
+    lean = [_lean_items(lp, r, _layout(tuple(lp.groups), n).group_of) for lp in problem.layers]
     sizes = [sorted(set(it.ib), reverse=True) for it in lean]
     cnt = [[[0] * len(sz) for _ in range(n)] for sz in sizes]  # [layer][device][size class]
     used = [0] * n
