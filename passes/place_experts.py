@@ -474,6 +474,13 @@ def _sorted_bins(bins: list[list[int]], w: list[float]) -> tuple[list[list[int]]
     return items, keys
 
 
+def _load_lower_bound(w: list[float], n: int, s: int) -> float:
+    """No packing of loads `w` onto n devices x s slots has a lower maximum: the mean, and the
+    device holding the heaviest replica also holds s-1 others, at least the s-1 lightest."""
+    lightest = heapq.nsmallest(s - 1, w) if s > 1 else []
+    return max(math.fsum(w) / n, max(w, default=0.0) + math.fsum(lightest))
+
+
 def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None, cap: list[float] | None,
                     max_iters: int) -> None:
     """Pairwise swaps that lower the most loaded device, best swap first, until none helps.
@@ -488,7 +495,7 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
     loads = [math.fsum(k) for k in keys]
     total = math.fsum(loads)
     eps = 1e-12 * max(total, 1e-300)
-    lower = max(total / n, max(w, default=0.0))
+    lower = _load_lower_bound(w, n, len(w) // n)
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
     ranked = sorted((ld, d) for d, ld in enumerate(loads))  # (load, device), kept sorted
     bisect_left = bisect.bisect_left
@@ -886,9 +893,7 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
                              "devices, fewer redundant replicas or a larger limit")
     best_max, _, it, bins = min(scored, key=lambda t: t[:2])
     pool = [bins]
-    asc = sorted(it.w)
-    # the device holding the heaviest replica also holds s-1 others, at least the s-1 lightest
-    lower = max(math.fsum(it.w) / n, asc[-1] + math.fsum(asc[:s - 1]))
+    lower = _load_lower_bound(it.w, n, s)
     # a second packing only while the first is more than 0.1% above a lower bound (its gains are
     # small: it rarely beats LPT + swaps by more than 0.01%)
     if best_max > lower * (1 + 1e-3):
