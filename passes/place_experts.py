@@ -422,14 +422,14 @@ def _heaviest_first(w: list[float]) -> list[int]:
     return sorted(range(len(w)), key=[-x for x in w].__getitem__)
 
 
-def _lpt(w: list[float], n: int, s: int) -> list[list[int]]:
+def _lpt(w: list[float], n: int, s: int, heaviest_first: list[int] | None = None) -> list[list[int]]:
     """EPLB's balanced packing: items by weight descending (stable), each onto the least-loaded
     device with a free slot (lowest index on ties). Returns the items of each device in order."""
     bins: list[list[int]] = [[] for _ in range(n)]
     if s == 1:  # EPLB keeps the identity when every device has one slot
         return [[i] for i in range(n)]
     heap = [(0.0, d) for d in range(n)]
-    for i in _heaviest_first(w):
+    for i in heaviest_first if heaviest_first is not None else _heaviest_first(w):
         load, d = heap[0]
         bins[d].append(i)
         if len(bins[d]) < s:
@@ -439,11 +439,11 @@ def _lpt(w: list[float], n: int, s: int) -> list[list[int]]:
     return bins
 
 
-def _kk(w: list[float], n: int, s: int) -> list[list[int]]:
+def _kk(w: list[float], n: int, s: int, heaviest_first: list[int]) -> list[list[int]]:
     """Balanced largest differencing (Karmarkar-Karp with equal cardinality): items sorted descending
     are cut into s blocks of n (one item per device); the two partial partitions with the largest
     spread are merged repeatedly, pairing the heaviest subsets of one with the lightest of the other."""
-    order = _heaviest_first(w)
+    order = heaviest_first
     heap = []
     for k in range(s):
         part = [(w[i], [i]) for i in order[k * n:(k + 1) * n]]  # already descending
@@ -460,7 +460,8 @@ def _kk(w: list[float], n: int, s: int) -> list[list[int]]:
     return [items for _, items in heap[0][2]]
 
 
-def _sorted_bins(bins: list[list[int]], w: list[float]) -> tuple[list[list[int]], list[list[float]]]:
+def _sorted_bins(bins: list[list[int]], w: list[float],
+                 lightest_first: list[int]) -> tuple[list[list[int]], list[list[float]]]:
     """Each device's items and their loads, ascending by load (one global sort)."""
     dev = [0] * len(w)
     for d, b in enumerate(bins):
@@ -468,7 +469,7 @@ def _sorted_bins(bins: list[list[int]], w: list[float]) -> tuple[list[list[int]]
             dev[i] = d
     items: list[list[int]] = [[] for _ in bins]
     keys: list[list[float]] = [[] for _ in bins]
-    for i in sorted(range(len(w)), key=w.__getitem__):
+    for i in lightest_first:
         items[dev[i]].append(i)
         keys[dev[i]].append(w[i])
     return items, keys
@@ -481,8 +482,8 @@ def _load_lower_bound(w: list[float], n: int, s: int) -> float:
     return max(math.fsum(w) / n, max(w, default=0.0) + math.fsum(lightest))
 
 
-def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None, cap: list[float] | None,
-                    max_iters: int) -> None:
+def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[int], ib: list[int] | None,
+                    cap: list[float] | None, max_iters: int) -> None:
     """Pairwise swaps that lower the most loaded device, best swap first, until none helps.
 
     For the max device d and another device e with gap = L[d] - L[e], swapping a (on d) with b (on e)
@@ -491,7 +492,7 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
     from the lightest up and the scan stops once (L[d] + L[e]) / 2 cannot beat the best swap found.
     With memory caps (`ib` item bytes, `cap` per device), swaps must keep both devices within them."""
     n = len(bins)
-    items, keys = _sorted_bins(bins, w)
+    items, keys = _sorted_bins(bins, w, lightest_first)
     loads = [math.fsum(k) for k in keys]
     total = math.fsum(loads)
     eps = 1e-12 * max(total, 1e-300)
@@ -563,7 +564,7 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
 
 def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, cap: float,
                 remote: list[list[float]], ib: list[int] | None,
-                mcap: list[float] | None, start: list[list[int]]) -> list[list[int]] | None:
+                mcap: list[float] | None, start: list[list[int]], heaviest_first: list[int]) -> list[list[int]] | None:
     """The devices of `start` that hold replicas keep them (they are full); the other replicas go
     group by group (declaration order), heaviest replica first: onto a device this group already
     uses (the fullest that still fits under `cap`), else onto a fresh device (home devices first,
@@ -575,7 +576,7 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else [0] * n
     placed = {i for b in bins for i in b}
     by_group: list[list[int]] = [[] for _ in range(n_groups)]
-    for i in _heaviest_first(w):
+    for i in heaviest_first:
         if i not in placed:
             by_group[grp[i]].append(i)
     rest = sorted(w[i] for i in range(len(w)) if i not in placed)  # loads of the replicas not placed yet
@@ -637,9 +638,9 @@ def _relabel(bins: list[list[int]], w: list[float], grp: list[int], rank: list[i
                 bins[d][k] = i
 
 
-def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_groups: int,
-                      remote: list[list[float]], use_traffic: bool, cap: float, ib: list[int] | None,
-                      mcap: list[float] | None, max_passes: int = 2) -> None:
+def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: list[int], grp: list[int],
+                      n_groups: int, remote: list[list[float]], use_traffic: bool, cap: float,
+                      ib: list[int] | None, mcap: list[float] | None, max_passes: int = 2) -> None:
     """Swaps of replicas of different groups that keep every device at or under `cap` (the best max
     load) and improve (traffic, devices per group, sum of squared per-device group counts)
     lexicographically. A swap that changes loads must stay cap * 1e-9 below the cap, so rounding
@@ -660,7 +661,7 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
     cnt = [[len(on[d][g]) for d in range(n)] for g in range(n_groups)]
     mixed = {d for d in range(n) if sum(1 for g in range(n_groups) if cnt[g][d]) > 1}  # holding 2+ groups
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
-    order = sorted(range(len(w)), key=w.__getitem__)
+    order = lightest_first
     # each group's replicas by load: the loads never change, only devices do
     by_load = [[i for i in order if grp[i] == g] for g in range(n_groups)]
     keys = [[w[i] for i in items] for items in by_load]
@@ -787,7 +788,8 @@ def eplb_baseline(problem: PlacementProblem) -> Plan:
 
 
 def _max_load(bins: list[list[int]], w: list[float]) -> float:
-    return max(math.fsum(w[i] for i in b) for b in bins)
+    load_of = w.__getitem__
+    return max([math.fsum(map(load_of, b)) for b in bins])
 
 
 def _locality_key(bins, w, grp, remote, use_traffic) -> tuple[float, int]:
@@ -810,6 +812,14 @@ class _Items:
         per_replica = [load / c for load, c in zip(lp.load, cnt)]
         self.w = [per_replica[x] for x in log]
         self._lp, self._gof = lp, gof
+
+    @functools.cached_property
+    def heaviest_first(self) -> list[int]:
+        return _heaviest_first(self.w)
+
+    @functools.cached_property
+    def lightest_first(self) -> list[int]:  # equal loads in index order
+        return sorted(range(len(self.w)), key=self.w.__getitem__)
 
     @functools.cached_property
     def grp(self) -> list[int]:
@@ -858,7 +868,7 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
             variants.append(web)
     s = len(eplb.w) // n
     # variants[0] has EPLB's replica loads, so its LPT packing has EPLB's device loads
-    eplb_lpt = _lpt(variants[0].w, n, s)
+    eplb_lpt = _lpt(variants[0].w, n, s, variants[0].heaviest_first)
     eplb_max = _max_load(eplb_lpt, variants[0].w)
 
     scored = []
@@ -869,23 +879,23 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
             if it is variants[0]:
                 bins, m = [list(b) for b in eplb_lpt], eplb_max
             else:
-                bins = _lpt(it.w, n, s)
+                bins = _lpt(it.w, n, s, it.heaviest_first)
                 m = _max_load(bins, it.w)
             scored.append((m, len(scored), it, bins))
         _, _, it, bins = min(scored, key=lambda t: t[:2])
-        _refine_balance(bins, it.w, None, None, iters)
+        _refine_balance(bins, it.w, it.lightest_first, None, None, iters)
         scored = [(_max_load(bins, it.w), 0, it, bins)]
     else:
         # experts of different sizes under a memory limit: also a replication that only copies the
         # smallest experts, and packings that start memory-balanced; swaps keep every device within
         # its memory budget
-        starts = [(it, _lpt(it.w, n, s)) for it in variants]
+        starts = [(it, _lpt(it.w, n, s, it.heaviest_first)) for it in variants]
         starts += [(it, _memory_first(it.w, it.ib, n, s, mc)) for it in variants]
         if planned is not None:
             starts.append((planned[0], [list(b) for b in planned[1]]))
         for it, bins in starts:
             if bins is not None and _bins_fit(bins, it.ib, mc):
-                _refine_balance(bins, it.w, it.ib, mc, iters)
+                _refine_balance(bins, it.w, it.lightest_first, it.ib, mc, iters)
                 scored.append((_max_load(bins, it.w), len(scored), it, bins))
     if not scored:
         raise PlacementError(f"MoE layer {lp.name or lp.layer}: found no placement within the memory limit "
@@ -897,8 +907,8 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
     # a second packing only while the first is more than 0.1% above a lower bound (its gains are
     # small: it rarely beats LPT + swaps by more than 0.01%)
     if best_max > lower * (1 + 1e-3):
-        kk = _kk(it.w, n, s)
-        _refine_balance(kk, it.w, it.ib if hetero else None, mc, iters)
+        kk = _kk(it.w, n, s, it.heaviest_first)
+        _refine_balance(kk, it.w, it.lightest_first, it.ib if hetero else None, mc, iters)
         if not hetero or _bins_fit(kk, it.ib, mc):
             m = _max_load(kk, it.w)
             if m < best_max:
@@ -915,14 +925,14 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
         # a device of the balanced packing holding a replica heavier than half the cap keeps its
         # replicas: they fit only with a few chosen partners, which group by group would go elsewhere
         start = [b if any(2 * w[i] > best_max for i in b) else [] for b in pool[0]]
-        grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start)
+        grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start, it.heaviest_first)
         for k, bins in enumerate(([grouped] if grouped is not None else []) + pool):
             bins = [list(b) for b in bins]
             _relabel(bins, w, grp, it.rank, layout.dev_order, ib)  # keeps every device's loads and bytes
             moved = k == 0 and grouped is not None
             key = _locality_key(bins, w, grp, remote, use_traffic)
             if k == 0 and (use_traffic or key[1] > bound):
-                _improve_locality(bins, w, grp, n_groups, remote, use_traffic, best_max, ib, mc)
+                _improve_locality(bins, w, it.lightest_first, grp, n_groups, remote, use_traffic, best_max, ib, mc)
                 moved = True
                 key = _locality_key(bins, w, grp, remote, use_traffic)
             if not moved or (_max_load(bins, w) <= best_max and _bins_fit(bins, ib, mc)):
