@@ -378,19 +378,20 @@ def _evaluate(lp: LayerProblem, n: int, phy2log: list[int], act_bytes: int) -> L
     layout = _layout(tuple(lp.groups), n)
     grp, remote = layout.group_of, layout.remote
     per_token = 2.0 * lp.d_model * act_bytes
-    eb = lp.expert_bytes
-    loads, mem, traffic = [], [], []
+    slot_load = [per_replica[x] for x in phy2log]
+    slot_bytes = [lp.expert_bytes[x] for x in phy2log]
+    slot_group = [grp[x] for x in phy2log]
+    devices = [slice(d * s, (d + 1) * s) for d in range(n)]
+    # exactly rounded: the same multiset always gives the same sum
+    loads = [math.fsum(slot_load[sl]) for sl in devices]
+    mem = [sum(slot_bytes[sl]) for sl in devices]
+    traffic = [0.0] * n
+    if per_token:
+        traffic = [math.fsum(wi * remote[g][d] for wi, g in zip(slot_load[sl], slot_group[sl])) * per_token
+                   for d, sl in enumerate(devices)]
     spread = [0] * len(lp.groups)
-    for d in range(n):
-        slots = phy2log[d * s:(d + 1) * s]
-        w = [per_replica[x] for x in slots]
-        loads.append(math.fsum(w))  # exactly rounded: the same multiset always gives the same sum
-        mem.append(sum(eb[x] for x in slots))
-        if per_token:
-            traffic.append(math.fsum(wi * remote[grp[x]][d] for wi, x in zip(w, slots)) * per_token)
-        else:
-            traffic.append(0.0)
-        for g in {grp[x] for x in slots}:
+    for sl in devices:
+        for g in set(slot_group[sl]):
             spread[g] += 1
     return LayerPlan(lp.layer, lp.name, list(phy2log), logcnt, loads, mem, traffic,
                      {g.name: c for g, c in zip(lp.groups, spread)}, math.fsum(lp.load))
@@ -572,14 +573,14 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
     cannot be filled: every slot gets a replica, so a device with f free slots will carry at least
     the f lightest replicas not placed yet."""
     bins = [list(b) for b in start]
-    loads = [math.fsum(w[i] for i in b) for b in bins]
+    loads = [math.fsum([w[i] for i in b]) for b in bins]
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else [0] * n
     placed = {i for b in bins for i in b}
     by_group: list[list[int]] = [[] for _ in range(n_groups)]
     for i in heaviest_first:
         if i not in placed:
             by_group[grp[i]].append(i)
-    rest = sorted(w[i] for i in range(len(w)) if i not in placed)  # loads of the replicas not placed yet
+    rest = [w[i] for i in reversed(heaviest_first) if i not in placed]  # loads of the replicas not placed yet
     lightest = list(itertools.accumulate(rest[:s], initial=0.0))  # sums of the k lightest of them
     over = cap + 1e-9 * abs(cap)
     for g, mine in enumerate(by_group):
@@ -650,7 +651,8 @@ def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: lis
     group's replicas sorted by load) when that window is narrow, else the other groups' replicas on
     the devices where its group is at least as present."""
     n = len(bins)
-    loads = [math.fsum(w[i] for i in b) for b in bins]
+    load_of = w.__getitem__
+    loads = [math.fsum(map(load_of, b)) for b in bins]
     lim = cap - 1e-9 * cap
     dev = [0] * len(w)
     on = [[[] for _ in range(n_groups)] for _ in range(n)]  # [device][group] -> its replicas there
@@ -663,8 +665,10 @@ def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: lis
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
     order = lightest_first
     # each group's replicas by load: the loads never change, only devices do
-    by_load = [[i for i in order if grp[i] == g] for g in range(n_groups)]
-    keys = [[w[i] for i in items] for items in by_load]
+    by_load: list[list[int]] = [[] for _ in range(n_groups)]
+    for i in order:
+        by_load[grp[i]].append(i)
+    keys = [list(map(load_of, items)) for items in by_load]
     others = [[h for h in range(n_groups) if h != g] for g in range(n_groups)]
     narrow = n * max(len(b) for b in bins) // 4
     bisect_left, bisect_right = bisect.bisect_left, bisect.bisect_right
@@ -747,8 +751,9 @@ def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: lis
 
 def _phy2log(bins: list[list[int]], item_log: list[int], sort: bool) -> list[int]:
     out = []
+    log_of = item_log.__getitem__
     for b in bins:
-        out += sorted(item_log[i] for i in b) if sort else [item_log[i] for i in b]
+        out += sorted(map(log_of, b)) if sort else map(log_of, b)
     return out
 
 
@@ -796,7 +801,8 @@ def _locality_key(bins, w, grp, remote, use_traffic) -> tuple[float, int]:
     traffic = 0.0
     if use_traffic:
         traffic = math.fsum(w[i] * remote[grp[i]][d] for d, b in enumerate(bins) for i in b)
-    return traffic, sum(len({grp[i] for i in b}) for b in bins)
+    group_of = grp.__getitem__
+    return traffic, sum([len(set(map(group_of, b))) for b in bins])
 
 
 def _bins_fit(bins, ib, mcap) -> bool:
