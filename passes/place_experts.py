@@ -53,6 +53,7 @@ Speed: pure Python; 256 experts x 64 devices x 61 layers takes about 30 ms (R = 
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import heapq
 import itertools
@@ -926,11 +927,13 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
 
     if local:
         grp = it.grp
-        bound = sum(-(-sum(1 for x in grp if x == g) // s) for g in range(n_groups))
+        replicas = collections.Counter(grp)
+        bound = sum(-(-replicas[g] // s) for g in range(n_groups))
         found = []
         # a device of the balanced packing holding a replica heavier than half the cap keeps its
         # replicas: they fit only with a few chosen partners, which group by group would go elsewhere
-        start = [b if any(2 * w[i] > best_max for i in b) else [] for b in pool[0]]
+        heavy = set(itertools.takewhile(lambda i: 2 * w[i] > best_max, it.heaviest_first))
+        start = [b if not heavy.isdisjoint(b) else [] for b in pool[0]]
         grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start, it.heaviest_first)
         for k, bins in enumerate(([grouped] if grouped is not None else []) + pool):
             bins = [list(b) for b in bins]
