@@ -430,8 +430,13 @@ def _lpt(w: list[float], n: int, s: int, heaviest_first: list[int] | None = None
     bins: list[list[int]] = [[] for _ in range(n)]
     if s == 1:  # EPLB keeps the identity when every device has one slot
         return [[i] for i in range(n)]
-    heap = [(0.0, d) for d in range(n)]
-    for i in heaviest_first if heaviest_first is not None else _heaviest_first(w):
+    order = heaviest_first if heaviest_first is not None else _heaviest_first(w)
+    # the n heaviest go one per device, in device order (every device is empty and ties go low)
+    for d, i in enumerate(order[:n]):
+        bins[d].append(i)
+    heap = [(w[i], d) for d, i in enumerate(order[:n])]
+    heapq.heapify(heap)
+    for i in order[n:]:
         load, d = heap[0]
         bins[d].append(i)
         if len(bins[d]) < s:
