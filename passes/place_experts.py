@@ -399,24 +399,27 @@ def _evaluate(lp: LayerProblem, n: int, phy2log: list[int], act_bytes: int) -> L
 
 
 def _replicate(load: list[float], redundant: int, tiebreak: list | None = None,
-               offset: float = 0.0) -> tuple[list[int], list[int]]:
+               offset: float = 0.0) -> tuple[list[int], list[int], bool]:
     """Greedy replication: each extra replica goes to the expert with the highest load / (replicas -
     offset). offset 0 is EPLB's rule (the highest load per replica: D'Hondt apportionment); offset
     0.5 is Sainte-Lague/Webster, which makes fewer replicas of mid-sized experts that are only a bit
     too heavy and so leaves fewer awkward half-device items to pack. Ties: lowest `tiebreak` (default
     the expert id, as EPLB). Returns (replicas per expert, logical expert of each replica in EPLB's
-    physical order: experts 0..E-1, then the extra replicas in the order they were added)."""
+    physical order: experts 0..E-1, then the extra replicas in the order they were added, whether a
+    pick had a rival of equal priority: without one, every tie-break gives the same result)."""
     cnt = [1] * len(load)
     order = list(range(len(load)))
     tb = tiebreak if tiebreak is not None else order
     heap = [(-w / (1.0 - offset), tb[i], i) for i, w in enumerate(load)]
     heapq.heapify(heap)
+    tied = False
     for _ in range(redundant):
-        _, t, i = heap[0]
+        key, t, i = heap[0]
+        tied = tied or any(c < len(heap) and heap[c][0] == key for c in (1, 2))  # the runner-up is a child
         order.append(i)
         cnt[i] += 1
         heapq.heapreplace(heap, (-load[i] / (cnt[i] - offset), t, i))
-    return cnt, order
+    return cnt, order, tied
 
 
 def _heaviest_first(w: list[float]) -> list[int]:
@@ -791,7 +794,7 @@ def eplb_baseline(problem: PlacementProblem) -> Plan:
     n, r = problem.num_devices, problem.redundant
     layers = []
     for lp in problem.layers:
-        cnt, item_log = _replicate(lp.load, r)
+        cnt, item_log, _ = _replicate(lp.load, r)
         w = [lp.load[x] / cnt[x] for x in item_log]
         bins = _lpt(w, n, len(w) // n)
         layers.append(_evaluate(lp, n, _phy2log(bins, item_log, sort=False), problem.activation_bytes))
@@ -862,21 +865,24 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
     mc = mcap if hetero else None
     iters = 4 * n + 16
 
-    # replication variants: EPLB's rule first (its LPT packing is EPLB's plan), then Webster's
-    eplb = _Items(lp, *_replicate(lp.load, r), gof)
-    variants = [eplb]
-    tb = None
-    if local and r:
-        # ties in load per replica go to the groups in turn (in proportion to their sizes), so the
-        # half-load replicas of a uniform profile do not all belong to the first group; kept only
-        # when the replica loads are the same multiset as EPLB's (then balance is unaffected)
-        tb = layout.tiebreak
-        alt = _Items(lp, *_replicate(lp.load, r, tb), gof)
-        if alt.cnt == eplb.cnt or sorted(alt.w) == sorted(eplb.w):
-            variants[0] = alt
+    # replication variants: EPLB's rule first (its LPT packing is EPLB's plan), then Webster's.
+    # With groups, ties in load per replica go to the groups in turn (in proportion to their sizes),
+    # so the half-load replicas of a uniform profile do not all belong to the first group; kept only
+    # when the replica loads are the same multiset as EPLB's (then balance is unaffected). Without a
+    # tie on the way, EPLB's own tie-break picks exactly the same.
+    tb = layout.tiebreak if local and r else None
+    cnt, log, tied = _replicate(lp.load, r, tb)
+    first = eplb = _Items(lp, cnt, log, gof)
+    if tb is not None and tied:
+        cnt, log, _ = _replicate(lp.load, r)
+        eplb = _Items(lp, cnt, log, gof)
+        if first.cnt != eplb.cnt and sorted(first.w) != sorted(eplb.w):
+            first = eplb
+    variants = [first]
     if r:
-        web = _Items(lp, *_replicate(lp.load, r, tb, offset=0.5), gof)
-        if web.cnt != variants[0].cnt:
+        cnt, log, _ = _replicate(lp.load, r, tb, offset=0.5)
+        web = _Items(lp, cnt, log, gof)
+        if web.cnt != first.cnt:
             variants.append(web)
     s = len(eplb.w) // n
     # variants[0] has EPLB's replica loads, so its LPT packing has EPLB's device loads
@@ -984,7 +990,8 @@ def _lean_items(lp: LayerProblem, r: int, gof: list[int]) -> _Items:
     """Replication that only copies the smallest experts (the least memory), by EPLB's rule."""
     small = min(lp.expert_bytes)
     lean_load = [x if b == small else -1.0 for x, b in zip(lp.load, lp.expert_bytes)]
-    return _Items(lp, *_replicate(lean_load, r), gof)
+    cnt, log, _ = _replicate(lean_load, r)
+    return _Items(lp, cnt, log, gof)
 
 
 def _memory_plan(problem: PlacementProblem) -> list[tuple[_Items, list[list[int]]]]:
