@@ -492,6 +492,27 @@ def _load_lower_bound(w: list[float], n: int, s: int) -> float:
     return max(math.fsum(w) / n, max(w, default=0.0) + math.fsum(lightest))
 
 
+def _best_swap_in_memory(kd: list[float], on_d: list[int], ke: list[float], on_e: list[int], ld: float,
+                         le: float, best: float, eps: float, ib: list[int], room_d: float,
+                         room_e: float) -> tuple[float, int, int, float] | None:
+    """The swap of a replica of device d with one of device e (each's loads ascending) that gives
+    the lowest max(ld - x, le + x) below `best`, within both devices' free memory; None if none."""
+    found = None
+    gap = ld - le
+    for ia in range(len(kd) - 1, -1, -1):  # heaviest first: stop once nothing on e is lighter
+        wa = kd[ia]
+        if wa - ke[0] <= eps:
+            break
+        for jj, wb in enumerate(ke):
+            x = wa - wb
+            if eps < x < gap - eps and max(ld - x, le + x) < best:
+                a, b = on_d[ia], on_e[jj]
+                if ib[b] - ib[a] <= room_d and ib[a] - ib[b] <= room_e:
+                    best = max(ld - x, le + x)
+                    found = (best, a, b, x)
+    return found
+
+
 def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[int], ib: list[int] | None,
                     cap: list[float] | None, max_iters: int) -> None:
     """Pairwise swaps that lower the most loaded device, best swap first, until none helps.
@@ -519,40 +540,33 @@ def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[
         top = len(kd) - 1
         # a swap that takes d below the runner-up lowers the global max as far as one swap can
         enough = ranked[-2][0] if n > 1 else ld
-        for le, e in ranked:
+        for le, e in ranked:  # d itself (and any device as loaded) ends the scan
             if (ld + le) / 2 >= best or (move is not None and best <= enough):
                 break
-            if e == d:
-                continue
             gap = ld - le
             half, hi = gap / 2, gap - eps
             ke = keys[e]
             m, k0 = len(ke), ke[0]
+            if mem is not None:
+                swap = _best_swap_in_memory(kd, idd, ke, items[e], ld, le, best, eps, ib,
+                                            cap[d] - mem[d], cap[e] - mem[e])
+                if swap is not None:
+                    best, a, b, x = swap
+                    move = (a, b, e, x)
+                continue
             for ia in range(top, -1, -1):  # heaviest first: stop once nothing on e is lighter
                 wa = kd[ia]
                 if wa - k0 <= eps:
                     break
-                if mem is None:
-                    # the partners worth trying: the loads on e on either side of wa - half
-                    j = bisect_left(ke, wa - half)
-                    x = wa - ke[j - 1]
+                # the partners worth trying: the loads on e on either side of wa - half
+                j = bisect_left(ke, wa - half)
+                x = wa - ke[j - 1]
+                if eps < x < hi and max(ld - x, le + x) < best:
+                    best, move = max(ld - x, le + x), (idd[ia], items[e][j - 1], e, x)
+                if j < m:
+                    x = wa - ke[j]
                     if eps < x < hi and max(ld - x, le + x) < best:
-                        best, move = max(ld - x, le + x), (idd[ia], items[e][j - 1], e, x)
-                    if j < m:
-                        x = wa - ke[j]
-                        if eps < x < hi and max(ld - x, le + x) < best:
-                            best, move = max(ld - x, le + x), (idd[ia], items[e][j], e, x)
-                    continue
-                for jj in range(m):
-                    x = wa - ke[jj]
-                    if eps < x < hi:
-                        nm = max(ld - x, le + x)
-                        if nm < best:
-                            a, b = idd[ia], items[e][jj]
-                            if (mem[d] - ib[a] + ib[b] > cap[d]
-                                    or mem[e] + ib[a] - ib[b] > cap[e]):
-                                continue
-                            best, move = nm, (a, b, e, x)
+                        best, move = max(ld - x, le + x), (idd[ia], items[e][j], e, x)
         if move is None:
             break
         a, b, e, x = move
