@@ -415,7 +415,8 @@ def _replicate(load: list[float], redundant: int, tiebreak: list | None = None,
     tied = False
     for _ in range(redundant):
         key, t, i = heap[0]
-        tied = tied or any(c < len(heap) and heap[c][0] == key for c in (1, 2))  # the runner-up is a child
+        if not tied and len(heap) > 1:  # the runner-up is a child of the top
+            tied = heap[1][0] == key or (len(heap) > 2 and heap[2][0] == key)
         order.append(i)
         cnt[i] += 1
         heapq.heapreplace(heap, (-load[i] / (cnt[i] - offset), t, i))
