@@ -215,7 +215,7 @@ def _validate(problem: PlacementProblem) -> None:
             raise PlacementError(f"{where} has no experts")
         if len(lp.expert_bytes) != e:
             raise PlacementError(f"{where}: {len(lp.expert_bytes)} expert sizes for {e} experts")
-        if any(not math.isfinite(x) or x < 0 for x in lp.load):
+        if not all(map(math.isfinite, lp.load)) or min(lp.load) < 0:
             raise PlacementError(f"{where}: expert loads must be finite and non-negative")
         if (e + r) % n:
             lo, hi = (e + r) // n * n - e, ((e + r) // n + 1) * n - e
