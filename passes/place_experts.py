@@ -857,9 +857,10 @@ class _Items:
 
     @functools.cached_property
     def rank(self) -> list[int]:
-        seen = [0] * len(self.cnt)
-        rank = []
-        for x in self.log:
+        # the first len(cnt) replicas are the experts themselves (rank 0), then the extra copies
+        seen = [1] * len(self.cnt)
+        rank = [0] * len(self.cnt)
+        for x in self.log[len(self.cnt):]:
             rank.append(seen[x])
             seen[x] += 1
         return rank
@@ -960,7 +961,10 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
         # replicas: they fit only with a few chosen partners, which group by group would go elsewhere
         heavy = set(itertools.takewhile(lambda i: 2 * w[i] > best_max, it.heaviest_first))
         start = [b if not heavy.isdisjoint(b) else [] for b in pool[0]]
-        grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start, it.heaviest_first)
+        # with most devices kept there is little left to regroup
+        kept = sum(1 for b in start if b)
+        grouped = (_group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start, it.heaviest_first)
+                   if 2 * kept <= n else None)
         for k, bins in enumerate(([grouped] if grouped is not None else []) + pool):
             bins = [list(b) for b in bins]
             _relabel(bins, w, grp, it.rank, layout.dev_order, ib)  # keeps every device's loads and bytes
