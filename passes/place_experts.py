@@ -410,7 +410,7 @@ def _replicate(load: list[float], redundant: int, tiebreak: list | None = None,
     cnt = [1] * len(load)
     order = list(range(len(load)))
     tb = tiebreak if tiebreak is not None else order
-    heap = [(-w / (1.0 - offset), tb[i], i) for i, w in enumerate(load)]
+    heap = list(zip([-w / (1.0 - offset) for w in load], tb, order))
     heapq.heapify(heap)
     tied = False
     for _ in range(redundant):
@@ -685,7 +685,7 @@ def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: lis
             dev[i] = d
             on[d][grp[i]].append(i)
     cnt = [[len(on[d][g]) for d in range(n)] for g in range(n_groups)]
-    mixed = {d for d in range(n) if sum(1 for g in range(n_groups) if cnt[g][d]) > 1}  # holding 2+ groups
+    mixed = {d for d, row in enumerate(zip(*cnt)) if n_groups - row.count(0) > 1}  # holding 2+ groups
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
     order = lightest_first
     # each group's replicas by load: the loads never change, only devices do
@@ -762,11 +762,11 @@ def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: lis
             if mem is not None:
                 mem[d] += ib[b] - ib[a]
                 mem[e] += ib[a] - ib[b]
-            for dd in (d, e):
-                if sum(1 for c in cnt if c[dd]) > 1:
-                    mixed.add(dd)
-                else:
+            for dd in (d, e):  # each holds g or h now: mixed unless one of them fills it
+                if len(bins[dd]) in (cnt[g][dd], cnt[h][dd]):
                     mixed.discard(dd)
+                else:
+                    mixed.add(dd)
             slack = lim - min(loads)
             changed = True
         if not changed:
