@@ -528,7 +528,8 @@ def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[
     loads = [math.fsum(k) for k in keys]
     total = math.fsum(loads)
     eps = 1e-12 * max(total, 1e-300)
-    lower = _load_lower_bound(w, n, len(w) // n)
+    s = len(w) // n  # replicas per device
+    lower = _load_lower_bound(w, n, s)
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
     ranked = sorted((ld, d) for d, ld in enumerate(loads))  # (load, device), kept sorted
     bisect_left = bisect.bisect_left
@@ -538,7 +539,7 @@ def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[
             break
         best, move = ld - eps, None
         kd, idd = keys[d], items[d]
-        top = len(kd) - 1
+        top = s - 1
         # a swap that takes d below the runner-up lowers the global max as far as one swap can
         enough = ranked[-2][0] if n > 1 else ld
         for le, e in ranked:  # d itself (and any device as loaded) ends the scan
@@ -547,7 +548,7 @@ def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[
             gap = ld - le
             half, hi = gap / 2, gap - eps
             ke = keys[e]
-            m, k0 = len(ke), ke[0]
+            k0 = ke[0]
             if mem is not None:
                 swap = _best_swap_in_memory(kd, idd, ke, items[e], ld, le, best, eps, ib,
                                             cap[d] - mem[d], cap[e] - mem[e])
@@ -564,7 +565,7 @@ def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[
                 x = wa - ke[j - 1]
                 if eps < x < hi and max(ld - x, le + x) < best:
                     best, move = max(ld - x, le + x), (idd[ia], items[e][j - 1], e, x)
-                if j < m:
+                if j < s:
                     x = wa - ke[j]
                     if eps < x < hi and max(ld - x, le + x) < best:
                         best, move = max(ld - x, le + x), (idd[ia], items[e][j], e, x)
@@ -694,7 +695,9 @@ def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: lis
         by_load[grp[i]].append(i)
     keys = [list(map(load_of, items)) for items in by_load]
     others = [[h for h in range(n_groups) if h != g] for g in range(n_groups)]
-    narrow = n * max(len(b) for b in bins) // 4
+    s = len(bins[0])  # slots per device
+    narrow = n * s // 4
+    most = s if use_traffic else s // 2  # a group with more replicas on a device waits for partners
     bisect_left, bisect_right = bisect.bisect_left, bisect.bisect_right
     for _ in range(max_passes):
         changed = False
@@ -703,7 +706,7 @@ def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: lis
             g, d = grp[a], dev[a]
             cg = cnt[g]
             cgd = cg[d]
-            if not use_traffic and cgd * 2 > len(bins[d]):
+            if cgd > most:
                 continue  # the group holds most of this device: its partners come to it instead
             rg = remote[g]
             wa, ld = w[a], loads[d]
