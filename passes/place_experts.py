@@ -563,11 +563,11 @@ def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[
                 # the partners worth trying: the loads on e on either side of wa - half
                 j = bisect_left(ke, wa - half)
                 x = wa - ke[j - 1]
-                if eps < x < hi and max(ld - x, le + x) < best:
+                if eps < x < hi and ld - x < best and le + x < best:
                     best, move = max(ld - x, le + x), (idd[ia], items[e][j - 1], e, x)
                 if j < s:
                     x = wa - ke[j]
-                    if eps < x < hi and max(ld - x, le + x) < best:
+                    if eps < x < hi and ld - x < best and le + x < best:
                         best, move = max(ld - x, le + x), (idd[ia], items[e][j], e, x)
         if move is None:
             break
