@@ -39,15 +39,16 @@ Algorithms
   a lower bound, a second packing by cardinality-constrained Karmarkar-Karp differencing + swaps;
   (3) locality, never costing balance: replicas of equal load are relabelled so each group fills
   consecutive devices (its home devices first), a group-by-group packing capped at the best maximum
-  is tried (devices holding a replica heavier than half that maximum keep their balanced contents),
-  and swaps between groups that keep every device under that maximum reduce traffic and devices per
-  group. (4) Under a memory limit with experts of different sizes, a memory-only plan
+  is tried (devices holding a replica heavier than half that maximum keep their balanced contents;
+  not tried when that keeps most devices), and swaps between groups that keep every device under
+  that maximum reduce traffic and devices per group. (4) Under a memory limit with experts of different sizes, a memory-only plan
   over all layers (largest replicas first onto the emptiest device, then exchanges) fixes each
   layer's budget, and every swap respects it. EPLB's own plan is the fallback if anything ends up
   worse, so `place` is never worse than `eplb_baseline` on max/mean load (exactly rounded sums).
 
-Speed: pure Python; 256 experts x 64 devices x 61 layers takes about 30 ms (R = 0) to 90 ms
-(R = 64) on one core, EPLB about 20 ms (`benchmarks/placement.py`).
+Speed: pure Python; 256 experts x 64 devices x 61 layers takes about 20 ms (R = 0) to 70 ms
+(R = 64) on one core, about 60 ms and 100 ms with two modality groups; EPLB about 15 ms
+(`benchmarks/placement.py`).
 """
 
 from __future__ import annotations
