@@ -39,20 +39,25 @@ Algorithms
   a lower bound, a second packing by cardinality-constrained Karmarkar-Karp differencing + swaps;
   (3) locality, never costing balance: replicas of equal load are relabelled so each group fills
   consecutive devices (its home devices first), a group-by-group packing capped at the best maximum
-  is tried, and swaps between groups that keep every device under that maximum reduce traffic and
-  devices per group. (4) Under a memory limit with experts of different sizes, a memory-only plan
+  is tried (devices holding a replica heavier than half that maximum keep their balanced contents;
+  not tried when that keeps most devices), and swaps between groups that keep every device under
+  that maximum reduce traffic and devices per group. (4) Under a memory limit with experts of different sizes, a memory-only plan
   over all layers (largest replicas first onto the emptiest device, then exchanges) fixes each
   layer's budget, and every swap respects it. EPLB's own plan is the fallback if anything ends up
   worse, so `place` is never worse than `eplb_baseline` on max/mean load (exactly rounded sums).
 
-Speed: pure Python; 256 experts x 64 devices x 61 layers takes about 30 ms (R = 0) to 90 ms
-(R = 64) on one core, EPLB about 20 ms (`benchmarks/placement.py`).
+Speed: pure Python; 256 experts x 64 devices x 61 layers takes about 20 ms (R = 0) to 70 ms
+(R = 64) on one core, about 60 ms and 100 ms with two modality groups; EPLB about 15 ms
+(`benchmarks/placement.py`).
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
+import functools
 import heapq
+import itertools
 import json
 import math
 import re
@@ -211,7 +216,7 @@ def _validate(problem: PlacementProblem) -> None:
             raise PlacementError(f"{where} has no experts")
         if len(lp.expert_bytes) != e:
             raise PlacementError(f"{where}: {len(lp.expert_bytes)} expert sizes for {e} experts")
-        if any(not math.isfinite(x) or x < 0 for x in lp.load):
+        if not all(map(math.isfinite, lp.load)) or min(lp.load) < 0:
             raise PlacementError(f"{where}: expert loads must be finite and non-negative")
         if (e + r) % n:
             lo, hi = (e + r) // n * n - e, ((e + r) // n + 1) * n - e
@@ -340,20 +345,29 @@ class Plan:
 
 
 # ---- shared pieces -------------------------------------------------------------------------------
-def _group_of(lp: LayerProblem) -> list[int]:
-    out = []
-    for gi, g in enumerate(lp.groups):
-        out += [gi] * g.size
-    return out
+@dataclass(frozen=True)
+class _Layout:
+    """What depends only on a layer's groups and the device count (shared by layers alike)."""
+
+    group_of: list[int]  # group of each logical expert
+    remote: list[list[float]]  # [group][device] -> fraction of the group's tokens not homed there
+    tiebreak: list[tuple[float, int]]  # replication ties go to the groups in turn, by position
+    dev_order: list[int]  # devices in the order the groups fill them
 
 
-def _remote_fraction(lp: LayerProblem, n: int) -> list[list[float]]:
-    """[group][device] -> fraction of the group's tokens that are not homed on that device."""
-    rows = []
-    for g in lp.groups:
+@functools.lru_cache(maxsize=64)
+def _layout(groups: tuple[ExpertGroup, ...], n: int) -> _Layout:
+    group_of = [gi for gi, g in enumerate(groups) for _ in range(g.size)]
+    remote = []
+    for g in groups:
         homes = set(g.home_devices) if g.home_devices else set(range(n))
-        rows.append([1.0 - (1.0 / len(homes) if d in homes else 0.0) for d in range(n)])
-    return rows
+        remote.append([1.0 - (1.0 / len(homes) if d in homes else 0.0) for d in range(n)])
+    tiebreak = [((x - groups[gi].start) / groups[gi].size, gi) for x, gi in enumerate(group_of)]
+    # a device goes to the group whose tokens it homes (lowest remote fraction), in declaration
+    # order; without homes, natural order
+    owner = [min(range(len(groups)), key=lambda g: (remote[g][d], g)) for d in range(n)]
+    dev_order = sorted(range(n), key=lambda d: (owner[d], d))
+    return _Layout(group_of, remote, tiebreak, dev_order)
 
 
 def _evaluate(lp: LayerProblem, n: int, phy2log: list[int], act_bytes: int) -> LayerPlan:
@@ -363,68 +377,85 @@ def _evaluate(lp: LayerProblem, n: int, phy2log: list[int], act_bytes: int) -> L
     for x in phy2log:
         logcnt[x] += 1
     per_replica = [lp.load[x] / logcnt[x] if logcnt[x] else 0.0 for x in range(e)]
-    grp = _group_of(lp)
-    remote = _remote_fraction(lp, n)
+    layout = _layout(tuple(lp.groups), n)
+    grp, remote = layout.group_of, layout.remote
     per_token = 2.0 * lp.d_model * act_bytes
-    eb = lp.expert_bytes
-    loads, mem, traffic = [], [], []
+    slot_load = [per_replica[x] for x in phy2log]
+    slot_bytes = [lp.expert_bytes[x] for x in phy2log]
+    slot_group = [grp[x] for x in phy2log]
+    devices = [slice(d * s, (d + 1) * s) for d in range(n)]
+    # exactly rounded: the same multiset always gives the same sum
+    loads = [math.fsum(slot_load[sl]) for sl in devices]
+    mem = [sum(slot_bytes[sl]) for sl in devices]
+    traffic = [0.0] * n
+    if per_token:
+        traffic = [math.fsum(wi * remote[g][d] for wi, g in zip(slot_load[sl], slot_group[sl])) * per_token
+                   for d, sl in enumerate(devices)]
     spread = [0] * len(lp.groups)
-    for d in range(n):
-        slots = phy2log[d * s:(d + 1) * s]
-        w = [per_replica[x] for x in slots]
-        loads.append(math.fsum(w))  # exactly rounded: the same multiset always gives the same sum
-        mem.append(sum(eb[x] for x in slots))
-        if per_token:
-            traffic.append(math.fsum(wi * remote[grp[x]][d] for wi, x in zip(w, slots)) * per_token)
-        else:
-            traffic.append(0.0)
-        for g in {grp[x] for x in slots}:
+    for sl in devices:
+        for g in set(slot_group[sl]):
             spread[g] += 1
     return LayerPlan(lp.layer, lp.name, list(phy2log), logcnt, loads, mem, traffic,
                      {g.name: c for g, c in zip(lp.groups, spread)}, math.fsum(lp.load))
 
 
 def _replicate(load: list[float], redundant: int, tiebreak: list | None = None,
-               offset: float = 0.0) -> tuple[list[int], list[int]]:
+               offset: float = 0.0) -> tuple[list[int], list[int], bool]:
     """Greedy replication: each extra replica goes to the expert with the highest load / (replicas -
     offset). offset 0 is EPLB's rule (the highest load per replica: D'Hondt apportionment); offset
     0.5 is Sainte-Lague/Webster, which makes fewer replicas of mid-sized experts that are only a bit
     too heavy and so leaves fewer awkward half-device items to pack. Ties: lowest `tiebreak` (default
     the expert id, as EPLB). Returns (replicas per expert, logical expert of each replica in EPLB's
-    physical order: experts 0..E-1, then the extra replicas in the order they were added)."""
+    physical order: experts 0..E-1, then the extra replicas in the order they were added, whether a
+    pick had a rival of equal priority: without one, every tie-break gives the same result)."""
     cnt = [1] * len(load)
     order = list(range(len(load)))
     tb = tiebreak if tiebreak is not None else order
-    heap = [(-w / (1.0 - offset), tb[i], i) for i, w in enumerate(load)]
+    heap = list(zip([-w / (1.0 - offset) for w in load], tb, order))
     heapq.heapify(heap)
+    tied = False
     for _ in range(redundant):
-        _, t, i = heapq.heappop(heap)
+        key, t, i = heap[0]
+        if not tied and len(heap) > 1:  # the runner-up is a child of the top
+            tied = heap[1][0] == key or (len(heap) > 2 and heap[2][0] == key)
         order.append(i)
         cnt[i] += 1
-        heapq.heappush(heap, (-load[i] / (cnt[i] - offset), t, i))
-    return cnt, order
+        heapq.heapreplace(heap, (-load[i] / (cnt[i] - offset), t, i))
+    return cnt, order, tied
 
 
-def _lpt(w: list[float], n: int, s: int) -> list[list[int]]:
+def _heaviest_first(w: list[float]) -> list[int]:
+    """Item indices by weight descending; equal weights in index order."""
+    return sorted(range(len(w)), key=[-x for x in w].__getitem__)
+
+
+def _lpt(w: list[float], n: int, s: int, heaviest_first: list[int] | None = None) -> list[list[int]]:
     """EPLB's balanced packing: items by weight descending (stable), each onto the least-loaded
     device with a free slot (lowest index on ties). Returns the items of each device in order."""
     bins: list[list[int]] = [[] for _ in range(n)]
     if s == 1:  # EPLB keeps the identity when every device has one slot
         return [[i] for i in range(n)]
-    heap = [(0.0, d) for d in range(n)]
-    for i in sorted(range(len(w)), key=lambda i: -w[i]):
-        load, d = heapq.heappop(heap)
+    order = heaviest_first if heaviest_first is not None else _heaviest_first(w)
+    # the n heaviest go one per device, in device order (every device is empty and ties go low)
+    for d, i in enumerate(order[:n]):
+        bins[d].append(i)
+    heap = [(w[i], d) for d, i in enumerate(order[:n])]
+    heapq.heapify(heap)
+    for i in order[n:]:
+        load, d = heap[0]
         bins[d].append(i)
         if len(bins[d]) < s:
-            heapq.heappush(heap, (load + w[i], d))
+            heapq.heapreplace(heap, (load + w[i], d))
+        else:
+            heapq.heappop(heap)
     return bins
 
 
-def _kk(w: list[float], n: int, s: int) -> list[list[int]]:
+def _kk(w: list[float], n: int, s: int, heaviest_first: list[int]) -> list[list[int]]:
     """Balanced largest differencing (Karmarkar-Karp with equal cardinality): items sorted descending
     are cut into s blocks of n (one item per device); the two partial partitions with the largest
     spread are merged repeatedly, pairing the heaviest subsets of one with the lightest of the other."""
-    order = sorted(range(len(w)), key=lambda i: -w[i])
+    order = heaviest_first
     heap = []
     for k in range(s):
         part = [(w[i], [i]) for i in order[k * n:(k + 1) * n]]  # already descending
@@ -441,7 +472,8 @@ def _kk(w: list[float], n: int, s: int) -> list[list[int]]:
     return [items for _, items in heap[0][2]]
 
 
-def _sorted_bins(bins: list[list[int]], w: list[float]) -> tuple[list[list[int]], list[list[float]]]:
+def _sorted_bins(bins: list[list[int]], w: list[float],
+                 lightest_first: list[int]) -> tuple[list[list[int]], list[list[float]]]:
     """Each device's items and their loads, ascending by load (one global sort)."""
     dev = [0] * len(w)
     for d, b in enumerate(bins):
@@ -449,14 +481,42 @@ def _sorted_bins(bins: list[list[int]], w: list[float]) -> tuple[list[list[int]]
             dev[i] = d
     items: list[list[int]] = [[] for _ in bins]
     keys: list[list[float]] = [[] for _ in bins]
-    for i in sorted(range(len(w)), key=w.__getitem__):
+    for i in lightest_first:
         items[dev[i]].append(i)
         keys[dev[i]].append(w[i])
     return items, keys
 
 
-def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None, cap: list[float] | None,
-                    max_iters: int) -> None:
+def _load_lower_bound(w: list[float], n: int, s: int) -> float:
+    """No packing of loads `w` onto n devices x s slots has a lower maximum: the mean, and the
+    device holding the heaviest replica also holds s-1 others, at least the s-1 lightest."""
+    lightest = heapq.nsmallest(s - 1, w) if s > 1 else []
+    return max(math.fsum(w) / n, max(w, default=0.0) + math.fsum(lightest))
+
+
+def _best_swap_in_memory(kd: list[float], on_d: list[int], ke: list[float], on_e: list[int], ld: float,
+                         le: float, best: float, eps: float, ib: list[int], room_d: float,
+                         room_e: float) -> tuple[float, int, int, float] | None:
+    """The swap of a replica of device d with one of device e (each's loads ascending) that gives
+    the lowest max(ld - x, le + x) below `best`, within both devices' free memory; None if none."""
+    found = None
+    gap = ld - le
+    for ia in range(len(kd) - 1, -1, -1):  # heaviest first: stop once nothing on e is lighter
+        wa = kd[ia]
+        if wa - ke[0] <= eps:
+            break
+        for jj, wb in enumerate(ke):
+            x = wa - wb
+            if eps < x < gap - eps and max(ld - x, le + x) < best:
+                a, b = on_d[ia], on_e[jj]
+                if ib[b] - ib[a] <= room_d and ib[a] - ib[b] <= room_e:
+                    best = max(ld - x, le + x)
+                    found = (best, a, b, x)
+    return found
+
+
+def _refine_balance(bins: list[list[int]], w: list[float], lightest_first: list[int], ib: list[int] | None,
+                    cap: list[float] | None, max_iters: int) -> None:
     """Pairwise swaps that lower the most loaded device, best swap first, until none helps.
 
     For the max device d and another device e with gap = L[d] - L[e], swapping a (on d) with b (on e)
@@ -465,50 +525,51 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
     from the lightest up and the scan stops once (L[d] + L[e]) / 2 cannot beat the best swap found.
     With memory caps (`ib` item bytes, `cap` per device), swaps must keep both devices within them."""
     n = len(bins)
-    items, keys = _sorted_bins(bins, w)
+    items, keys = _sorted_bins(bins, w, lightest_first)
     loads = [math.fsum(k) for k in keys]
     total = math.fsum(loads)
     eps = 1e-12 * max(total, 1e-300)
-    lower = max(total / n, max(w, default=0.0))
+    s = len(w) // n  # replicas per device
+    lower = _load_lower_bound(w, n, s)
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
     ranked = sorted((ld, d) for d, ld in enumerate(loads))  # (load, device), kept sorted
+    bisect_left = bisect.bisect_left
     for _ in range(max_iters):
         ld, d = ranked[-1]
         if ld <= lower + eps:
             break
         best, move = ld - eps, None
         kd, idd = keys[d], items[d]
-        top = len(kd) - 1
+        top = s - 1
         # a swap that takes d below the runner-up lowers the global max as far as one swap can
         enough = ranked[-2][0] if n > 1 else ld
-        for le, e in ranked:
+        for le, e in ranked:  # d itself (and any device as loaded) ends the scan
             if (ld + le) / 2 >= best or (move is not None and best <= enough):
                 break
-            if e == d:
-                continue
             gap = ld - le
             half, hi = gap / 2, gap - eps
             ke = keys[e]
-            m, k0 = len(ke), ke[0]
+            k0 = ke[0]
+            if mem is not None:
+                swap = _best_swap_in_memory(kd, idd, ke, items[e], ld, le, best, eps, ib,
+                                            cap[d] - mem[d], cap[e] - mem[e])
+                if swap is not None:
+                    best, a, b, x = swap
+                    move = (a, b, e, x)
+                continue
             for ia in range(top, -1, -1):  # heaviest first: stop once nothing on e is lighter
                 wa = kd[ia]
                 if wa - k0 <= eps:
                     break
-                if mem is None:
-                    j = bisect.bisect_left(ke, wa - half)
-                    cands = (j - 1, j) if j < m else (j - 1,)
-                else:
-                    cands = range(m)
-                for jj in cands:
-                    x = wa - ke[jj]
-                    if eps < x < hi:
-                        nm = max(ld - x, le + x)
-                        if nm < best:
-                            a, b = idd[ia], items[e][jj]
-                            if mem is not None and (mem[d] - ib[a] + ib[b] > cap[d]
-                                                    or mem[e] + ib[a] - ib[b] > cap[e]):
-                                continue
-                            best, move = nm, (a, b, e, x)
+                # the partners worth trying: the loads on e on either side of wa - half
+                j = bisect_left(ke, wa - half)
+                x = wa - ke[j - 1]
+                if eps < x < hi and ld - x < best and le + x < best:
+                    best, move = max(ld - x, le + x), (idd[ia], items[e][j - 1], e, x)
+                if j < s:
+                    x = wa - ke[j]
+                    if eps < x < hi and ld - x < best and le + x < best:
+                        best, move = max(ld - x, le + x), (idd[ia], items[e][j], e, x)
         if move is None:
             break
         a, b, e, x = move
@@ -530,19 +591,29 @@ def _refine_balance(bins: list[list[int]], w: list[float], ib: list[int] | None,
 
 def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, cap: float,
                 remote: list[list[float]], ib: list[int] | None,
-                mcap: list[float] | None) -> list[list[int]] | None:
-    """Group by group (declaration order), heaviest replica first: onto a device this group already
+                mcap: list[float] | None, start: list[list[int]], heaviest_first: list[int]) -> list[list[int]] | None:
+    """The devices of `start` that hold replicas keep them (they are full); the other replicas go
+    group by group (declaration order), heaviest replica first: onto a device this group already
     uses (the fullest that still fits under `cap`), else onto a fresh device (home devices first,
-    then the emptiest, then the lightest). None when something does not fit."""
-    bins: list[list[int]] = [[] for _ in range(n)]
-    loads = [0.0] * n
-    mem = [0] * n
+    then the emptiest, then the lightest). None when something does not fit, as soon as a device
+    cannot be filled: every slot gets a replica, so a device with f free slots will carry at least
+    the f lightest replicas not placed yet."""
+    bins = [list(b) for b in start]
+    loads = [math.fsum([w[i] for i in b]) for b in bins]
+    mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else [0] * n
+    placed = {i for b in bins for i in b}
     by_group: list[list[int]] = [[] for _ in range(n_groups)]
-    for i in sorted(range(len(w)), key=lambda i: -w[i]):
-        by_group[grp[i]].append(i)
+    for i in heaviest_first:
+        if i not in placed:
+            by_group[grp[i]].append(i)
+    rest = [w[i] for i in reversed(heaviest_first) if i not in placed]  # loads of the replicas not placed yet
+    lightest = list(itertools.accumulate(rest[:s], initial=0.0))  # sums of the k lightest of them
+    over = cap + 1e-9 * abs(cap)
     for g, mine in enumerate(by_group):
         rg = remote[g]
         open_: list[int] = []  # devices of this group with a free slot
+        # the others with a free slot, most preferred first (they take no replica until opened)
+        fresh = [e for *_, e in sorted((rg[e], len(bins[e]), loads[e], e) for e in range(n) if len(bins[e]) < s)]
         for i in mine:
             top = cap - w[i]
             bi = ib[i] if ib is not None else 0
@@ -553,19 +624,24 @@ def _group_pack(w: list[float], grp: list[int], n_groups: int, n: int, s: int, c
                     if best is None or key < best:
                         d, best = e, key
             if d < 0:
-                for e in range(n):
-                    if len(bins[e]) < s and loads[e] <= top and (mcap is None or mem[e] + bi <= mcap[e]):
-                        key = (rg[e], len(bins[e]), loads[e], e)
-                        if best is None or key < best:
-                            d, best = e, key
+                d = next((e for e in fresh if loads[e] <= top and (mcap is None or mem[e] + bi <= mcap[e])), -1)
                 if d < 0:
                     return None
+                fresh.remove(d)
                 open_.append(d)
             bins[d].append(i)
             loads[d] += w[i]
             mem[d] += bi
             if len(bins[d]) == s:
                 open_.remove(d)
+            k = bisect.bisect_left(rest, w[i])
+            changed = k < s and (len(rest) <= s or rest[s] != w[i])  # the lightest few are others now
+            del rest[k]
+            if changed:
+                lightest = list(itertools.accumulate(rest[:s], initial=0.0))
+            for e in open_ + fresh if changed else (d,):  # the devices with free slots
+                if loads[e] + lightest[min(s - len(bins[e]), len(rest))] > over:
+                    return None
     return bins
 
 
@@ -575,10 +651,11 @@ def _relabel(bins: list[list[int]], w: list[float], grp: list[int], rank: list[i
     such class's slots, taken in `dev_order`, to its replicas sorted by group (then replica rank, so
     copies of one expert land on different devices). Device loads and memory do not change; groups
     gather on consecutive devices."""
-    classes: dict[tuple, tuple[list, list]] = {}
+    kind = w if ib is None else list(zip(w, ib))
+    classes: dict = {}
     for d in dev_order:
         for k, i in enumerate(bins[d]):
-            slots, members = classes.setdefault((w[i], ib[i] if ib is not None else 0), ([], []))
+            slots, members = classes.setdefault(kind[i], ([], []))
             slots.append((d, k))
             members.append(i)
     for slots, members in classes.values():
@@ -588,29 +665,41 @@ def _relabel(bins: list[list[int]], w: list[float], grp: list[int], rank: list[i
                 bins[d][k] = i
 
 
-def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_groups: int,
-                      remote: list[list[float]], use_traffic: bool, cap: float, ib: list[int] | None,
-                      mcap: list[float] | None, max_passes: int = 2) -> None:
+def _improve_locality(bins: list[list[int]], w: list[float], lightest_first: list[int], grp: list[int],
+                      n_groups: int, remote: list[list[float]], use_traffic: bool, cap: float,
+                      ib: list[int] | None, mcap: list[float] | None, max_passes: int = 2) -> None:
     """Swaps of replicas of different groups that keep every device at or under `cap` (the best max
     load) and improve (traffic, devices per group, sum of squared per-device group counts)
     lexicographically. A swap that changes loads must stay cap * 1e-9 below the cap, so rounding
-    can never lift the maximum; swapping equal loads is always allowed. Partners of a replica come
-    from the window of loads the caps allow (bisection in all replicas sorted by load) when that
-    window is narrow, else from the devices where its group is at least as present."""
+    can never lift the maximum; swapping equal loads is always allowed. Without traffic, only
+    replicas whose group holds at most half of their device look for a move. Partners of a replica are
+    the other groups' replicas whose load lies in the window the caps allow (bisection in each
+    group's replicas sorted by load) when that window is narrow, else the other groups' replicas on
+    the devices where its group is at least as present."""
     n = len(bins)
-    loads = [math.fsum(w[i] for i in b) for b in bins]
+    load_of = w.__getitem__
+    loads = [math.fsum(map(load_of, b)) for b in bins]
     lim = cap - 1e-9 * cap
     dev = [0] * len(w)
+    on = [[[] for _ in range(n_groups)] for _ in range(n)]  # [device][group] -> its replicas there
     for d, b in enumerate(bins):
         for i in b:
             dev[i] = d
-    cnt = [[0] * n for _ in range(n_groups)]
-    for i, g in enumerate(grp):
-        cnt[g][dev[i]] += 1
+            on[d][grp[i]].append(i)
+    cnt = [[len(on[d][g]) for d in range(n)] for g in range(n_groups)]
+    mixed = {d for d, row in enumerate(zip(*cnt)) if n_groups - row.count(0) > 1}  # holding 2+ groups
     mem = [sum(ib[i] for i in b) for b in bins] if ib is not None else None
-    order = sorted(range(len(w)), key=w.__getitem__)
-    gw = [w[i] for i in order]  # every replica by load: the loads never change, only devices do
-    s = max(len(b) for b in bins)
+    order = lightest_first
+    # each group's replicas by load: the loads never change, only devices do
+    by_load: list[list[int]] = [[] for _ in range(n_groups)]
+    for i in order:
+        by_load[grp[i]].append(i)
+    keys = [list(map(load_of, items)) for items in by_load]
+    others = [[h for h in range(n_groups) if h != g] for g in range(n_groups)]
+    s = len(bins[0])  # slots per device
+    narrow = n * s // 4
+    most = s if use_traffic else s // 2  # a group with more replicas on a device waits for partners
+    bisect_left, bisect_right = bisect.bisect_left, bisect.bisect_right
     for _ in range(max_passes):
         changed = False
         slack = lim - min(loads)
@@ -618,36 +707,35 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
             g, d = grp[a], dev[a]
             cg = cnt[g]
             cgd = cg[d]
-            if not use_traffic and cgd == len(bins[d]):
-                continue  # a device holding only this group: nothing to gain
+            if cgd > most:
+                continue  # the group holds most of this device: its partners come to it instead
             rg = remote[g]
             wa, ld = w[a], loads[d]
-            hi = wa + lim - ld  # w[b] <= hi keeps device d under the cap
-            # partners: replicas whose load lies in the window the caps allow (plus equal loads),
-            # from the global list when that window is narrow, else from the target devices
-            j0, j1 = bisect.bisect_left(gw, wa - slack), bisect.bisect_right(gw, hi)
-            q0, q1 = bisect.bisect_left(gw, wa), bisect.bisect_right(gw, wa)
-            width = max(j1 - j0, 0) + (q1 - q0)
-            if width <= n * s // 4:
-                idx = range(j0, j1) if j0 < j1 else ()
-                if q0 < q1 and (q0 < j0 or q1 > j1):
-                    idx = sorted(set(idx) | set(range(q0, q1)))
-                cand = [(dev[order[k]], order[k]) for k in idx]
-            else:
-                cand = [(e, b) for e in range(n)
-                        if e != d and (cg[e] >= cgd or (use_traffic and rg[e] < rg[d])) for b in bins[e]]
+            lo, hi = wa - slack, wa + lim - ld  # w[b] <= hi keeps device d under the cap
+            cand = []
+            for h in others[g]:
+                kh = keys[h]
+                j0 = bisect_left(kh, lo)
+                j1 = bisect_right(kh, hi, j0)
+                cand += by_load[h][j0:j1]
+                if hi < wa:  # equal loads may always swap
+                    q0 = bisect_left(kh, wa, j1)
+                    cand += by_load[h][q0:bisect_right(kh, wa, q0)]
+            if len(cand) > narrow:  # a wide window: the devices where this group is at least as present
+                devices = range(n) if use_traffic else mixed
+                cand = [b for e in devices if e != d and (cg[e] >= cgd or (use_traffic and rg[e] < rg[d]))
+                        for h in others[g] for b in on[e][h]]
             best, move = (0.0, 0, 0), None
-            for e, b in cand:
+            for b in cand:
+                e = dev[b]
                 if e == d or (cg[e] < cgd and not (use_traffic and rg[e] < rg[d])):
-                    continue
-                h = grp[b]
-                if h == g:
                     continue
                 x = wa - w[b]
                 if x != 0.0 and (ld - x > lim or loads[e] + x > lim):
                     continue
                 if mem is not None and (mem[d] - ib[a] + ib[b] > mcap[d] or mem[e] + ib[a] - ib[b] > mcap[e]):
                     continue
+                h = grp[b]
                 ch = cnt[h]
                 spread = (cgd == 1) - (cg[e] == 0) + (ch[e] == 1) - (ch[d] == 0)
                 sq = 2 * (cg[e] - cgd) + 2 * (ch[d] - ch[e]) + 4
@@ -664,6 +752,10 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
             h = grp[b]
             bins[d][bins[d].index(a)] = b
             bins[e][bins[e].index(b)] = a
+            on[d][g].remove(a)
+            on[e][h].remove(b)
+            on[e][g].append(a)
+            on[d][h].append(b)
             dev[a], dev[b] = e, d
             cnt[g][d] -= 1
             cnt[g][e] += 1
@@ -674,6 +766,11 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
             if mem is not None:
                 mem[d] += ib[b] - ib[a]
                 mem[e] += ib[a] - ib[b]
+            for dd in (d, e):  # each holds g or h now: mixed unless one of them fills it
+                if len(bins[dd]) in (cnt[g][dd], cnt[h][dd]):
+                    mixed.discard(dd)
+                else:
+                    mixed.add(dd)
             slack = lim - min(loads)
             changed = True
         if not changed:
@@ -682,8 +779,9 @@ def _improve_locality(bins: list[list[int]], w: list[float], grp: list[int], n_g
 
 def _phy2log(bins: list[list[int]], item_log: list[int], sort: bool) -> list[int]:
     out = []
+    log_of = item_log.__getitem__
     for b in bins:
-        out += sorted(item_log[i] for i in b) if sort else [item_log[i] for i in b]
+        out += sorted(map(log_of, b)) if sort else map(log_of, b)
     return out
 
 
@@ -715,7 +813,7 @@ def eplb_baseline(problem: PlacementProblem) -> Plan:
     n, r = problem.num_devices, problem.redundant
     layers = []
     for lp in problem.layers:
-        cnt, item_log = _replicate(lp.load, r)
+        cnt, item_log, _ = _replicate(lp.load, r)
         w = [lp.load[x] / cnt[x] for x in item_log]
         bins = _lpt(w, n, len(w) // n)
         layers.append(_evaluate(lp, n, _phy2log(bins, item_log, sort=False), problem.activation_bytes))
@@ -723,71 +821,92 @@ def eplb_baseline(problem: PlacementProblem) -> Plan:
 
 
 def _max_load(bins: list[list[int]], w: list[float]) -> float:
-    return max(math.fsum(w[i] for i in b) for b in bins)
+    load_of = w.__getitem__
+    return max([math.fsum(map(load_of, b)) for b in bins])
 
 
 def _locality_key(bins, w, grp, remote, use_traffic) -> tuple[float, int]:
     traffic = 0.0
     if use_traffic:
         traffic = math.fsum(w[i] * remote[grp[i]][d] for d, b in enumerate(bins) for i in b)
-    return traffic, sum(len({grp[i] for i in b}) for b in bins)
+    group_of = grp.__getitem__
+    return traffic, sum([len(set(map(group_of, b))) for b in bins])
 
 
 def _bins_fit(bins, ib, mcap) -> bool:
     return ib is None or all(sum(ib[i] for i in b) <= c for b, c in zip(bins, mcap))
 
 
-@dataclass
 class _Items:
-    """The replicas of one replication of a layer: logical expert, load, group, replica rank, bytes."""
+    """The replicas of one replication of a layer: logical expert, replicas of it and load of each;
+    group, replica rank and bytes when asked for."""
 
-    log: list[int]
-    w: list[float]
-    grp: list[int]
-    rank: list[int]
-    ib: list[int]
+    def __init__(self, lp: LayerProblem, cnt: list[int], log: list[int], gof: list[int]):
+        self.log, self.cnt = log, cnt
+        per_replica = [load / c for load, c in zip(lp.load, cnt)]
+        self.w = [per_replica[x] for x in log]
+        self._lp, self._gof = lp, gof
 
-    @classmethod
-    def of(cls, lp: LayerProblem, cnt: list[int], log: list[int], gof: list[int]) -> _Items:
-        seen: dict[int, int] = {}
-        rank = []
-        for x in log:
-            rank.append(seen.get(x, 0))
-            seen[x] = rank[-1] + 1
-        return cls(log, [lp.load[x] / cnt[x] for x in log], [gof[x] for x in log], rank,
-                   [lp.expert_bytes[x] for x in log])
+    @functools.cached_property
+    def heaviest_first(self) -> list[int]:
+        return _heaviest_first(self.w)
+
+    @functools.cached_property
+    def lightest_first(self) -> list[int]:  # equal loads in index order
+        return sorted(range(len(self.w)), key=self.w.__getitem__)
+
+    @functools.cached_property
+    def grp(self) -> list[int]:
+        return [self._gof[x] for x in self.log]
+
+    @functools.cached_property
+    def rank(self) -> list[int]:
+        # the first len(cnt) replicas are the experts themselves (rank 0), then the extra copies
+        seen = [1] * len(self.cnt)
+        rank = [0] * len(self.cnt)
+        for x in self.log[len(self.cnt):]:
+            rank.append(seen[x])
+            seen[x] += 1
+        return rank
+
+    @functools.cached_property
+    def ib(self) -> list[int]:
+        return [self._lp.expert_bytes[x] for x in self.log]
 
 
 def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[float] | None,
                  planned: tuple[_Items, list[list[int]]] | None = None) -> LayerPlan:
-    gof = _group_of(lp)
+    layout = _layout(tuple(lp.groups), n)
+    gof, remote = layout.group_of, layout.remote
     n_groups = len(lp.groups)
-    remote = _remote_fraction(lp, n)
     use_traffic = lp.d_model > 0 and any(g.home_devices for g in lp.groups)
     local = n_groups > 1 or use_traffic
     hetero = mcap is not None and len(set(lp.expert_bytes)) > 1
     mc = mcap if hetero else None
     iters = 4 * n + 16
 
-    # replication variants: EPLB's rule first (its LPT packing is EPLB's plan), then Webster's
-    eplb = _Items.of(lp, *_replicate(lp.load, r), gof)
-    variants = [eplb]
-    tb = None
-    if local and r:
-        # ties in load per replica go to the groups in turn (in proportion to their sizes), so the
-        # half-load replicas of a uniform profile do not all belong to the first group; kept only
-        # when the replica loads are the same multiset as EPLB's (then balance is unaffected)
-        tb = [((x - lp.groups[gof[x]].start) / lp.groups[gof[x]].size, gof[x]) for x in range(lp.num_experts)]
-        alt = _Items.of(lp, *_replicate(lp.load, r, tb), gof)
-        if sorted(alt.w) == sorted(eplb.w):
-            variants[0] = alt
+    # replication variants: EPLB's rule first (its LPT packing is EPLB's plan), then Webster's.
+    # With groups, ties in load per replica go to the groups in turn (in proportion to their sizes),
+    # so the half-load replicas of a uniform profile do not all belong to the first group; kept only
+    # when the replica loads are the same multiset as EPLB's (then balance is unaffected). Without a
+    # tie on the way, EPLB's own tie-break picks exactly the same.
+    tb = layout.tiebreak if local and r else None
+    cnt, log, tied = _replicate(lp.load, r, tb)
+    first = eplb = _Items(lp, cnt, log, gof)
+    if tb is not None and tied:
+        cnt, log, _ = _replicate(lp.load, r)
+        eplb = _Items(lp, cnt, log, gof)
+        if first.cnt != eplb.cnt and sorted(first.w) != sorted(eplb.w):
+            first = eplb
+    variants = [first]
     if r:
-        web = _Items.of(lp, *_replicate(lp.load, r, tb, offset=0.5), gof)
-        if sorted(web.log) != sorted(variants[0].log):
+        cnt, log, _ = _replicate(lp.load, r, tb, offset=0.5)
+        web = _Items(lp, cnt, log, gof)
+        if web.cnt != first.cnt:
             variants.append(web)
     s = len(eplb.w) // n
     # variants[0] has EPLB's replica loads, so its LPT packing has EPLB's device loads
-    eplb_lpt = _lpt(variants[0].w, n, s)
+    eplb_lpt = _lpt(variants[0].w, n, s, variants[0].heaviest_first)
     eplb_max = _max_load(eplb_lpt, variants[0].w)
 
     scored = []
@@ -795,22 +914,26 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
         # the variant whose LPT packing is best (ties: EPLB's) is improved by swaps (and packed a
         # second time by Karmarkar-Karp + swaps below)
         for it in variants:
-            bins = [list(b) for b in eplb_lpt] if it is variants[0] else _lpt(it.w, n, s)
-            scored.append((_max_load(bins, it.w), len(scored), it, bins))
+            if it is variants[0]:
+                bins, m = [list(b) for b in eplb_lpt], eplb_max
+            else:
+                bins = _lpt(it.w, n, s, it.heaviest_first)
+                m = _max_load(bins, it.w)
+            scored.append((m, len(scored), it, bins))
         _, _, it, bins = min(scored, key=lambda t: t[:2])
-        _refine_balance(bins, it.w, None, None, iters)
+        _refine_balance(bins, it.w, it.lightest_first, None, None, iters)
         scored = [(_max_load(bins, it.w), 0, it, bins)]
     else:
         # experts of different sizes under a memory limit: also a replication that only copies the
         # smallest experts, and packings that start memory-balanced; swaps keep every device within
         # its memory budget
-        starts = [(it, _lpt(it.w, n, s)) for it in variants]
+        starts = [(it, _lpt(it.w, n, s, it.heaviest_first)) for it in variants]
         starts += [(it, _memory_first(it.w, it.ib, n, s, mc)) for it in variants]
         if planned is not None:
             starts.append((planned[0], [list(b) for b in planned[1]]))
         for it, bins in starts:
             if bins is not None and _bins_fit(bins, it.ib, mc):
-                _refine_balance(bins, it.w, it.ib, mc, iters)
+                _refine_balance(bins, it.w, it.lightest_first, it.ib, mc, iters)
                 scored.append((_max_load(bins, it.w), len(scored), it, bins))
     if not scored:
         raise PlacementError(f"MoE layer {lp.name or lp.layer}: found no placement within the memory limit "
@@ -818,42 +941,49 @@ def _place_layer(lp: LayerProblem, n: int, r: int, act_bytes: int, mcap: list[fl
                              "devices, fewer redundant replicas or a larger limit")
     best_max, _, it, bins = min(scored, key=lambda t: t[:2])
     pool = [bins]
-    asc = sorted(it.w)
-    # the device holding the heaviest replica also holds s-1 others, at least the s-1 lightest
-    lower = max(math.fsum(it.w) / n, asc[-1] + math.fsum(asc[:s - 1]))
+    lower = _load_lower_bound(it.w, n, s)
     # a second packing only while the first is more than 0.1% above a lower bound (its gains are
     # small: it rarely beats LPT + swaps by more than 0.01%)
     if best_max > lower * (1 + 1e-3):
-        kk = _kk(it.w, n, s)
-        _refine_balance(kk, it.w, it.ib if hetero else None, mc, iters)
+        kk = _kk(it.w, n, s, it.heaviest_first)
+        _refine_balance(kk, it.w, it.lightest_first, it.ib if hetero else None, mc, iters)
         if not hetero or _bins_fit(kk, it.ib, mc):
             m = _max_load(kk, it.w)
             if m < best_max:
                 best_max, pool = m, [kk]
             elif m == best_max:
                 pool.append(kk)
-    w, grp = it.w, it.grp
+    w = it.w
     ib = it.ib if hetero else None
 
     if local:
-        # devices in the order the groups should fill them: a device goes to the group whose tokens
-        # it homes (lowest remote fraction), in declaration order; without homes, natural order
-        owner = [min(range(n_groups), key=lambda g: (remote[g][d], g)) for d in range(n)]
-        dev_order = sorted(range(n), key=lambda d: (owner[d], d))
-        bound = sum(-(-sum(1 for x in grp if x == g) // s) for g in range(n_groups))
+        grp = it.grp
+        replicas = collections.Counter(grp)
+        bound = sum(-(-replicas[g] // s) for g in range(n_groups))
         found = []
-        grouped = _group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc)
+        # a device of the balanced packing holding a replica heavier than half the cap keeps its
+        # replicas: they fit only with a few chosen partners, which group by group would go elsewhere
+        heavy = set(itertools.takewhile(lambda i: 2 * w[i] > best_max, it.heaviest_first))
+        start = [b if not heavy.isdisjoint(b) else [] for b in pool[0]]
+        # with most devices kept there is little left to regroup
+        kept = sum(1 for b in start if b)
+        grouped = (_group_pack(w, grp, n_groups, n, s, best_max, remote, ib, mc, start, it.heaviest_first)
+                   if 2 * kept <= n else None)
         for k, bins in enumerate(([grouped] if grouped is not None else []) + pool):
             bins = [list(b) for b in bins]
-            _relabel(bins, w, grp, it.rank, dev_order, ib)
-            if k == 0 and (use_traffic or _locality_key(bins, w, grp, remote, False)[1] > bound):
-                _improve_locality(bins, w, grp, n_groups, remote, use_traffic, best_max, ib, mc)
-            if _max_load(bins, w) <= best_max and _bins_fit(bins, ib, mc):
-                found.append(bins)
-                if not use_traffic and _locality_key(bins, w, grp, remote, False)[1] <= bound:
+            _relabel(bins, w, grp, it.rank, layout.dev_order, ib)  # keeps every device's loads and bytes
+            moved = k == 0 and grouped is not None
+            key = _locality_key(bins, w, grp, remote, use_traffic)
+            if k == 0 and (use_traffic or key[1] > bound):
+                _improve_locality(bins, w, it.lightest_first, grp, n_groups, remote, use_traffic, best_max, ib, mc)
+                moved = True
+                key = _locality_key(bins, w, grp, remote, use_traffic)
+            if not moved or (_max_load(bins, w) <= best_max and _bins_fit(bins, ib, mc)):
+                found.append((key, bins))
+                if not use_traffic and key[1] <= bound:
                     break  # every group on the fewest devices its replica count allows
-        pool = found + pool
-        best = min(pool, key=lambda b: _locality_key(b, w, grp, remote, use_traffic))
+        found += [(_locality_key(b, w, grp, remote, use_traffic), b) for b in pool]
+        best = min(found, key=lambda t: t[0])[1]
     else:
         best = pool[0]
     if best_max > eplb_max:  # never worse than EPLB, even by a rounding error
@@ -883,7 +1013,8 @@ def _lean_items(lp: LayerProblem, r: int, gof: list[int]) -> _Items:
     """Replication that only copies the smallest experts (the least memory), by EPLB's rule."""
     small = min(lp.expert_bytes)
     lean_load = [x if b == small else -1.0 for x, b in zip(lp.load, lp.expert_bytes)]
-    return _Items.of(lp, *_replicate(lean_load, r), gof)
+    cnt, log, _ = _replicate(lean_load, r)
+    return _Items(lp, cnt, log, gof)
 
 
 def _memory_plan(problem: PlacementProblem) -> list[tuple[_Items, list[list[int]]]]:
@@ -894,7 +1025,7 @@ def _memory_plan(problem: PlacementProblem) -> list[tuple[_Items, list[list[int]
     per-device bytes become each layer's budget for the later layers, so the real placement of every
     layer always has at least this packing to fall back on. Raises when it exceeds the limit."""
     n, r, limit = problem.num_devices, problem.redundant, problem.memory_limit
-    lean = [_lean_items(lp, r, _group_of(lp)) for lp in problem.layers]
+    lean = [_lean_items(lp, r, _layout(tuple(lp.groups), n).group_of) for lp in problem.layers]
     sizes = [sorted(set(it.ib), reverse=True) for it in lean]
     cnt = [[[0] * len(sz) for _ in range(n)] for sz in sizes]  # [layer][device][size class]
     used = [0] * n

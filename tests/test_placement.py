@@ -218,6 +218,32 @@ def test_skewed_with_groups_strictly_better_than_eplb():
     assert spread < sum(sum(lp.group_devices.values()) for lp in base.layers)
 
 
+def test_skewed_groups_without_redundancy_stay_together():
+    """Zipf(1.2), two modality groups, 64 devices x 4 slots, no redundant replicas: the device of
+    the hottest expert keeps its few light partners and the other replicas are packed group by
+    group, so each group sits on about the 32 devices its 128 experts need (EPLB: ~120 in all)."""
+    rng = random.Random(3)
+    problem = make_problem([zipf(256, 1.2, rng) for _ in range(3)], 64, 0, group_sizes=[128, 128])
+    ours, base = place(problem), eplb_baseline(problem)
+    check_plan(problem, ours)
+    assert ours.max_mean_load == base.max_mean_load  # the hottest expert sets the maximum
+    for lp in ours.layers:
+        assert 64 <= sum(lp.group_devices.values()) <= 68
+
+
+def test_replication_reports_ties():
+    # 8, 4, 2, 1 with 2 extra replicas: the second pick is a tie between expert 0 (8 / 2) and
+    # expert 1 (4 / 1), so the tie-break decides; with 9 instead of 8 there is no tie and every
+    # tie-break replicates alike
+    from moec.passes.place_experts import _replicate
+
+    assert _replicate([8.0, 4.0, 2.0, 1.0], 2) == ([3, 1, 1, 1], [0, 1, 2, 3, 0, 0], True)
+    assert _replicate([8.0, 4.0, 2.0, 1.0], 2, [3, 2, 1, 0])[:2] == ([2, 2, 1, 1], [0, 1, 2, 3, 0, 1])
+    untied = _replicate([9.0, 4.0, 2.0, 1.0], 2)
+    assert untied == ([3, 1, 1, 1], [0, 1, 2, 3, 0, 0], False)
+    assert _replicate([9.0, 4.0, 2.0, 1.0], 2, [3, 2, 1, 0]) == untied
+
+
 def test_uniform_groups_equal_balance_better_locality():
     """Uniform loads: every method is perfectly balanced; place keeps each group on the fewest devices."""
     problem = make_problem([[1.0] * 256], 8, 8, group_sizes=[128, 128])
