@@ -1107,6 +1107,12 @@ _NAME = re.compile(r"^(?P<moe>.*?\.moe(?:_\d+)?)(?:\.(?P<group>[^.]+))?"
                    r"\.(?P<what>router|route|select|experts(?:\.(?:up|gate|down)_proj)?)$")
 
 
+def _own_params(e) -> int:
+    """Parameters that move with one expert: its FFN, or a LoRA expert's adapters (their frozen
+    base FFN is shared by the pool and needed on every device that holds one of them)."""
+    return e.params if e.lora_rank is None else e.adapter_params
+
+
 def _moe_layers(graph) -> list[dict]:
     """MoE layers in program order: {name, layer, dim, groups: [{name, experts, k, params, modalities}]}.
     Works on unlowered (`moe` ops), lowered (router_gate / route / expert_gemm) and fused
@@ -1122,7 +1128,7 @@ def _moe_layers(graph) -> list[dict]:
             for g in op.groups:
                 entry["groups"][g.name] = {"name": g.name, "experts": g.num_experts, "routed": g.routed_experts,
                                            "k": g.router.k,
-                                           "params": g.expert.params,
+                                           "params": _own_params(g.expert),
                                            "modalities": tuple(modalities[i] for i in g.modalities)}
             continue
         if op.kind not in ("router_gate", "router", "route", "select_tokens", "expert_gemm", "fused_experts"):
@@ -1143,10 +1149,13 @@ def _moe_layers(graph) -> list[dict]:
         elif op.kind == "select_tokens":
             g["modalities"] = tuple(op.modality_names)
         elif op.kind == "expert_gemm":
-            g["params"] += op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
+            if op.lora_rank is None:
+                g["params"] += op.in_dim * op.out_dim + (op.out_dim if op.bias else 0)
+            elif op.adapted:
+                g["params"] += op.lora_rank * (op.in_dim + op.out_dim)
             g["experts"] = op.num_experts
         else:  # fused_experts
-            g["params"] += op.expert.params
+            g["params"] += _own_params(op.expert)
             g["experts"] = op.num_experts
     out = []
     for entry in layers.values():

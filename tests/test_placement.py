@@ -488,3 +488,17 @@ def test_placement_section_gives_defaults_and_is_checked(tmp_path, capsys):
     nodev.write_text(src.replace("devices = 4; ", ""))
     capsys.readouterr()
     assert main(["place", str(nodev)]) == 1 and "--devices" in capsys.readouterr().err
+
+
+def test_lora_experts_move_their_adapters_only():
+    """A LoRA expert's own memory is its adapters; the frozen base FFN is shared by the pool."""
+    from moec.passes.place_experts import _moe_layers
+
+    for pipeline in ("default", "unfused"):
+        comp = compile_model(os.path.join(EXAMPLES, "lora_experts.moe"), pipeline=pipeline)
+        moe = comp.graph.op(comp.graph.find("fused_experts" if pipeline == "default" else "expert_gemm")[0])
+        expert = moe.expert if pipeline == "default" else None
+        params = [g["params"] for layer in _moe_layers(comp.graph) for g in layer["groups"]]
+        assert params and all(p == params[0] for p in params)
+        if expert is not None:
+            assert params[0] == expert.adapter_params < expert.params
