@@ -12,6 +12,7 @@ def _human(n: int) -> str:
 
 def _count(n: float) -> str:
     """Thousands separators; expected (fractional) values with one decimal."""
+    n = round(n, 6)  # sums of expected values carry float noise
     return f"{int(n):,}" if float(n).is_integer() else f"{n:,.1f}"
 
 
