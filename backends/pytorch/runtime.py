@@ -524,23 +524,19 @@ def _segments(sizes: list[int], E: int):
 class _SplitExperts(torch.autograd.Function):
     """The split path as one autograd node. Forward, per expert: gather its token rows, up (and
     gate) GEMM, activation, routing weight, down GEMM, index_add into the output; what backward
-    needs (rows, pre-activations, activation, hidden, and the unweighted output when d < f) is
-    written into preallocated buffers. Backward runs the six GEMMs per expert and writes the
-    stacked weight gradients directly (no per-expert autograd graph, no stack/cat of gradients,
-    nothing recomputed). The routing weight is applied on the narrower side of the down GEMM: to
-    the hidden rows when f <= d, to the output rows when d < f."""
+    needs (rows, pre-activations, activation, hidden) is written into preallocated buffers. Backward
+    runs the six GEMMs per expert and writes the stacked weight gradients directly (no per-expert
+    autograd graph, no stack/cat of gradients, nothing recomputed)."""
 
     @staticmethod
     def forward(ctx, x, row_w, up, down, gate, ub, db, gb, tok, sizes, act_name, acc_dtype, train):
         act, act_into = _activation(act_name), _ACT_INTO[act_name]
         E, T, d, f = up.shape[0], x.shape[0], x.shape[1], up.shape[2]
         n = sum(sizes[:E])
-        weight_after = d < f  # y = (h @ down + db) * w, else y = (h * w) @ down + w * db
         out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
         keep = train and any(ctx.needs_input_grad)  # save what backward needs only when it will run
         xs, us, hs = (x.new_empty(n, d), x.new_empty(n, f), x.new_empty(n, f)) if keep else (None, None, None)
         gs, acts = (x.new_empty(n, f), x.new_empty(n, f)) if keep and gate is not None else (None, None)
-        ys = x.new_empty(n, d) if keep and weight_after else None
         for e, a, b in _segments(sizes, E):
             tok_e = tok[a:b]
             xe = x.index_select(0, tok_e) if xs is None else torch.index_select(x, 0, tok_e, out=xs[a:b])
@@ -556,28 +552,22 @@ class _SplitExperts(torch.autograd.Function):
             else:
                 h = act(u) if hs is None else act_into(u, hs[a:b])
             w = row_w[a:b].to(h.dtype).unsqueeze(1)
-            if weight_after:
-                y = h @ down[e] if ys is None else torch.mm(h, down[e], out=ys[a:b])
-                if db is not None:
-                    y += db[e]
-                y = y * w
-            else:
-                y = (h * w) @ down[e]
-                if db is not None:
-                    y += w * db[e]
+            y = (h @ down[e]).mul_(w) if d < f else (h * w) @ down[e]  # the weight on the narrower side
+            if db is not None:
+                y += w * db[e]
             out.index_add_(0, tok_e, y.to(acc_dtype))
         if keep:
-            ctx.save_for_backward(xs, us, gs, acts, hs, ys, row_w, up, down, gate, db, tok)
+            ctx.save_for_backward(xs, us, gs, acts, hs, row_w, up, down, gate, db, tok)
             ctx.sizes, ctx.act_name, ctx.x_shape = sizes, act_name, (T, d)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        xs, us, gs, acts, hs, ys, row_w, up, down, gate, db, tok = ctx.saved_tensors
+        xs, us, gs, acts, hs, row_w, up, down, gate, db, tok = ctx.saved_tensors
         need = ctx.needs_input_grad  # x, row_w, up, down, gate, ub, db, gb
         act_bwd = _ACT_BACKWARD[ctx.act_name]
-        E = up.shape[0]
+        E, f, d = up.shape[0], up.shape[2], down.shape[2]
         dout = dout.to(xs.dtype)
 
         def weight_grad(flag: bool, like: Tensor) -> Tensor | None:
@@ -597,30 +587,21 @@ class _SplitExperts(torch.autograd.Function):
             tok_e, xe, u, h = tok[a:b], xs[a:b], us[a:b], hs[a:b]
             w = row_w[a:b].to(xs.dtype).unsqueeze(1)
             dy = dout.index_select(0, tok_e)
-            if ys is not None:  # y = (h @ down + db) * w
-                dyw = dy * w
-                if dw is not None:
-                    dw[a:b] = torch.linalg.vecdot(dy, ys[a:b]).to(dw.dtype)
-                if gdown is not None:
-                    torch.mm(h.t(), dyw, out=gdown[e])
-                if gdb is not None:
-                    gdb[e] = dyw.sum(0)
-                dh = dyw @ down[e].t()
-            else:  # y = (h * w) @ down + w * db
-                if gdown is not None:
-                    torch.mm((h * w).t(), dy, out=gdown[e])
-                if gdb is not None:
-                    gdb[e] = (dy * w).sum(0)
-                dhw = dy @ down[e].t()
-                if dw is not None:
-                    dw_e = torch.linalg.vecdot(dhw, h)
-                    if db is not None:
-                        dw_e += dy @ db[e]
-                    dw[a:b] = dw_e.to(dw.dtype)
-                dh = dhw.mul_(w)
+            if gdown is not None:  # d down = (h w)^T dy: the weight goes on the narrower side
+                torch.mm(h.t(), dy * w, out=gdown[e]) if d <= f else torch.mm((h * w).t(), dy, out=gdown[e])
+            if gdb is not None:
+                gdb[e] = (dy * w).sum(0)
+            dhw = dy @ down[e].t()
+            if dw is not None:
+                dw_e = torch.linalg.vecdot(dhw, h)
+                if db is not None:
+                    dw_e += dy @ db[e]
+                dw[a:b] = dw_e.to(dw.dtype)
+            dh = dhw.mul_(w)
             if gate is not None:
+                g = gs[a:b]
                 du = dh * acts[a:b]
-                dg = act_bwd(dh.mul_(u), gs[a:b])
+                dg = act_bwd(dh.mul_(u), g)
             else:
                 du, dg = act_bwd(dh, u), None
             if gup is not None:
