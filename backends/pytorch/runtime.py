@@ -530,29 +530,36 @@ class _SplitExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, row_w, up, down, gate, ub, db, gb, tok, sizes, act_name, acc_dtype, train):
-        act, act_into = _activation(act_name), _ACT_INTO[act_name]
+        act_into = _ACT_INTO[act_name]
         E, T, d, f = up.shape[0], x.shape[0], x.shape[1], up.shape[2]
         n = sum(sizes[:E])
         out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
         keep = train and any(ctx.needs_input_grad)  # save what backward needs only when it will run
-        xs, us, hs = (x.new_empty(n, d), x.new_empty(n, f), x.new_empty(n, f)) if keep else (None, None, None)
-        gs, acts = (x.new_empty(n, f), x.new_empty(n, f)) if keep and gate is not None else (None, None)
+        # Row buffers: every expert's rows when backward will read them, else one expert's worth reused
+        largest = max((sizes[e] for e in range(E)), default=0)
+        rows = n if keep else largest
+        xs, us, hs = x.new_empty(rows, d), x.new_empty(rows, f), x.new_empty(rows, f)
+        gs, acts = (x.new_empty(rows, f), x.new_empty(rows, f)) if gate is not None else (None, None)
+        ys = x.new_empty(largest, d)  # the output rows are never saved
         for e, a, b in _segments(sizes, E):
             tok_e = tok[a:b]
-            xe = x.index_select(0, tok_e) if xs is None else torch.index_select(x, 0, tok_e, out=xs[a:b])
-            u = xe @ up[e] if us is None else torch.mm(xe, up[e], out=us[a:b])
+            at = slice(a, b) if keep else slice(0, b - a)
+            xe = torch.index_select(x, 0, tok_e, out=xs[at])
+            u = torch.mm(xe, up[e], out=us[at])
             if ub is not None:
                 u += ub[e]
             if gate is not None:
-                g = xe @ gate[e] if gs is None else torch.mm(xe, gate[e], out=gs[a:b])
+                g = torch.mm(xe, gate[e], out=gs[at])
                 if gb is not None:
                     g += gb[e]
-                a_g = act(g) if acts is None else act_into(g, acts[a:b])
-                h = a_g * u if hs is None else torch.mul(a_g, u, out=hs[a:b])
+                h = torch.mul(act_into(g, acts[at]), u, out=hs[at])
             else:
-                h = act(u) if hs is None else act_into(u, hs[a:b])
+                h = act_into(u, hs[at])
             w = row_w[a:b].to(h.dtype).unsqueeze(1)
-            y = (h @ down[e]).mul_(w) if d < f else (h * w) @ down[e]  # the weight on the narrower side
+            if d < f:  # the weight on the narrower side of the down GEMM
+                y = torch.mm(h, down[e], out=ys[:b - a]).mul_(w)
+            else:
+                y = torch.mm(h * w, down[e], out=ys[:b - a])
             if db is not None:
                 y += w * db[e]
             out.index_add_(0, tok_e, y.to(acc_dtype))
