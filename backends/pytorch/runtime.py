@@ -837,7 +837,7 @@ def select_tokens(modality: Tensor, modalities: tuple) -> Tensor:
 
 def scatter_tokens(y: Tensor, index: Tensor, like: Tensor) -> Tensor:
     """A tensor shaped like `like`, zero except rows `index`, which hold `y`."""
-    return torch.zeros_like(like, dtype=y.dtype).index_copy(0, index, y)
+    return torch.zeros_like(like, dtype=y.dtype).index_copy_(0, index, y)  # in place: no copy of the zeros
 
 
 def ternarize(weight: Tensor) -> Tensor:
