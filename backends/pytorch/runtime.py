@@ -1107,10 +1107,10 @@ class AttentionExperts(nn.Module):
 
     A router (softmax over ``num_experts``, top ``top_k``, optionally renormalised) picks each
     token's experts; the token's output is sum_j g_j * o_proj[e_j](attention(q of e_j, K, V)).
-    Queries and outputs exist only for the chosen (token, slot) pairs: their expert matrices are
-    gathered per pair (memory T * top_k * dim * heads * head_dim; no loop over experts, no
-    data-dependent shapes) and each slot attends over the shared keys and values of its sequence
-    (causal by default). ``rope_theta`` / ``qk_norm`` / ``norm_eps`` work as in ``Attention``, the
+    The query and output projections run as one GEMM over every expert (E / top_k times the
+    FLOPs of the chosen ones, memory T * E * heads * head_dim; no loop over experts, no
+    data-dependent shapes, so the static form exports); each (token, slot) takes its expert's
+    query and attends over the shared keys and values of its sequence (causal by default). ``rope_theta`` / ``qk_norm`` / ``norm_eps`` work as in ``Attention``, the
     q / k norms shared by the experts; biases: q and o per expert, k and v shared.
 
     ``forward`` returns ``(y, aux_loss, counts)``: the aux loss weights the load-balance and z
@@ -1159,10 +1159,12 @@ class AttentionExperts(nn.Module):
         kk, hd, inner = self.top_k, self.head_dim, self.heads * self.head_dim
         logits = self.router(flat)
         weights, ids, probs = route_top_k(logits, kk, renormalize=self.renormalize)  # [T, k]
-        # queries of every (token, slot): x_t @ q_proj[e] with the slot's expert matrix gathered
-        q = torch.matmul(flat[:, None, None, :], self.q_proj[ids]).squeeze(-2)  # [T, k, inner]
+        # queries of every expert in one GEMM, then each (token, slot) takes its expert's
+        E, slots = self.num_experts, ids.unsqueeze(-1).expand(-1, -1, inner)
+        q_all = (flat @ self.q_proj.permute(1, 0, 2).reshape(flat.shape[1], E * inner)).view(-1, E, inner)
         if self.q_bias is not None:
-            q = q + self.q_bias[ids]
+            q_all = q_all + self.q_bias
+        q = q_all.gather(1, slots)  # [T, k, inner]
         k = self.k_proj(flat)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -1184,10 +1186,12 @@ class AttentionExperts(nn.Module):
         v = v.unsqueeze(1).expand(b, kk, self.heads, seq, hd).reshape(b * kk, self.heads, seq, hd)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [b * k, heads, seq, hd]
         o = o.view(b, kk, self.heads, seq, hd).permute(0, 3, 1, 2, 4).reshape(b * seq, kk, inner)
-        out = torch.matmul(o[:, :, None, :], self.o_proj[ids]).squeeze(-2)  # [T, k, dim]
+        # each slot's weighted attention output in its expert's columns, then one GEMM with every o_proj
+        g = weights.unsqueeze(-1).to(o.dtype)
+        placed = o.new_zeros(o.shape[0], E, inner).scatter(1, slots, o * g)  # a token's experts are distinct
+        y = placed.reshape(-1, E * inner) @ self.o_proj.reshape(E * inner, -1)
         if self.o_bias is not None:
-            out = out + self.o_bias[ids]
-        y = (out * weights.unsqueeze(-1).to(out.dtype)).sum(1)
+            y = y + (g * self.o_bias[ids]).sum(1)
         aux = logits.new_zeros((), dtype=probs.dtype)
         if self.load_balance:
             aux = aux + self.load_balance * load_balance_loss(probs, ids, self.num_experts)
