@@ -1218,6 +1218,13 @@ def problem_from_graph(graph, devices: int, memory_bytes: int | str | None = Non
                 raise PlacementError(f"modality `{name}` is homed on devices {devs}, but there are only "
                                      f"{devices} devices")
     loads = load_profile(profile) if profile is not None else None
+    # a profile has one row per layer with routed experts; attention experts' counts lead their layer's row
+    attention = {graph.op(n).layer: graph.op(n).num_experts for n in graph.find("attention_experts")}
+    if loads is not None and attention:
+        counted = sorted({m["layer"] for m in moes} | set(attention))
+        if len(loads) == len(counted):
+            rows = dict(zip(counted, loads))
+            loads = [rows[m["layer"]][attention.get(m["layer"], 0):] for m in moes]
     if loads is not None and len(loads) != len(moes):
         where = ", ".join(f"{m['name']}" for m in moes) or "none"
         plural = "s" if len(loads) != 1 else ""

@@ -502,3 +502,21 @@ def test_lora_experts_move_their_adapters_only():
         assert params and all(p == params[0] for p in params)
         if expert is not None:
             assert params[0] == expert.adapter_params < expert.params
+
+
+def test_profile_rows_lead_with_attention_expert_counts(tmp_path):
+    """`moec train --profile` writes one row per layer with routed experts, attention experts first;
+    placement reads the MoE experts' columns of the MoE layers' rows."""
+    from moec.passes.place_experts import problem_from_graph
+
+    path = tmp_path / "moa.moe"
+    path.write_text("""model moa {
+  input(dim = 16)
+  block dense { attention(heads = 2, experts = 3, top_k = 1); glu(16, 8) }
+  block sparse { attention(heads = 2, experts = 3, top_k = 1); moe { experts 4 x glu(16, 8); router top_k(k = 1) } }
+  layers { dense; sparse }
+}
+""")
+    graph = compile_model(str(path)).graph
+    problem = problem_from_graph(graph, devices=2, profile=[[5, 6, 7], [1, 2, 3, 40, 30, 20, 10]])
+    assert [layer.load for layer in problem.layers] == [[40, 30, 20, 10]]
