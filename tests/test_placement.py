@@ -507,8 +507,6 @@ def test_lora_experts_move_their_adapters_only():
 def test_profile_rows_lead_with_attention_expert_counts(tmp_path):
     """`moec train --profile` writes one row per layer with routed experts, attention experts first;
     placement reads the MoE experts' columns of the MoE layers' rows."""
-    from moec.passes.place_experts import problem_from_graph
-
     path = tmp_path / "moa.moe"
     path.write_text("""model moa {
   input(dim = 16)
