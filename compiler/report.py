@@ -66,6 +66,7 @@ def format_report(a: dict) -> str:
         for index, g in routed:
             ept = g["experts_per_token"]
             note = "" if g["causal"] else "  NON-CAUSAL: depends on other tokens of the routing group"
+            note += f"  ({g['of']})" if "of" in g else ""
             lines.append(f"{index:>5}  {g['router']:<14} {ept['expected']:>6} ({ept['min']}..{ept['max']}){note}")
     deep = [layer for layer in a["layers"] if "depth" in layer]
     if deep:

@@ -299,6 +299,9 @@ class Analyze(Pass):
             if op.kind not in ("input", "output"):
                 e["launches"] += 1
                 e["launches_unfused"] += _unfused_launches(op)
+            if op.kind == "attention_experts":
+                e["routing"].append({"router": "top_k", "of": "attention experts", "experts_per_token": {
+                    "expected": op.top_k, "min": op.top_k, "max": op.top_k}, "causal": True})
             if op.kind in ("gather_rows", "fused_experts"):
                 r = _router_of(graph, node)
                 expected, lo, hi = r.router.experts_per_token(r.num_experts)
@@ -321,6 +324,7 @@ class Analyze(Pass):
             row = {"index": idx, "block": e["block"], "kind": kind, **finish(e)}
             if e["groups"]:
                 row["fusion"] = _fusion_report(e)
+            if e["routing"]:
                 row["routing"] = e["routing"]
             if "depth" in e:
                 row["depth"] = e["depth"]
