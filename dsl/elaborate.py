@@ -501,9 +501,7 @@ class Elaborator:
         before = len(self.d.items)
         norm_kind, norm_args, residual, per_modality = "rms", {"eps": 1e-6}, "pre_norm", ()
         depth = None
-        for st in b.stmts:
-            if not isinstance(st, ast.Setting):
-                continue
+        for st in self._known_settings([st for st in b.stmts if isinstance(st, ast.Setting)], K.BLOCK_SETTINGS, "block"):
             if st.name.name == "norm":
                 value = st.value
                 call = value if isinstance(value, ast.Call) else (
@@ -537,10 +535,6 @@ class Elaborator:
                                  did_you_mean(str(name), K.RESIDUALS))
                 else:
                     residual = name
-            else:
-                self.d.error("E0204", f"unknown block setting `{st.name.name}`", st.name.loc,
-                             did_you_mean(st.name.name, K.BLOCK_SETTINGS)
-                             or "block settings: " + ", ".join(K.BLOCK_SETTINGS))
         sublayers: list[Sublayer] = []
         counters: dict[str, int] = {}
         for st in b.stmts:

@@ -217,3 +217,10 @@ def test_recurrent_router_has_no_depth_form(tmp_path):
     diags = check(_write(tmp_path, src))
     assert "E0220" in [d.code for d in diags.items], diags.render()
     assert any("no Mixture-of-Depths form" in d.message for d in diags.items)
+
+
+def test_a_block_setting_given_twice_is_an_error(tmp_path):
+    src = DEPTH.format(depth="keep_top(0.5); depth = keep_top(0.3)", settings="", attention="attention(heads = 2)",
+                       ffn="glu(d, 24)")
+    diags = check(_write(tmp_path, src))
+    assert [d.code for d in diags.items] == ["E0203"] and "`depth` is already given" in diags.items[0].message
