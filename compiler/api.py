@@ -56,7 +56,26 @@ def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = Fal
     module = _import(f"moec_generated_{digest}", module_file)
     if plan is not None:
         return module.Model(seed=seed, rank=rank, world_size=world_size, group=group)
+    _check_fits_in_memory(comp.results["analysis"]["params"]["total"], path)
     return module.Model(seed=seed)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: no check
+        return None
+
+
+def _check_fits_in_memory(params: int, path: str) -> None:
+    """A model whose fp32 parameters alone exceed this machine's memory fails with a clear
+    MemoryError before any allocation (instead of the allocator's failure mid-construction)."""
+    memory = _physical_memory()
+    need = 4 * params
+    if memory is not None and need > memory:
+        raise MemoryError(f"{path}: the model has {params:,} parameters ({need / 2**30:,.1f} GiB in fp32), more "
+                          f"than this machine's {memory / 2**30:,.1f} GiB of memory; `moec report` and "
+                          "`moec compile` work on it, building it here does not")
 
 
 def _import(name: str, file: str, replace: bool = False):

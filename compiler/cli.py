@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"moec: error: {exc.strerror or exc}: `{exc.filename}`" if exc.filename else f"moec: error: {exc}",
               file=sys.stderr)
         return 1
+    except MemoryError as exc:  # a model too large to build on this machine
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("moec: interrupted", file=sys.stderr)
         return 130

@@ -224,3 +224,4 @@ def test_a_block_setting_given_twice_is_an_error(tmp_path):
                        ffn="glu(d, 24)")
     diags = check(_write(tmp_path, src))
     assert [d.code for d in diags.items] == ["E0203"] and "`depth` is already given" in diags.items[0].message
+

@@ -432,3 +432,16 @@ def test_file_errors_on_the_command_line_are_clean(tmp_path, capsys):
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert "moec: error:" in err and "Traceback" not in err and "internal error" not in err, err
+
+
+def test_a_model_too_large_for_this_machine_is_a_clear_error(tmp_path, capsys):
+    """Checking and reporting work on any size; building it says why it cannot, before allocating."""
+    path = _write(tmp_path, "model big { input(dim = 16); block b { attention(heads = 2); glu(16, 100000000000) }; "
+                            "layers { b } }")
+    assert main(["report", path]) == 0
+    capsys.readouterr()
+    assert main(["train", path, "--steps", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "moec: error:" in err and "parameters" in err and "more than this machine's" in err
+    with pytest.raises(MemoryError):
+        moec.load(path)
