@@ -336,10 +336,12 @@ class Elaborator:
             self.d.error("E0211", "`lora_on` without `lora_rank`", loc, "give lora_rank = r as well")
             return BAD
         allowed = K.LORA_PROJECTIONS if call.name == "glu" else ("up", "down")
-        names = [getattr(v, "name", v) for v in args["lora_on"]]
-        bad = [n for n in names if n not in allowed]
+        values = args["lora_on"]
+        names = [v.name if isinstance(v, Symbol) else None for v in values]
+        bad = [v for v, n in zip(values, names) if n not in allowed]
         if bad or not names or len(set(names)) != len(names):
-            what = f"`{bad[0]}` is not a projection of {call.name}" if bad else (
+            what = (f"`{bad[0].name}` is not a projection of {call.name}" if isinstance(bad[0], Symbol) else
+                    "`lora_on` lists projection names") if bad else (
                 "`lora_on` lists no projection" if not names else "`lora_on` lists a projection twice")
             self.d.error("E0206", what, loc, f"{call.name} projections: {', '.join(allowed)}")
             return BAD
