@@ -514,6 +514,9 @@ def _segments(sizes: list[int], E: int):
         start += sizes[e]
 
 
+_STACK = ("up", "down", "gate", "up_bias", "down_bias", "gate_bias")  # the tensors of one weight stack
+
+
 class _SplitExperts(torch.autograd.Function):
     """The split path as one autograd node. Forward, per expert: gather its token rows, up (and
     gate) GEMM, activation, routing weight, down GEMM, index_add into the output; it keeps what
@@ -521,77 +524,93 @@ class _SplitExperts(torch.autograd.Function):
     tensors reuse freed heap memory, while [T*k, f] buffers are fresh mappings that fault in every
     step, ~5% slower). Backward runs the six GEMMs per expert and writes the stacked weight
     gradients directly (no per-expert autograd graph, no stack/cat of gradients, nothing
-    recomputed)."""
+    recomputed).
+
+    The experts may come from several weight stacks (modality groups run in one call): the
+    trailing arguments are the stacks' tensors, six per stack (`_STACK`), and global expert ids
+    run through the stacks in order."""
 
     @staticmethod
-    def forward(ctx, x, row_w, up, down, gate, ub, db, gb, tok, sizes, act_name, acc_dtype, train):
+    def forward(ctx, x, row_w, tok, sizes, act_name, acc_dtype, train, *stacks):
         act = _activation(act_name)
-        E, T, d, f = up.shape[0], x.shape[0], x.shape[1], up.shape[2]
+        groups = [stacks[i:i + len(_STACK)] for i in range(0, len(stacks), len(_STACK))]
+        where = [(g, local) for g, st in enumerate(groups) for local in range(st[0].shape[0])]
+        T, d, f = x.shape[0], x.shape[1], groups[0][0].shape[2]
         out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
         keep = train and any(ctx.needs_input_grad)  # save what backward needs only when it will run
         saved = []  # per expert segment: rows, up pre-activation, gate pre-activation, activation, hidden
-        for e, a, b in _segments(sizes, E):
+        for e, a, b in _segments(sizes, len(where)):
+            g_i, i = where[e]
+            up, down, gate, ub, db, gb = groups[g_i]
             tok_e = tok[a:b]
             xe = x.index_select(0, tok_e)
-            u = xe @ up[e]
+            u = xe @ up[i]
             if ub is not None:
-                u += ub[e]
+                u += ub[i]
             if gate is not None:
-                g = xe @ gate[e]
+                g = xe @ gate[i]
                 if gb is not None:
-                    g += gb[e]
+                    g += gb[i]
                 a_g = act(g)
                 h = a_g * u
             else:
                 g = a_g = None
                 h = act(u)
             w = row_w[a:b].to(h.dtype).unsqueeze(1)
-            y = (h @ down[e]).mul_(w) if d < f else (h * w) @ down[e]  # the weight on the narrower side
+            y = (h @ down[i]).mul_(w) if d < f else (h * w) @ down[i]  # the weight on the narrower side
             if db is not None:
-                y += w * db[e]
+                y += w * db[i]
             out.index_add_(0, tok_e, y.to(acc_dtype))
             if keep:
                 saved.append((xe, u, g, a_g, h))
         if keep:
-            ctx.save_for_backward(row_w, up, down, gate, db, tok)
+            ctx.save_for_backward(row_w, tok, *stacks)
             ctx.segments, ctx.sizes, ctx.act_name, ctx.x_shape = saved, sizes, act_name, (T, d)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        row_w, up, down, gate, db, tok = ctx.saved_tensors
-        need = ctx.needs_input_grad  # x, row_w, up, down, gate, ub, db, gb
+        row_w, tok, *stacks = ctx.saved_tensors
+        n = len(_STACK)
+        groups = [stacks[i:i + n] for i in range(0, len(stacks), n)]
+        where = [(g, local) for g, st in enumerate(groups) for local in range(st[0].shape[0])]
+        need_x, need_w = ctx.needs_input_grad[:2]
+        need = ctx.needs_input_grad[7:]  # per stack tensor, in `stacks` order
         act_bwd = _ACT_BACKWARD[ctx.act_name]
-        E, f, d = up.shape[0], up.shape[2], down.shape[2]
-        dout = dout.to(up.dtype)
+        f, d = groups[0][0].shape[2], groups[0][1].shape[2]
+        dtype = groups[0][0].dtype
+        dout = dout.to(dtype)
 
-        def weight_grad(flag: bool, like: Tensor) -> Tensor | None:
-            if not flag:
+        def weight_grad(flag: bool, like: Tensor | None, first: int) -> Tensor | None:
+            if not flag or like is None:
                 return None
             grad = torch.empty_like(like)
-            for e in range(E):
-                if not ctx.sizes[e]:
-                    grad[e].zero_()  # experts without rows (the others are written whole below)
+            for local in range(like.shape[0]):
+                if not ctx.sizes[first + local]:
+                    grad[local].zero_()  # experts without rows (the others are written whole below)
             return grad
 
-        dx = torch.zeros(ctx.x_shape, dtype=up.dtype, device=up.device) if need[0] else None
-        dw = torch.zeros_like(row_w) if need[1] else None
-        gup, gdown, ggate = weight_grad(need[2], up), weight_grad(need[3], down), weight_grad(need[4], gate)
-        gub, gdb, ggb = weight_grad(need[5], up[:, 0]), weight_grad(need[6], down[:, 0]), weight_grad(need[7], up[:, 0])
-        for (e, a, b), (xe, u, g, a_g, h) in zip(_segments(ctx.sizes, E), ctx.segments):
+        firsts = [sum(g[0].shape[0] for g in groups[:j]) for j in range(len(groups))]
+        grads = [[weight_grad(need[j * n + t], groups[j][t], firsts[j]) for t in range(n)] for j in range(len(groups))]
+        dx = torch.zeros(ctx.x_shape, dtype=dtype, device=dout.device) if need_x else None
+        dw = torch.zeros_like(row_w) if need_w else None
+        for (e, a, b), (xe, u, g, a_g, h) in zip(_segments(ctx.sizes, len(where)), ctx.segments):
+            j, i = where[e]
+            up, down, gate, _, db, _ = groups[j]
+            gup, gdown, ggate, gub, gdb, ggb = grads[j]
             tok_e = tok[a:b]
             w = row_w[a:b].to(h.dtype).unsqueeze(1)
             dy = dout.index_select(0, tok_e)
             if gdown is not None:  # d down = (h w)^T dy: the weight goes on the narrower side
-                torch.mm(h.t(), dy * w, out=gdown[e]) if d <= f else torch.mm((h * w).t(), dy, out=gdown[e])
+                torch.mm(h.t(), dy * w, out=gdown[i]) if d <= f else torch.mm((h * w).t(), dy, out=gdown[i])
             if gdb is not None:
-                gdb[e] = (dy * w).sum(0)
-            dhw = dy @ down[e].t()
+                gdb[i] = (dy * w).sum(0)
+            dhw = dy @ down[i].t()
             if dw is not None:
                 dw_e = torch.linalg.vecdot(dhw, h)
                 if db is not None:
-                    dw_e += dy @ db[e]
+                    dw_e += dy @ db[i]
                 dw[a:b] = dw_e.to(dw.dtype)
             dh = dhw.mul_(w)
             if gate is not None:
@@ -600,20 +619,20 @@ class _SplitExperts(torch.autograd.Function):
             else:
                 du, dg = act_bwd(dh, u), None
             if gup is not None:
-                torch.mm(xe.t(), du, out=gup[e])
+                torch.mm(xe.t(), du, out=gup[i])
             if gub is not None:
-                gub[e] = du.sum(0)
+                gub[i] = du.sum(0)
             if dg is not None and ggate is not None:
-                torch.mm(xe.t(), dg, out=ggate[e])
+                torch.mm(xe.t(), dg, out=ggate[i])
             if dg is not None and ggb is not None:
-                ggb[e] = dg.sum(0)
+                ggb[i] = dg.sum(0)
             if dx is not None:
-                dxe = du @ up[e].t()
+                dxe = du @ up[i].t()
                 if dg is not None:
-                    dxe.addmm_(dg, gate[e].t())
+                    dxe.addmm_(dg, gate[i].t())
                 dx.index_add_(0, tok_e, dxe)
         ctx.segments = None
-        return dx, dw, gup, gdown, ggate, gub, gdb, ggb, None, None, None, None, None
+        return (dx, dw, None, None, None, None, None, *(t for stack in grads for t in stack))
 
 
 def moe_experts(
@@ -664,8 +683,8 @@ def moe_experts(
     row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)
     row_w = torch.where(valid, row_w, torch.zeros_like(row_w))  # dropped slot -> weight 0, zero grad
     if method == "split":
-        out = _SplitExperts.apply(x, row_w, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias, tok,
-                                  sizes, activation, acc_dtype, torch.is_grad_enabled())
+        out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(),
+                                  up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
         return out.to(x.dtype)
     xs = x.index_select(0, tok)  # gather token rows once
 
