@@ -736,6 +736,52 @@ def moe_experts(
     return out.to(x.dtype)
 
 
+def merge_group_routing(ids: list[Tensor], weights: list[Tensor], masks: list[Tensor],
+                        offsets: list[int]) -> tuple[Tensor, Tensor]:
+    """The routings of modality groups that partition the tokens (each group routed over every
+    token) as one routing in a shared expert-id space: a token keeps the slots of the group whose
+    mask selects it, ids shifted by that group's offset; a token no group selects gets -1 / 0.
+    Slots are padded to the largest k with -1 / 0."""
+    k = max(i.shape[1] for i in ids)
+    merged_ids = torch.full((ids[0].shape[0], k), -1, dtype=torch.int64, device=ids[0].device)
+    merged_w = torch.zeros((ids[0].shape[0], k), dtype=weights[0].dtype, device=ids[0].device)
+    for i, w, mask, off in zip(ids, weights, masks, offsets):
+        pad = k - i.shape[1]
+        shifted = F.pad(torch.where(i >= 0, i.long() + off, -1), (0, pad), value=-1)
+        merged_ids = torch.where(mask.unsqueeze(1), shifted, merged_ids)
+        merged_w = torch.where(mask.unsqueeze(1), F.pad(w, (0, pad)).to(merged_w.dtype), merged_w)
+    return merged_ids, merged_w
+
+
+def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: list[tuple],
+                       activation: str = "silu") -> Tensor:
+    """``moe_experts`` over the experts of several groups in one call: ``stacks`` holds each
+    group's ``(up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)`` (None where absent)
+    and ``expert_ids`` run through the groups' experts in order (``merge_group_routing``). On the
+    CPU the split path reads every group's weights where they are (one host sync for the whole
+    layer); elsewhere the stacks are concatenated for the grouped GEMM."""
+    stacks = [tuple(st) + (None,) * (len(_STACK) - len(st)) for st in stacks]
+    if x.device.type != "cpu":
+        cat = [None if st[0] is None else torch.cat(list(st)) for st in zip(*stacks)]
+        return moe_experts(x, expert_ids, weights, cat[0], cat[1], gate_proj=cat[2], activation=activation,
+                           up_bias=cat[3], down_bias=cat[4], gate_bias=cat[5])
+    for st in stacks:
+        _check_shapes(x, expert_ids, weights, *st[:3], st[3], st[4], st[5], caller="moe_experts_groups")
+    _activation(activation, "moe_experts_groups")
+    E = sum(st[0].shape[0] for st in stacks)
+    k = expert_ids.shape[1]
+    key, counts = _counts_with_dropped(expert_ids.reshape(-1).long(), E)
+    sizes = counts.tolist()  # host sync: the expert segment sizes
+    order = torch.argsort(key, stable=True)
+    tok = torch.div(order, k, rounding_mode="floor") if k > 0 else order
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)
+    row_w = torch.where(key.index_select(0, order) < E, row_w, torch.zeros_like(row_w))
+    flat = [t for st in stacks for t in st]
+    out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(), *flat)
+    return out.to(x.dtype)
+
+
 # ---- unfused primitives (one per IR op of an unfused MoE lowering) ---------------------------------
 def sort_by_expert(expert_ids: Tensor, num_experts: int) -> Tensor:
     """Flat indices of the (token, slot) pairs ordered by expert id, stable within an expert;
