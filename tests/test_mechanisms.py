@@ -6,6 +6,7 @@ from __future__ import annotations
 import moec
 import pytest
 import torch
+from moec.cli import main
 from moec.driver import check, compile_model
 from test_pytorch_backend import _check, _write
 
@@ -846,3 +847,45 @@ def test_recurrent_router_static_form_exports(tmp_path):
     x, modality = torch.randn(1, 6, 16), torch.randint(0, 2, (1, 6))
     exported = torch.export.export(model, (x, modality))
     torch.testing.assert_close(exported.module()(x, modality).output, model(x, modality).output)
+
+
+MERGED_GROUPS = """
+model merged {{
+  const d = 16
+  modality text, image, audio
+  input(dim = d, modalities = [text, image, audio])
+  block b {{
+    attention(heads = 2)
+    moe {{
+      {groups}
+      loss load_balance(0.1), z_loss(0.01)
+    }}
+  }}
+  layers {{ repeat 2 {{ b }} }}
+}}
+"""
+
+
+@pytest.mark.parametrize("groups,merged", [
+    (("group text { experts 3 x glu(d, 8); router top_k(k = 2) }\n"
+      "group image, audio { experts 4 x glu(d, 8); router top_k(k = 1, renormalize = true) }"), True),
+    (("group text { experts 3 x mlp(d, 8, bias = true); router dynamic_k(threshold = 0.6, k_max = 3) }\n"
+      "group image { experts 2 x mlp(d, 8, bias = true); router soft() }\n"
+      "group audio { experts 2 x mlp(d, 8, bias = true); router top_k(k = 2) }"), True),
+    (("group text { experts 3 x glu(d, 8); router top_k(k = 1) }\n"
+      "group image, audio { experts 4 x glu(d, 8); router expert_choice(capacity = 1.0) }"), False),
+    (("group text { experts 3 x glu(d, 8); router top_k(k = 1) }\n"
+      "group image, audio { experts 4 x glu(d, 12); router top_k(k = 1) }"), False),  # different expert shapes
+])
+def test_modality_groups_in_one_expert_call(tmp_path, groups, merged):
+    """Groups that partition the tokens by modality, each routed per token, run as one expert call
+    (one host sync per layer); the others keep a call per group. Both match the reference."""
+    path = _write(tmp_path, MERGED_GROUPS.format(groups=groups))
+    torch.manual_seed(31)
+    for modality in (torch.randint(0, 3, (2, 9)), torch.zeros(2, 9, dtype=torch.long)):  # and only text
+        _check(path, torch.randn(2, 9, 16), modality)
+    out = tmp_path / "out"
+    assert main(["compile", path, "--target", "pytorch", "-o", str(out)]) == 0
+    source = (out / "merged.py").read_text()
+    assert ("moe_experts_groups(" in source) == merged
+    assert ("BBlock: 1 (1 x expert segment sizes)" in source) == merged

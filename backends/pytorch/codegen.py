@@ -27,7 +27,8 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "Attention", "AttentionExperts", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
         "PerModality", "activate", "modality_rows",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
-        "identity_experts", "load_balance_loss", "mask_experts", "moe_experts",
+        "identity_experts", "load_balance_loss", "mask_experts", "merge_group_routing", "moe_experts",
+        "moe_experts_groups",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
         "BalancedRouter", "Schedule", "apply_capacity", "route_deterministic", "route_dynamic_k",
@@ -155,10 +156,21 @@ def _weight(attr: str, name: str, weights: str) -> str:
     return f"ternarize({attr}.{name})" if weights == "ternary" else f"{attr}.{name}"
 
 
+_MERGED = "<merged>"  # a group output already included in its MoE layer's single expert call
+
+
 class _BlockEmitter:
     """Emits the class of the block kind that layer `layer` instantiates."""
 
+    merges_groups = True  # modality groups that partition the tokens run as one expert call
+
     def __init__(self, graph: Graph, nodes: list[int], view: BlockView, expert_parallel: bool = False):
+        merging = self.merges_groups and not expert_parallel
+        if merging:
+            nodes = self._route_first(graph, nodes)
+        self.merged = {r for r, members in self._regions(graph, nodes).items()
+                       if merging and self._merged(graph, members)}  # MoE regions run as one expert call
+        self.group_masks: dict[str, str] = {}  # group path of a merged region -> its token mask
         self.g, self.view, self.expert_parallel = graph, view, expert_parallel
         self.modalities = graph.op(graph.find("input")[0]).modalities  # declared, in id order
         self.expert_offset: dict[str, int] = {}  # MoE region -> experts of its groups emitted so far
@@ -176,6 +188,62 @@ class _BlockEmitter:
         self.recurrent = bool(graph.find("router_state"))  # blocks take and return a recurrent router's state
         if self.recurrent:
             self.used |= {"router_state", "router_gru"}  # the forward arguments of the state and the GRU cell
+
+    # ---- modality groups as one expert call -------------------------------------------------
+    @staticmethod
+    def _regions(graph: Graph, nodes: list[int]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for n in nodes:
+            parts = graph.op(n).name.split(".")[2:]
+            if len(parts) > 1:
+                out.setdefault(parts[0], []).append(n)
+        return out
+
+    @staticmethod
+    def _group_key(graph: Graph, node: int) -> str:
+        """The expert group an op belongs to: its module path without the op's own name."""
+        return ".".join(graph.op(node).name.split(".")[2:-1])
+
+    @classmethod
+    def _route_first(cls, graph: Graph, nodes: list[int]) -> list[int]:
+        """Within a merged MoE layer, everything the expert call needs (every group's selection,
+        routing and masks) before the first group's experts."""
+        order = list(nodes)
+        for members in cls._regions(graph, nodes).values():
+            if not cls._merged(graph, members):
+                continue
+            inside, early, stack = set(members), set(), [n for n in members if graph.op(n).kind == "fused_experts"]
+            while stack:
+                for v in graph.inputs(stack.pop()):
+                    if v.node in inside and v.node not in early:
+                        early.add(v.node)
+                        stack.append(v.node)
+            first = min(order.index(n) for n in members)
+            rest = [n for n in order if n not in early]
+            order = rest[:first] + [n for n in order if n in early] + rest[first:]
+        return order
+
+    @classmethod
+    def _merged(cls, graph: Graph, members: list[int]) -> bool:
+        """Groups selected by disjoint modalities, each routed once per token by a learned router
+        whose choice does not depend on the other tokens (no capacity, no expert choice, no
+        balancing bias), with experts of one kind and nothing else per group: one expert call."""
+        ops = [graph.op(n) for n in members]
+        experts = [n for n in members if graph.op(n).kind == "fused_experts"]
+        groups = [cls._group_key(graph, n) for n in experts]
+        selects = {cls._group_key(graph, n): graph.op(n).modalities for n in members
+                   if graph.op(n).kind == "select_tokens"}
+        allowed = {"select_tokens", "router", "permute", "fused_experts", "scatter_tokens", "add", "aux_loss"}
+        if len(experts) < 2 or len(set(groups)) != len(groups) or not set(groups) <= set(selects):
+            return False
+        shared_ffn = [op for n, op in zip(members, ops) if op.kind == "ffn" and cls._group_key(graph, n) in selects]
+        if shared_ffn or any(op.kind not in allowed | {"ffn"} for op in ops):
+            return False
+        routers = [op.router for op in ops if op.kind == "router"]
+        if any(r.kind not in ("top_k", "dynamic_k", "soft") or r.capacity is not None for r in routers):
+            return False
+        seen = [m for mods in selects.values() for m in mods]
+        return len(seen) == len(set(seen)) and len({graph.op(n).expert for n in experts}) == 1
 
     # ---- naming -----------------------------------------------------------------------------
     def rel(self, node: int) -> list[str]:
@@ -382,11 +450,22 @@ class _BlockEmitter:
         self.line(f"{h} = {attr}({', '.join(ins)})")
 
     def _op_add(self, node, op, ins, path):
+        live = [i for i in ins if i != _MERGED]
+        if len(live) < 2:  # a group whose output the merged expert call already holds
+            self.names[self.g.outputs(node)[0]] = live[0] if live else _MERGED
+            return
         base = ("x_kept" if self.kept_tokens else "x") if self.region(node) is None else "y"
         (x,) = self.assign(node, [base])
         self.line(f"{x} = {ins[0]} + {ins[1]}")
 
     def _op_select_tokens(self, node, op, ins, path):
+        if self.region(node) in self.merged:  # the group routes every token; its mask picks its own
+            xs, idx = self.g.outputs(node)
+            self.names[xs] = ins[0]
+            self.names[idx] = mask = self.fresh(f"{self.group_of(node)}_mask")
+            self.group_masks[self.group_of_path(path)] = mask
+            self.line(f"{mask} = token_mask_for({ins[1]}, {tuple(op.modalities)!r})")
+            return
         if (ins[1], op.modalities) in self.selections:  # the same tokens again (a group's router state)
             xs_value, idx_value = self.g.outputs(node)
             self.names[idx_value] = idx = self.selections[(ins[1], op.modalities)]
@@ -409,6 +488,9 @@ class _BlockEmitter:
         self.line(f"{state} = router_gru({projected}, {ins[1] if len(ins) > 1 else 'router_state'})")
 
     def _op_scatter_tokens(self, node, op, ins, path):
+        if self.region(node) in self.merged:  # already [T, d] (or part of the merged call)
+            self.names[self.g.outputs(node)[0]] = ins[0]
+            return
         (y,) = self.assign(node, ["out"])
         self.line(f"{y} = scatter_tokens({ins[0]}, {ins[1]}, {ins[2]})")
 
@@ -522,6 +604,13 @@ class _BlockEmitter:
         self.line(f"{offsets} = expert_offsets({ins[0]})")
 
     def _op_permute(self, node, op, ins, path):
+        mask = self.group_masks.get(self.group_of_path(path))
+        if mask is not None:  # the merged call sorts every group's slots at once
+            order, counts, offsets = self.g.outputs(node)
+            self.names[order] = self.names[offsets] = "None"
+            (name,) = self.assign_values([counts], ["counts"], node)
+            self.line(f"{name} = expert_counts_static({ins[0]}, {op.num_experts}, token_mask={mask})")
+            return
         # block_m pads segments for block-tiled kernels; a PyTorch grouped GEMM needs no padding
         outs = self.assign(node, ["order", "counts", "offsets"])
         self.line(f"{', '.join(outs)} = permute({ins[0]}, {op.num_experts})")
@@ -564,6 +653,8 @@ class _BlockEmitter:
     def _op_fused_experts(self, node, op, ins, path):
         if self.expert_parallel:
             return self._experts_ep(node, op, ins, path)
+        if self.region(node) in self.merged:
+            return self._merged_experts(node, op, path)
         order, offsets = ins[3:]
         (y,) = self.assign(node, ["y"])
         self.line(_call(y, "moe_experts", [*self._expert_args(op, ins, path), f"order={order}",
@@ -571,6 +662,39 @@ class _BlockEmitter:
         from moec.backends.pytorch import runtime
 
         self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]
+
+    def _merged_experts(self, node, op, path):
+        """The first group's experts run every group's: routings merged with group offsets, one
+        call reading each group's stacked weights."""
+        members = self._regions(self.g, self.nodes)[self.region(node)]
+        groups = [n for n in members if self.g.op(n).kind == "fused_experts"]
+        if node != groups[0]:
+            self.names[self.g.outputs(node)[0]] = _MERGED
+            return
+        offsets, total, stacks, routing = [], 0, [], []
+        for n in groups:
+            g_path, g_op = self.rel(n), self.g.op(n)
+            offsets.append(total)
+            total += g_op.num_experts
+            ids, w = (self.ref(v, n) for v in self.g.inputs(n)[1:3])
+            routing.append((ids, w, self.group_masks[self.group_of_path(g_path)]))
+            e = g_op.expert
+            attr = self._experts_module(g_path, g_op, e.form == "glu", e.dim, e.hidden, e.bias)
+            parts = [_weight(attr, "up_proj", e.weights), _weight(attr, "down_proj", e.weights),
+                     _weight(attr, "gate_proj", e.weights) if e.form == "glu" else "None"]
+            if e.bias:
+                parts += [f"{attr}.up_bias", f"{attr}.down_bias", f"{attr}.gate_bias" if e.form == "glu" else "None"]
+            stacks.append("(" + ", ".join(parts) + ")")
+        ids, w = self.fresh("expert_ids"), self.fresh("weights")
+        self.line(f"# the {len(groups)} groups' experts in one call: {total} experts, group offsets {offsets}")
+        self.line(_call(f"{ids}, {w}", "merge_group_routing", [
+            "[" + ", ".join(r[0] for r in routing) + "]", "[" + ", ".join(r[1] for r in routing) + "]",
+            "[" + ", ".join(r[2] for r in routing) + "]", repr(offsets)]))
+        self.names[self.g.outputs(node)[0]] = y = self.fresh("y")
+        x = self.ref(self.g.inputs(node)[0], node)
+        stack_list = "[" + "".join(f"\n                {st}," for st in stacks) + "\n            ]"
+        self.line(_call(y, "moe_experts_groups", [x, ids, w, stack_list, f"activation={op.expert.act!r}"]))
+        self.view.sync_notes.append("expert segment sizes")
 
     def _expert_args(self, op: O.FusedExpertsOp, ins: list[str], path: list[str]) -> list[str]:
         """Arguments shared by the fused expert calls: rows, routing, stacked weights, activation."""
@@ -601,6 +725,17 @@ class _BlockEmitter:
         self.view.sync_notes.append("all-to-all split sizes")
 
     def _op_aux_loss(self, node, op, ins, path):
+        mask = self.group_masks.get(self.group_of_path(path))
+        if mask is not None:  # the group's router saw every token: the losses count its own
+            (aux,) = self.assign(node, ["aux"])
+            terms = []
+            if op.losses.load_balance:
+                terms.append(f"{op.losses.load_balance!r} * load_balance_loss_static("
+                             f"{ins[1]}, {ins[2]}, {op.num_experts}, token_mask={mask})")
+            if op.losses.z_loss:
+                terms.append(f"{op.losses.z_loss!r} * z_loss_static({ins[0]}, token_mask={mask})")
+            self.line(f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
+            return
         (aux,) = self.assign(node, ["aux"])
         terms = []
         if op.losses.load_balance:
@@ -615,6 +750,8 @@ class _StaticBlockEmitter(_BlockEmitter):
     """Static-shape form (`--static`): every group sees all T tokens under a modality mask and
     dispatches into capacity-padded [E, C, d] buffers, so no shape depends on data (no host sync,
     no nonzero, no sort): what torch.export and torch-mlir need."""
+
+    merges_groups = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

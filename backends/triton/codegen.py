@@ -23,6 +23,7 @@ from moec import __version__
 from moec import ops as O
 from moec.backends import BackendError
 from moec.backends.pytorch.codegen import (
+    _MERGED,
     RUNTIME_MODULES,
     BlockView,
     _BlockEmitter,
@@ -40,11 +41,12 @@ from .kernels import KernelSet, kernel_routed
 
 TRITON_RUNTIME = ("moec_triton", "runtime.py",
                   ("Blocks", "fused_experts", "fused_route", "merge_groups", "observe_counts"))
-_MERGED = "<merged>"  # a group output already included in the layer's single expert launch
 _OWN_NAMES = {"kernels", "BLOCKS", *TRITON_RUNTIME[2]}
 
 
 class _TritonBlockEmitter(_BlockEmitter):
+    merges_groups = False  # merged through the router kernels' masks below instead
+
     def __init__(self, graph: Graph, nodes: list[int], view: BlockView, kernels: KernelSet):
         super().__init__(graph, self._route_first(graph, nodes), view)
         self.kernels = kernels
@@ -52,40 +54,8 @@ class _TritonBlockEmitter(_BlockEmitter):
         self.counts: dict[str, tuple[str, int]] = {}  # group path -> (per-expert counts, experts counted)
         self.pytorch_notes: list[str] = []
 
-    # ---- layout decisions per MoE region ---------------------------------------------------
-    @staticmethod
-    def _regions(graph: Graph, nodes: list[int]) -> dict[str, list[int]]:
-        out: dict[str, list[int]] = {}
-        for n in nodes:
-            parts = graph.op(n).name.split(".")[2:]
-            if len(parts) > 1:
-                out.setdefault(parts[0], []).append(n)
-        return out
-
-    @staticmethod
-    def _group_key(graph: Graph, node: int) -> str:
-        """The expert group an op belongs to: its module path without the op's own name."""
-        return ".".join(graph.op(node).name.split(".")[2:-1])
-
-    @classmethod
-    def _route_first(cls, graph: Graph, nodes: list[int]) -> list[int]:
-        """Within a merged MoE layer, everything the expert launch needs (every group's selection,
-        routing and masks) before the first group's experts."""
-        order = list(nodes)
-        for members in cls._regions(graph, nodes).values():
-            if not cls._merged(graph, members):
-                continue
-            inside, early, stack = set(members), set(), [n for n in members if graph.op(n).kind == "fused_experts"]
-            while stack:
-                for v in graph.inputs(stack.pop()):
-                    if v.node in inside and v.node not in early:
-                        early.add(v.node)
-                        stack.append(v.node)
-            first = min(order.index(n) for n in members)
-            rest = [n for n in order if n not in early]
-            order = rest[:first] + [n for n in order if n in early] + rest[first:]
-        return order
-
+    # ---- layout decisions per MoE region (regions, group keys and the routing-first order are the
+    # PyTorch emitter's; the merge condition is this target's own) -------------------------------
     @staticmethod
     def _masked(graph: Graph, members: list[int]) -> bool:
         """Modality groups, all kernel-routed: route under token masks, tokens stay in place."""
