@@ -479,7 +479,8 @@ def test_emit_compilation_static_moma(tmp_path):
 @pytest.mark.parametrize(("example", "dialect", "op"), [("mixtral", "linalg", "linalg.batch_matmul"),
                                                         ("moma", "linalg", "linalg.batch_matmul"),
                                                         ("mixtral", "stablehlo", "stablehlo.dot_general"),
-                                                        ("moma", "tosa", "tosa.matmul")])
+                                                        ("moma", "tosa", "tosa.matmul"),
+                                                        ("recurrent_router", "linalg", "linalg.batch_matmul")])
 def test_cli_mlir_target(example, dialect, op, tmp_path, capsys):
     pytest.importorskip("torch_mlir")
     import os
