@@ -308,19 +308,25 @@ class Elaborator:
             return BAD
         return v
 
+    def _schedule_call(self, p: K.Param, v, loc: SourceLoc, scope: Scope, table: dict, what: str):
+        """A number, or a call of one of `table`'s schedules: (float, None), (None, bound arguments)
+        or (BAD, None) after an error."""
+        if _is_number(v):
+            return float(v), None
+        if not isinstance(v, ast.Call) or v.name not in table:
+            hint = f"{what}s: {', '.join(table)}"
+            if isinstance(v, ast.Call):
+                hint = did_you_mean(v.name, table) or hint
+            self.d.error("E0205", f"`{p.name}` must be a number or a {what}, got {_show(v)}", loc, hint)
+            return BAD, None
+        args = self.bind(v, table[v.name], scope, what)
+        return (BAD, None) if args is None else (None, args)
+
     def _schedule(self, p: K.Param, v, loc: SourceLoc, scope: Scope):
         """A number, or a schedule call (`linear(start, end, steps = N)`, `cosine(...)`)."""
-        if _is_number(v):
-            return float(v)
-        if not isinstance(v, ast.Call) or v.name not in K.SCHEDULES:
-            hint = f"schedules: {', '.join(K.SCHEDULES)}"
-            if isinstance(v, ast.Call):
-                hint = did_you_mean(v.name, K.SCHEDULES) or hint
-            self.d.error("E0205", f"`{p.name}` must be a number or a schedule, got {_show(v)}", loc, hint)
-            return BAD
-        args = self.bind(v, K.SCHEDULES[v.name], scope, "schedule")
+        number, args = self._schedule_call(p, v, loc, scope, K.SCHEDULES, "schedule")
         if args is None:
-            return BAD
+            return number
         spec = O.ScheduleSpec(kind=v.name, **args)
         if p.positive and min(spec.values()) <= 0:
             self.d.error("E0207", f"`{p.name}` must stay positive; the schedule goes from {spec.start} to "
@@ -350,17 +356,9 @@ class Elaborator:
 
     def _layer_schedule(self, p: K.Param, v, loc: SourceLoc, scope: Scope):
         """A number, or a per-layer schedule call (`layer_linear(start, end)`, `layer_cosine(...)`)."""
-        if _is_number(v):
-            return float(v)
-        if not isinstance(v, ast.Call) or v.name not in K.LAYER_SCHEDULES:
-            hint = f"per-layer schedules: {', '.join(K.LAYER_SCHEDULES)}"
-            if isinstance(v, ast.Call):
-                hint = did_you_mean(v.name, K.LAYER_SCHEDULES) or hint
-            self.d.error("E0205", f"`{p.name}` must be a number or a per-layer schedule, got {_show(v)}", loc, hint)
-            return BAD
-        args = self.bind(v, K.LAYER_SCHEDULES[v.name], scope, "per-layer schedule")
+        number, args = self._schedule_call(p, v, loc, scope, K.LAYER_SCHEDULES, "per-layer schedule")
         if args is None:
-            return BAD
+            return number
         return O.LayerScheduleSpec(kind=v.name.removeprefix("layer_"), **args)
 
     def _depth(self, st: ast.Setting, scope: Scope) -> O.DepthSpec | None:

@@ -724,18 +724,22 @@ class _BlockEmitter:
         self.line(_call(y, "moe_experts_ep", [*ins[:3], attr, f"activation={e.act!r}", "group=self.ep_group"]))
         self.view.sync_notes.append("all-to-all split sizes")
 
+    def masked_aux_loss(self, node, op, ins, mask: str | None) -> None:
+        """A group's losses over the tokens of its mask (its router saw every token); no mask: all."""
+        (aux,) = self.assign(node, ["aux"])
+        token_mask = [f"token_mask={mask}"] if mask else []
+        terms = []
+        if op.losses.load_balance:
+            call = ", ".join([ins[1], ins[2], str(op.num_experts), *token_mask])
+            terms.append(f"{op.losses.load_balance!r} * load_balance_loss_static({call})")
+        if op.losses.z_loss:
+            terms.append(f"{op.losses.z_loss!r} * z_loss_static({', '.join([ins[0], *token_mask])})")
+        self.line(f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
+
     def _op_aux_loss(self, node, op, ins, path):
         mask = self.group_masks.get(self.group_of_path(path))
-        if mask is not None:  # the group's router saw every token: the losses count its own
-            (aux,) = self.assign(node, ["aux"])
-            terms = []
-            if op.losses.load_balance:
-                terms.append(f"{op.losses.load_balance!r} * load_balance_loss_static("
-                             f"{ins[1]}, {ins[2]}, {op.num_experts}, token_mask={mask})")
-            if op.losses.z_loss:
-                terms.append(f"{op.losses.z_loss!r} * z_loss_static({ins[0]}, token_mask={mask})")
-            self.line(f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
-            return
+        if mask is not None:
+            return self.masked_aux_loss(node, op, ins, mask)
         (aux,) = self.assign(node, ["aux"])
         terms = []
         if op.losses.load_balance:
@@ -808,15 +812,7 @@ class _StaticBlockEmitter(_BlockEmitter):
         self.line(_call(y, "moe_experts_static", [*self._expert_args(op, ins, path), *self.mask_arg(node)]))
 
     def _op_aux_loss(self, node, op, ins, path):
-        (aux,) = self.assign(node, ["aux"])
-        mask = self.mask_arg(node)
-        terms = []
-        if op.losses.load_balance:
-            call = ", ".join([ins[1], ins[2], str(op.num_experts), *mask])
-            terms.append(f"{op.losses.load_balance!r} * load_balance_loss_static({call})")
-        if op.losses.z_loss:
-            terms.append(f"{op.losses.z_loss!r} * z_loss_static({', '.join([ins[0], *mask])})")
-        self.line(f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
+        self.masked_aux_loss(node, op, ins, self.masks.get(self.group_of(node)))
 
     def _op_count_experts(self, node, op, ins, path):
         if any(self.g.op(u).kind == "expert_offsets" for u, _ in self.g.users(self.g.outputs(node)[0])):

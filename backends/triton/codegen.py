@@ -220,14 +220,7 @@ class _TritonBlockEmitter(_BlockEmitter):
         mask = self.masks.get(self.group_of_path(path))
         if mask is None:
             return super()._op_aux_loss(node, op, ins, path)
-        (aux,) = self.assign(node, ["aux"])
-        terms = []
-        if op.losses.load_balance:
-            terms.append(f"{op.losses.load_balance!r} * load_balance_loss_static("
-                         f"{ins[1]}, {ins[2]}, {op.num_experts}, token_mask={mask})")
-        if op.losses.z_loss:
-            terms.append(f"{op.losses.z_loss!r} * z_loss_static({ins[0]}, token_mask={mask})")
-        self.line(f"{aux} = (\n            " + "\n            + ".join(terms) + "\n        )")
+        self.masked_aux_loss(node, op, ins, mask)
 
 
 BLOCK_KNOBS = ("block_m", "block_n", "block_k", "block_t")
