@@ -115,13 +115,18 @@ def _ffn_ctor(e: O.ExpertSpec, gate: str = "none") -> str:
             f"activation={e.act!r}, bias={e.bias}{ternary})")
 
 
-def _attention_ctor(op: O.AttentionOp) -> str:
-    """Attention(...) with the rotary / q-k norm / output-bias arguments only where they are set."""
+def _attention_options(op: O.AttentionOp | O.AttentionExpertsOp) -> str:
+    """The rotary / q-k norm / output-bias arguments of an attention module, only where they are set."""
     extra = f", rope_theta={op.rope_theta!r}" if op.rope_theta is not None else ""
     if op.qk_norm != "none":
         extra += f", qk_norm={op.qk_norm!r}, norm_eps={op.norm_eps!r}"
     if op.out_bias is not None and op.out_bias != op.bias:
         extra += f", out_bias={op.out_bias}"
+    return extra
+
+
+def _attention_ctor(op: O.AttentionOp) -> str:
+    extra = _attention_options(op)
     if op.routed_heads is not None:
         extra += f", routed_heads={op.routed_heads}, shared_heads={op.shared_heads}"
     return (f"Attention(dim={op.dim}, heads={op.heads}, kv_heads={op.kv_heads}, "
@@ -129,11 +134,7 @@ def _attention_ctor(op: O.AttentionOp) -> str:
 
 
 def _attention_experts_ctor(op: O.AttentionExpertsOp) -> str:
-    extra = f", rope_theta={op.rope_theta!r}" if op.rope_theta is not None else ""
-    if op.qk_norm != "none":
-        extra += f", qk_norm={op.qk_norm!r}, norm_eps={op.norm_eps!r}"
-    if op.out_bias is not None and op.out_bias != op.bias:
-        extra += f", out_bias={op.out_bias}"
+    extra = _attention_options(op)
     if op.renormalize:
         extra += ", renormalize=True"
     if op.losses.load_balance:
