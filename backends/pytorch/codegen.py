@@ -25,7 +25,7 @@ from moec.ir import Graph, Value
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_runtime": ("runtime.py", (
         "Attention", "AttentionExperts", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
-        "PerModality", "activate", "modality_rows",
+        "PerModality", "RMSNorm", "activate", "modality_rows",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "merge_group_routing", "moe_experts",
         "moe_experts_groups",
@@ -104,7 +104,7 @@ def _call(lhs: str, fn: str, args: list[str], width: int = 104) -> str:
 
 
 def _norm_ctor(op: O.NormOp) -> str:
-    cls = "nn.RMSNorm" if op.norm == "rms" else "nn.LayerNorm"
+    cls = "RMSNorm" if op.norm == "rms" else "nn.LayerNorm"
     return f"{cls}({op.dim}, eps={op.eps!r})"
 
 
@@ -883,7 +883,9 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
     per_layer = {b.class_name: b.host_syncs for b in blocks.values()}
-    text = "\n".join(line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules])
+    final_norm = _norm_ctor(graph.op(final[0])) if final else None
+    text = "\n".join([line for b in blocks.values() for line in b.body + [b.returns] + [m.ctor for m in b.modules]]
+                     + [final_norm or ""])
     used = {"ModelOutput", "check_modality"} | set(re.findall(r"\b([A-Za-z_]\w*)[.(]", text))
     imports = [(module, sorted((n for n in names if n in used), key=lambda n: (n[0].islower(), n)))
                for module, (_, names) in RUNTIME_MODULES.items()]
@@ -894,7 +896,7 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
         or any(graph.op(n).kind == "router" and graph.op(n).router.by == "task" for n in graph.nodes()),
         version=__version__, source=source, model_name=graph.name, modalities=inp.modalities,
         modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim, blocks=list(blocks.values()),
-        layers=layers, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
+        layers=layers, final_norm=final_norm,
         router_cell=router_cell(graph), total_syncs=sum(per_layer[layer.cls] for layer in layers))
 
 
