@@ -168,6 +168,15 @@ def test_grouped_mm_really_used_on_this_build():
     assert rt.resolve_method("grouped_mm", x32, up32, down32, p["gate"].float(), k=2) == "grouped_mm"
 
 
+def test_grouped_mm_probe_under_no_grad(monkeypatch):
+    """A first call under no_grad (inference) must not find grouped_mm unusable for the process."""
+    monkeypatch.setattr(rt, "_GMM_PROBE", {})
+    with torch.no_grad():
+        under_no_grad = rt.grouped_mm_available("cpu", torch.float32)
+    monkeypatch.setattr(rt, "_GMM_PROBE", {})
+    assert under_no_grad == rt.grouped_mm_available("cpu", torch.float32)
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("glu", [True, False], ids=["glu", "mlp"])
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -572,3 +581,63 @@ def test_inference_path_equals_training_path(glu, bias):
     with torch.no_grad():
         infer = rt.moe_experts(x, ids, w, up, down, gate_proj=gate, method="split", **biases)
     torch.testing.assert_close(infer, train.detach(), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- RMSNorm
+
+
+def _ref_rms_norm(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16), (0, 16), (1, 1)])
+def test_rms_norm_matches_reference(dtype, shape):
+    """The CPU path of ``RMSNorm`` (hand-written backward) against the formula in fp64."""
+    g = torch.Generator().manual_seed(5)
+    d = shape[-1]
+    norm = rt.RMSNorm(d, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(d, generator=g))
+    x = (torch.randn(shape, generator=g) * 3).to(dtype).requires_grad_()
+    grad = torch.randn(shape, generator=g).to(dtype)
+    y = norm(x)
+    y.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    w64 = norm.weight.detach().double().requires_grad_()
+    ref = _ref_rms_norm(x64, w64, 1e-5)
+    ref.backward(grad.double())
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(y.detach().double(), ref.detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), x64.grad, **tol)
+    torch.testing.assert_close(norm.weight.grad.double(), w64.grad, **tol)
+
+
+def test_rms_norm_gradcheck_and_partial_grads():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: rt._RMSNormRows.apply(a.reshape(-1, 8), b, 1e-6), (x, w))
+    norm = rt.RMSNorm(8, eps=1e-6).double()
+    norm.weight.requires_grad_(False)  # a frozen norm: only d/dx
+    norm(x).sum().backward()
+    x64 = x.detach().clone().requires_grad_()
+    _ref_rms_norm(x64, norm.weight, 1e-6).sum().backward()
+    torch.testing.assert_close(x.grad, x64.grad)
+    norm.weight.requires_grad_(True)
+    norm(x.detach()).pow(2).sum().backward()  # only d/dweight
+    w64 = norm.weight.detach().clone().requires_grad_()
+    _ref_rms_norm(x.detach(), w64, 1e-6).pow(2).sum().backward()
+    torch.testing.assert_close(norm.weight.grad, w64.grad)
+
+
+def test_rms_norm_other_dtypes_and_default_eps_follow_nn_rmsnorm():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 12, generator=g)
+    for dtype in (torch.bfloat16, torch.float32):
+        ours, theirs = rt.RMSNorm(12).to(dtype), torch.nn.RMSNorm(12).to(dtype)
+        with torch.no_grad():
+            ours.weight.copy_(torch.randn(12, generator=g))
+            theirs.weight.copy_(ours.weight)
+        torch.testing.assert_close(ours(x.to(dtype)), theirs(x.to(dtype)))
+    assert isinstance(rt.RMSNorm(4), torch.nn.RMSNorm)  # same parameters, state dict and repr

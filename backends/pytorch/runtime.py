@@ -107,7 +107,8 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     resolves to a native grouped_mm and x is not bf16/fp16 on CPU).  ``route_top_k``,
     ``expert_counts``, ``load_balance_loss`` and ``z_loss`` make no host sync.
 
-Layers used by generated models: ``Attention`` (multi-head / grouped-query,
+Layers used by generated models: ``RMSNorm`` (``nn.RMSNorm`` with a faster fp32/fp64 CPU path:
+the statistics in one reduction pass and a hand-written backward), ``Attention`` (multi-head / grouped-query,
 ``q_proj k_proj v_proj o_proj``, optional rotary embeddings and q/k RMSNorm),
 ``LatentAttention`` (DeepSeek's multi-head latent attention), ``FeedForward`` (a dense expert,
 ``up_proj gate_proj down_proj`` linears, optional sigmoid ``output_gate``), ``Experts`` (stacked expert weights ``up_proj /
@@ -353,36 +354,31 @@ def grouped_mm_available(device: torch.device | str, dtype: torch.dtype) -> bool
     """True if ``torch._grouped_mm`` runs (fwd+bwd, correct results) for device/dtype. Cached."""
     device = torch.device(device)
     key = (device.type if device.index is None else f"{device.type}:{device.index}", dtype)
-    cached = _GMM_PROBE.get(key)
-    if cached is not None:
-        return cached
-    ok = False
-    if hasattr(torch, "_grouped_mm"):
+    if key not in _GMM_PROBE:
         try:
-            gen = torch.Generator().manual_seed(0)
-            a = torch.randn(6, 16, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-            b = torch.randn(3, 16, 16, generator=gen).to(device=device, dtype=dtype).requires_grad_()
-            g = torch.randn(6, 16, generator=gen).to(device=device, dtype=dtype)
-            offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device)
-            out = torch._grouped_mm(a, b, offs=offs)
-            (out * g).sum().backward()  # not backward(g): that imports sympy (~0.25 s, 40 MB)
-            a64, b64, g64 = a.detach().double(), b.detach().double(), g.double()
-            ref = torch.cat([a64[:2] @ b64[0], a64[2:] @ b64[2]])
-            ref_ga = torch.cat([g64[:2] @ b64[0].T, g64[2:] @ b64[2].T])
-            ref_gb = torch.stack(
-                [a64[:2].T @ g64[:2], torch.zeros(16, 16, dtype=torch.float64), a64[2:].T @ g64[2:]]
-            )
-            tol = 1e-3 if dtype == torch.float32 else 0.1
-            ok = (
-                torch.allclose(out.double(), ref, rtol=tol, atol=tol * 16)
-                and torch.allclose(a.grad.double(), ref_ga, rtol=tol, atol=tol * 16)
-                and torch.allclose(b.grad.double(), ref_gb, rtol=tol, atol=tol * 16)
-            )
-            ok = bool(ok)
+            _GMM_PROBE[key] = hasattr(torch, "_grouped_mm") and _grouped_mm_probe(device, dtype)
         except Exception:  # noqa: BLE001 - any failure means "not available"
-            ok = False
-    _GMM_PROBE[key] = ok
-    return ok
+            _GMM_PROBE[key] = False
+    return _GMM_PROBE[key]
+
+
+@torch.enable_grad()  # the probe runs a backward, also when the first caller is under no_grad
+def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 16, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(3, 16, 16, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    g = torch.randn(6, 16, generator=gen).to(device=device, dtype=dtype)
+    offs = torch.tensor([2, 2, 6], dtype=torch.int32, device=device)
+    out = torch._grouped_mm(a, b, offs=offs)
+    (out * g).sum().backward()  # not backward(g): that imports sympy (~0.25 s, 40 MB)
+    a64, b64, g64 = a.detach().double(), b.detach().double(), g.double()
+    ref = torch.cat([a64[:2] @ b64[0], a64[2:] @ b64[2]])
+    ref_ga = torch.cat([g64[:2] @ b64[0].T, g64[2:] @ b64[2].T])
+    ref_gb = torch.stack([a64[:2].T @ g64[:2], torch.zeros(16, 16, dtype=torch.float64), a64[2:].T @ g64[2:]])
+    tol = 1e-3 if dtype == torch.float32 else 0.1
+    return bool(torch.allclose(out.double(), ref, rtol=tol, atol=tol * 16)
+                and torch.allclose(a.grad.double(), ref_ga, rtol=tol, atol=tol * 16)
+                and torch.allclose(b.grad.double(), ref_gb, rtol=tol, atol=tol * 16))
 
 
 def _gmm_stride_ok(t: Tensor) -> bool:
@@ -681,25 +677,23 @@ def moe_experts(
         counts = torch.cat([offsets.diff(), (N - offsets[-1]).reshape(1)])
     else:
         key, counts = _counts_with_dropped(flat_ids, E)
-        order = None
+        order = torch.argsort(key, stable=True)
     sizes = None  # host copy of counts: fetched at most once per call (the only host sync)
     if method == "auto" and _auto_wants_counts(x):
         sizes = counts.tolist()
     method = resolve_method(method, x, up_proj, down_proj, gate_proj, k=k, counts=sizes)
     if method in ("split", "padded_bmm") and sizes is None:
         sizes = counts.tolist()
-    if order is None:
-        order = torch.argsort(key, stable=True)
-    sorted_key = key.index_select(0, order)
     tok = torch.div(order, k, rounding_mode="floor") if k > 0 else order
-    valid = sorted_key < E
     acc_dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 combine for bf16/fp16, fp64 stays fp64
     row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)
-    row_w = torch.where(valid, row_w, torch.zeros_like(row_w))  # dropped slot -> weight 0, zero grad
-    if method == "split":
+    if method == "split":  # dropped slots sort past every expert's segment: never read, zero gradient
         out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(),
                                   up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
         return out.to(x.dtype)
+    sorted_key = key.index_select(0, order)
+    valid = sorted_key < E
+    row_w = torch.where(valid, row_w, torch.zeros_like(row_w))  # dropped slot -> weight 0, zero grad
     xs = x.index_select(0, tok)  # gather token rows once
 
     if method == "grouped_mm":
@@ -789,8 +783,7 @@ def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: l
     order = torch.argsort(key, stable=True)
     tok = torch.div(order, k, rounding_mode="floor") if k > 0 else order
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
-    row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)
-    row_w = torch.where(key.index_select(0, order) < E, row_w, torch.zeros_like(row_w))
+    row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)  # dropped slots: past every segment
     flat = [t for st in stacks for t in st]
     out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(), *flat)
     return out.to(x.dtype)
@@ -925,11 +918,16 @@ class _RMSNormRows(torch.autograd.Function):
     13 -> 6 ms at 4096 rows)."""
 
     @staticmethod
+    def rows(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """(normalised rows, 1 / rms per row)."""
+        rstd = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(x.shape[1]).add_(eps).rsqrt_()
+        return torch.mul(x, rstd).mul_(weight), rstd
+
+    @staticmethod
     def forward(ctx, x, weight, eps):
-        d = x.shape[1]
-        rstd = torch.linalg.vector_norm(x, dim=1, keepdim=True).square_().div_(d).add_(eps).rsqrt_()
+        y, rstd = _RMSNormRows.rows(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return torch.mul(x, rstd).mul_(weight)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -957,7 +955,10 @@ class RMSNorm(nn.RMSNorm):
                 or torch.compiler.is_compiling()):
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return _RMSNormRows.apply(x.reshape(-1, x.shape[-1]), w, eps).view(x.shape)
+        rows = x.reshape(-1, x.shape[-1])
+        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+            return _RMSNormRows.apply(rows, w, eps).view(x.shape)
+        return _RMSNormRows.rows(rows, w, eps)[0].view(x.shape)
 
 
 class FeedForward(nn.Module):
