@@ -53,8 +53,9 @@ a child started by ``subprocess`` inherits the parent's high-water mark.  Checke
 3 x 50 MB, freeing them and allocating 100 MB reads as +150 MB.)
 
 ``THP_MEM_ALLOC_ENABLE=1 python benchmarks/moe_layer.py`` puts PyTorch's CPU allocations of 2 MB or
-more on transparent huge pages (as ``moec train`` does): far fewer page faults for the fresh weight
-gradients; the header line says which way a run was made.
+more on transparent huge pages: far fewer page faults for the fresh weight gradients, but on this
+machine some rows then stall in the kernel's page compaction (measured: Mixtral-like T=256 fwd+bwd
+37.0 -> 31.8 ms, MoMa-like T=64 21.6 -> 49.5 ms); the header line says which way a run was made.
 
 Targets checked at the end: fwd+bwd within 1.10x of the floor at T >= 1024 (the whole layer, and
 the MoE alone); fwd GFLOP/s >= 85%

@@ -192,10 +192,6 @@ def cmd_place(args) -> int:
 
 
 def cmd_train(args) -> int:
-    # Large CPU tensors (the stacked expert weights' gradients are fresh every step) on 2 MB pages:
-    # measured 33k -> 4k page faults and 101 -> 89 ms per backward for an E=64, d=512, f=256 layer at
-    # T=1024. PyTorch reads the variable once, at its first large allocation; a user's value is kept.
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     from moec.train import run_cli
 
     return run_cli(args.file, args.steps, args.tokens, args.seq, args.lr, args.seed, args.profile, args.plan)
