@@ -78,7 +78,7 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
       ``E * max(counts) / sum(counts)`` is <= 1.75 (``moe_experts`` fetches
       the counts for this case with its single host sync);
     * CPU otherwise: "grouped_mm" when the average rows per expert ``T*k/E``
-      is <= 128 (per-expert Python overhead dominates "split"), else "split"
+      is <= 64 (per-expert Python overhead dominates "split"), else "split"
       (grouped_mm's backward is slower there);
     * other devices: "grouped_mm" (no host sync).
 
@@ -207,7 +207,7 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 # slower once experts get many rows (its [T*k, f] intermediates are large fresh allocations;
 # with glibc malloc tuned to keep memory mapped, grouped_mm won at E=64,k=8 too).  padded_bmm
 # wins some small balanced fp32 shapes but its [E, max_count, d] buffer degenerates with
-# skewed routing, so for fp32 auto never picks it.  Rule: CPU -> grouped_mm if T*k/E <= 128
+# skewed routing, so for fp32 auto never picks it.  Rule: CPU -> grouped_mm if T*k/E <= 64
 # else split; other devices -> grouped_mm (no host sync).  grouped_mm falls back to split if
 # it is unusable (probe failed, misaligned strides, mixed dtypes).
 _CPU_SPLIT_MIN_ROWS_PER_EXPERT = 64  # benchmarks/moe_layer.py: split wins fwd+bwd from ~96 rows/expert
