@@ -927,20 +927,26 @@ class _RMSNormRows(torch.autograd.Function):
     def forward(ctx, x, weight, eps):
         y, rstd = _RMSNormRows.rows(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
+        ctx.eps = eps
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        g = grad * rstd  # d/dx: rstd * (g w - x * rstd^2 * <g w, x> / d); d/dw: sum over rows of g x rstd
+        # d/dx: rstd * (g w - x * rstd^2 * <g w, x> / d); d/dw: sum over rows of g x rstd.
+        # In-place on fresh tensors, except under create_graph: then a differentiable backward that
+        # recomputes rstd from x (the saved one carries no graph).
+        in_place = not torch.is_grad_enabled()
+        if not in_place:
+            rstd = (x.square().mean(1, keepdim=True) + ctx.eps).rsqrt()
+        g = grad * rstd
         dw = torch.linalg.vecdot(g, x, dim=0) if need_w else None
         dx = None
         if need_x:
-            gw = g.mul_(weight)
-            c = torch.linalg.vecdot(gw, x).unsqueeze(1).mul_(rstd.square()).div_(x.shape[1])
-            dx = gw.addcmul_(x, c, value=-1)
+            gw = g.mul_(weight) if in_place else g * weight
+            c = torch.linalg.vecdot(gw, x).unsqueeze(1) * rstd.square() / x.shape[1]
+            dx = gw.addcmul_(x, c, value=-1) if in_place else gw - x * c
         return dx, dw, None
 
 
