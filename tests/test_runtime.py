@@ -482,6 +482,9 @@ def test_expert_counts():
     assert counts.dtype == torch.long
     assert counts.tolist() == [1, 0, 1, 3, 0]
     assert rt.expert_counts(torch.zeros(0, 2, dtype=torch.long), 3).tolist() == [0, 0, 0]
+    mask = torch.tensor([True, False, True, True])  # token 1's slots are not counted
+    assert rt.expert_counts(ids, 5, token_mask=mask).tolist() == [1, 0, 1, 2, 0]
+    assert rt.expert_counts(ids, 5, token_mask=torch.zeros(4, dtype=torch.bool)).tolist() == [0] * 5
 
 
 # --------------------------------------------------------------------------- losses

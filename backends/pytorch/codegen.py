@@ -610,7 +610,7 @@ class _BlockEmitter:
             order, counts, offsets = self.g.outputs(node)
             self.names[order] = self.names[offsets] = "None"
             (name,) = self.assign_values([counts], ["counts"], node)
-            self.line(f"{name} = expert_counts_static({ins[0]}, {op.num_experts}, token_mask={mask})")
+            self.line(f"{name} = expert_counts({ins[0]}, {op.num_experts}, token_mask={mask})")
             return
         # block_m pads segments for block-tiled kernels; a PyTorch grouped GEMM needs no padding
         outs = self.assign(node, ["order", "counts", "offsets"])

@@ -25,10 +25,11 @@ Public API
     (still distinct) set among tied experts.  Returned ``expert_ids`` are in
     descending score order.
 
-``expert_counts(expert_ids, num_experts)`` -> ``LongTensor[E]``
+``expert_counts(expert_ids, num_experts, token_mask=None)`` -> ``LongTensor[E]``
     Number of (token, slot) assignments per expert, computed on the device
     with ``scatter_add_`` (no host sync).  Entries equal to -1 (dropped slots)
-    are ignored.  ids must lie in [-1, E).
+    are ignored, and so are the slots of tokens outside ``token_mask`` ([T]
+    bool) when it is given.  ids must lie in [-1, E).
 
 ``moe_experts(x, expert_ids, weights, up_proj, down_proj, gate_proj=None,
 activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")``
@@ -286,8 +287,11 @@ def _counts_with_dropped(flat_ids: Tensor, num_experts: int) -> tuple[Tensor, Te
     return key, counts
 
 
-def expert_counts(expert_ids: Tensor, num_experts: int) -> Tensor:
-    """Assignments per expert (LongTensor[E]); -1 entries ignored; no host sync."""
+def expert_counts(expert_ids: Tensor, num_experts: int, token_mask: Tensor | None = None) -> Tensor:
+    """Assignments per expert (LongTensor[E]); -1 entries, and the slots of tokens outside
+    ``token_mask`` ([T] bool) when given, are ignored; no host sync."""
+    if token_mask is not None:
+        expert_ids = torch.where(token_mask.unsqueeze(1), expert_ids, -1)
     flat = expert_ids.reshape(-1).long()
     return _counts_with_dropped(flat, num_experts)[1][:num_experts]
 
