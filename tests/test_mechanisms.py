@@ -433,8 +433,13 @@ def test_mixture_of_heads_misuse(tmp_path, routing, code):
 def test_mixture_of_heads_static_form_exports(tmp_path):
     """The head choice uses one-hot masks (no scatter), so the static form exports."""
     path = _write(tmp_path, HEADS.format(routing="routed_heads = 3, shared_heads = 2", kv=4, settings=""))
+    _assert_static_form_exports(path, d=32)
+
+
+def _assert_static_form_exports(path, d: int) -> None:
+    """The static form of the model at `path` exports, and the exported module gives its outputs."""
     model = moec.load(path, static=True).eval()
-    x, modality = torch.randn(1, 6, 32), torch.randint(0, 2, (1, 6))
+    x, modality = torch.randn(1, 6, d), torch.randint(0, 2, (1, 6))
     exported = torch.export.export(model, (x, modality))
     torch.testing.assert_close(exported.module()(x, modality).output, model(x, modality).output)
 
@@ -843,10 +848,7 @@ def test_recurrent_router_static_form_exports(tmp_path):
     """The GRU update has static shapes: the static form of a grouped recurrent model exports."""
     path = _recurrent(tmp_path, body=("group text { experts 4 x glu(d, 8); router top_k(k = 2) }\n"
                                       "group image { experts 3 x mlp(d, 8); router top_k(k = 1) }"))
-    model = moec.load(path, static=True).eval()
-    x, modality = torch.randn(1, 6, 16), torch.randint(0, 2, (1, 6))
-    exported = torch.export.export(model, (x, modality))
-    torch.testing.assert_close(exported.module()(x, modality).output, model(x, modality).output)
+    _assert_static_form_exports(path, d=16)
 
 
 MERGED_GROUPS = """
