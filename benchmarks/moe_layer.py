@@ -34,9 +34,12 @@ residual add -> final RMSNorm.  On the same inputs and the same parameter tensor
   (M = T * (k + shared)), as a GFLOP/s reference for the machine.
 
 FLOPs counted = the expert GEMMs (routed + shared): 6 * d * f per (token, expert) in the forward;
-router and norms are not counted.  Times are medians of interleaved round-robin reps (all methods
-of one (config, T) alternate, so background load hits them alike) after warmup; the number of reps
-is chosen from the warmup time so that each (config, T) takes about ``--budget`` seconds.  Every
+router and norms are not counted.  Times are medians over interleaved rounds (all methods of one
+(config, T) alternate, so background load hits them alike) after warmup; in each round a method
+runs three times in a row and the last two runs are timed, as a training loop repeats the same
+step (the first run after another method pays for re-mapping freed memory, which a steady loop
+does not).  The number of rounds is chosen from the warmup time so that each (config, T) takes
+about ``--budget`` seconds.  Every
 round also times a fixed 512x512x1024 ``mm`` ("calib"); rows whose calib rate is below 75% of the
 run's best are marked ``~`` (other processes were using the cores: with 2 OpenMP threads on 2
 busy cores, small ops can get 10-100x slower), and should be rerun on an idle machine.
@@ -325,24 +328,26 @@ def clear_grads(tensors) -> None:
 
 def time_round_robin(fns: dict, budget_s: float, min_reps: int, max_reps: int) -> tuple[dict, int]:
     """fns: name -> (prep, run).  Warm up, pick the rep count from the warmup time, then take the
-    median (ms) of interleaved reps; only `run` is timed."""
+    median (ms) of interleaved rounds; only `run` is timed.  In every round each method runs
+    three times in a row and the last two are timed: a training loop calls the same layer step
+    after step, and the first call after another method re-establishes the allocator's state
+    (which heap memory is mapped), so it is not counted."""
     t0 = time.perf_counter()
     for prep, run in fns.values():  # warmup round 1 (also the rep-count estimate)
         prep()
         run()
-    t_round = time.perf_counter() - t0
-    if t_round * 3 < budget_s:  # cheap: a second warmup round
-        for prep, run in fns.values():
-            prep()
-            run()
+    t_round = 3 * (time.perf_counter() - t0)
     reps = max(min_reps, min(max_reps, int(budget_s / max(t_round, 1e-9))))
     samples = {name: [] for name in fns}
     for _ in range(reps):
         for name, (prep, run) in fns.items():
             prep()
-            t = time.perf_counter()
             run()
-            samples[name].append((time.perf_counter() - t) * 1e3)
+            for _ in range(2):
+                prep()
+                t = time.perf_counter()
+                run()
+                samples[name].append((time.perf_counter() - t) * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}, reps
 
 
