@@ -676,8 +676,8 @@ def moe_experts(
 
     # Sort the flat (token, slot) pairs by expert; dropped slots (-1) go last (bin E).
     flat_ids = expert_ids.reshape(-1).long()
+    key = None  # sort key (dropped slots -> bin E); the split path never needs it when sorted already
     if order is not None and offsets is not None:
-        key = torch.where(flat_ids < 0, torch.full_like(flat_ids, E), flat_ids)
         counts = torch.cat([offsets.diff(), (N - offsets[-1]).reshape(1)])
     else:
         key, counts = _counts_with_dropped(flat_ids, E)
@@ -695,6 +695,8 @@ def moe_experts(
         out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(),
                                   up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
         return out.to(x.dtype)
+    if key is None:
+        key = torch.where(flat_ids < 0, torch.full_like(flat_ids, E), flat_ids)
     sorted_key = key.index_select(0, order)
     valid = sorted_key < E
     row_w = torch.where(valid, row_w, torch.zeros_like(row_w))  # dropped slot -> weight 0, zero grad
