@@ -30,7 +30,7 @@ residual add -> final RMSNorm.  On the same inputs and the same parameter tensor
   ``getrusage`` around every timed call) times the cost of one fault (measured on a fresh
   anonymous mapping): autograd allocates the stacked weight gradients every step, and glibc may
   map them afresh.  "MoE" = generated minus both: routing, permutation, expert GEMMs and combine,
-  the part the 1.10x target speaks of.
+  the part the 1.10x target speaks of; it is compared with the floor less the floor's own faults.
 * **dense mm**: one ``torch.mm`` [M, d] @ [d, 3f] with exactly the FLOPs of the expert GEMMs
   (M = T * (k + shared)), as a GFLOP/s reference for the machine.
 
@@ -485,6 +485,7 @@ def bench_one(model, c: Config, T: int, budget_s: float, min_reps: int, max_reps
     res["gen_fb_faults"], res["floor_fb_faults"] = faults["gen_fb"], faults[f"floor_{res['floor_fb_kind']}_fb"]
     res["gen_fb_fault_ms"] = res["gen_fb_faults"] * fault_ms
     res["moe_fb"] = res["gen_fb"] - res["wrapper_fb"] - res["gen_fb_fault_ms"]
+    res["floor_fb_nofault"] = res["floor_fb"] - res["floor_fb_faults"] * fault_ms  # compared like for like
     res["flops_fwd"] = floors.flops_fwd
     res["calib_gflops"] = CALIB_FLOPS / ms["calib"] / 1e6
     res["reps"] = reps
@@ -621,16 +622,18 @@ def print_details(rows: list[dict]) -> None:
               f"{fmt(r.get('mem_naive_fwd'), '.0f', 7)} | {fmt(r.get('mem_gen_init'), '.0f', 11)}"
               f"{fmt(r.get('mem_naive_init'), '.0f', 7)}")
     print("\nwhere the generated fwd+bwd goes beyond the floor (ms): norms = the layer's two RMSNorms and"
-          " residual alone (fwd+bwd); faults = the minor page faults of one generated fwd+bwd (median) times"
-          " the cost of one (mostly the stacked weight gradients autograd allocates every step, which glibc"
-          " may map afresh); MoE = gen - norms - faults, i.e. routing, permutation, expert GEMMs and combine")
-    print(f"{'config':<9}{'T':>6} | {'gen f+b':>8}{'norms':>8}{'faults':>8}{'(count)':>9}{'MoE':>8}{'floor':>8}"
-          f"{'(faults)':>9} | {'gen/floor':>9}{'MoE/floor':>10}")
+          " residual alone (fwd+bwd); faults = the minor page faults of one fwd+bwd (median count) times the"
+          " cost of one (mostly the stacked weight gradients autograd allocates every step, which glibc may"
+          " map afresh); MoE = gen - norms - faults, i.e. routing, permutation, expert GEMMs and combine;"
+          " MoE/floor compares it with the floor less the floor's own faults")
+    print(f"{'config':<9}{'T':>6} | {'gen f+b':>8}{'norms':>8}{'faults':>8}{'(count)':>9}{'MoE':>8} | "
+          f"{'floor':>8}{'faults':>8}{'(count)':>9} | {'gen/floor':>9}{'MoE/floor':>10}")
     for r in rows:
         print(f"{r['config']:<9}{r['T']:>6} | {fmt(r['gen_fb'], '.1f')}{fmt(r['wrapper_fb'], '.1f')}"
-              f"{fmt(r['gen_fb_fault_ms'], '.1f')}{fmt(r['gen_fb_faults'], '.0f', 9)}{fmt(r['moe_fb'], '.1f')}"
-              f"{fmt(r['floor_fb'], '.1f')}{fmt(r['floor_fb_faults'], '.0f', 9)} | "
-              f"{fmt(r['gen_floor_fb'], '.2f', 9)}{fmt(r['moe_fb'] / r['floor_fb'], '.2f', 10)}")
+              f"{fmt(r['gen_fb_fault_ms'], '.1f')}{fmt(r['gen_fb_faults'], '.0f', 9)}{fmt(r['moe_fb'], '.1f')} | "
+              f"{fmt(r['floor_fb'], '.1f')}{fmt(r['floor_fb'] - r['floor_fb_nofault'], '.1f')}"
+              f"{fmt(r['floor_fb_faults'], '.0f', 9)} | "
+              f"{fmt(r['gen_floor_fb'], '.2f', 9)}{fmt(r['moe_fb'] / r['floor_fb_nofault'], '.2f', 10)}")
 
 
 def print_targets(rows: list[dict], have_mem: bool) -> None:
@@ -639,7 +642,7 @@ def print_targets(rows: list[dict], have_mem: bool) -> None:
          lambda r: (r["gen_floor_fb"] <= 1.10, f"{r['gen_floor_fb']:.2f}x")),
         ("  (the same for the MoE alone: without norms, residual and page faults)",
          lambda r: r["T"] >= 1024,
-         lambda r: (r["moe_fb"] <= 1.10 * r["floor_fb"], f"{r['moe_fb'] / r['floor_fb']:.2f}x")),
+         lambda r: (r["moe_fb"] <= 1.10 * r["floor_fb_nofault"], f"{r['moe_fb'] / r['floor_fb_nofault']:.2f}x")),
         ("fwd GFLOP/s >= 85% of dense mm (T >= 2048)", lambda r: r["T"] >= 2048,
          lambda r: (r["pct_dense"] >= 85, f"{r['pct_dense']:.0f}%")),
         ("fwd never slower than naive (all T)", lambda r: True,
