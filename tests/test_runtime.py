@@ -318,6 +318,10 @@ def test_auto_rule_on_cpu():
     expected_few = "grouped_mm" if rt.grouped_mm_available("cpu", torch.float32) else "split"
     assert rt.resolve_method("auto", few_rows, up, down, k=2) == expected_few  # 32 rows/expert
     assert rt.resolve_method("auto", many_rows, up, down, k=2) == "split"  # 500 rows/expert
+    trained = up.clone().requires_grad_()  # a backward will run: split at every size
+    assert rt.resolve_method("auto", few_rows, trained, down, k=2) == "split"
+    with torch.no_grad():
+        assert rt.resolve_method("auto", few_rows, trained, down, k=2) == expected_few
 
 
 def test_auto_bf16_cpu_uses_counts():
@@ -556,7 +560,8 @@ def test_runtime_imports_only_torch_and_stdlib():
             roots.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             roots.add(node.module.split(".")[0])
-    assert roots <= {"torch", "__future__", "math", "typing", "collections", "functools", "dataclasses"}, roots
+    assert roots <= {"torch", "__future__", "math", "typing", "collections", "functools", "dataclasses",
+                     "threading"}, roots
     doc = ast.get_docstring(tree)
     for name in rt.__all__:
         assert name in doc, f"{name} not documented in the module docstring"
@@ -652,3 +657,105 @@ def test_rms_norm_double_backward():
     x = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda a, b: rt._RMSNormRows.apply(a, b, 1e-6), (x, w))
+
+
+# ---- reused weight-gradient memory of the split path (CPU) ----------------------------------------
+def _split_step(params, ids, seed, loss_scale=1.0):
+    """One split-path fwd+bwd on fp32 Parameters; returns the fp64 reference gradients of
+    (up, down, gate) for the same inputs."""
+    T, d = 10, params["up"].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d, generator=g, dtype=torch.float64)
+    w = torch.rand(T, ids.shape[1], generator=g, dtype=torch.float64) + 0.1
+    out = rt.moe_experts(x.float(), ids, w.float(), params["up"], params["down"],
+                         gate_proj=params["gate"], method="split")
+    (out.sum() * loss_scale).backward()
+    ref_w = [params[n].detach().double().requires_grad_() for n in ("up", "down", "gate")]
+    ref = reference_moe(x, ids, w, ref_w[0], ref_w[1], ref_w[2])
+    return torch.autograd.grad(ref.sum() * loss_scale, ref_w)
+
+
+def _expert_params(E=3, d=8, f=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"up": (E, d, f), "down": (E, f, d), "gate": (E, d, f)}
+    return {n: torch.nn.Parameter(torch.randn(*s, generator=g) * 0.3) for n, s in shapes.items()}
+
+
+def _check_grads(params, ref, scale=1.0):
+    for n, r in zip(("up", "down", "gate"), ref):
+        torch.testing.assert_close(params[n].grad.double(), r * scale, rtol=1e-4, atol=1e-5)
+
+
+def test_split_weight_grads_reuse_memory_across_steps():
+    params = _expert_params()
+    all_experts = torch.tensor([[0, 1], [1, 2], [2, 0]] * 3 + [[0, 2]])
+    ref = _split_step(params, all_experts, seed=1)
+    _check_grads(params, ref)
+    first = {n: p.grad.data_ptr() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None  # zero_grad()
+    no_expert_0 = torch.tensor([[1, 2]] * 10)  # expert 0's rows from step 1 must not leak into step 2
+    ref = _split_step(params, no_expert_0, seed=2)
+    _check_grads(params, ref)
+    assert {n: p.grad.data_ptr() for n, p in params.items()} == first
+    assert params["up"].grad[0].abs().max() == 0
+
+
+def test_split_weight_grads_not_reused_while_referenced():
+    params = _expert_params()
+    ids = torch.tensor([[0, 1], [1, 2]] * 5)
+    _split_step(params, ids, seed=1)
+    kept = {n: p.grad for n, p in params.items()}  # e.g. a user keeps last step's gradients
+    kept_values = {n: g.clone() for n, g in kept.items()}
+    view = params["down"].grad[1]  # a view keeps the memory alive too
+    for p in params.values():
+        p.grad = None
+    del kept["down"]
+    ref = _split_step(params, ids, seed=2)
+    _check_grads(params, ref)
+    for n, g in kept.items():
+        assert g.data_ptr() != params[n].grad.data_ptr()
+        torch.testing.assert_close(g, kept_values[n], rtol=0, atol=0)
+    torch.testing.assert_close(view, kept_values["down"][1], rtol=0, atol=0)
+
+
+def test_split_weight_grads_accumulate_without_zero_grad():
+    params = _expert_params()
+    ids = torch.tensor([[0, 2], [1, 2]] * 5)
+    ref1 = _split_step(params, ids, seed=1)
+    ref2 = _split_step(params, ids, seed=2, loss_scale=0.5)  # no zero_grad: .grad accumulates
+    _check_grads(params, [a + b for a, b in zip(ref1, ref2)])
+
+
+def test_split_weight_grads_from_autograd_grad_stay_valid():
+    params = _expert_params()
+    ids = torch.tensor([[0, 1], [2, 1]] * 5)
+    x = torch.randn(10, 8)
+    results = []
+    for scale in (1.0, 2.0):
+        out = rt.moe_experts(x, ids, torch.full((10, 2), 0.5), params["up"], params["down"],
+                             gate_proj=params["gate"], method="split")
+        results.append(torch.autograd.grad(out.sum() * scale, list(params.values())))
+    for g1, g2 in zip(*results):
+        torch.testing.assert_close(g2, 2 * g1)  # the second call did not write into the first's result
+
+
+def test_split_weight_used_twice_in_one_graph():
+    params = _expert_params()
+    ids_a, ids_b = torch.tensor([[0, 1]] * 10), torch.tensor([[1, 2]] * 10)
+    ref_a = _split_step(params, ids_a, seed=1)
+    for p in params.values():
+        p.grad = None
+    ref_b = _split_step(params, ids_b, seed=2)
+    for p in params.values():
+        p.grad = None
+    g = torch.Generator()
+    total = 0
+    for ids, seed in ((ids_a, 1), (ids_b, 2)):  # both calls in one graph, one backward
+        g.manual_seed(seed)
+        x = torch.randn(10, 8, generator=g, dtype=torch.float64)
+        w = torch.rand(10, 2, generator=g, dtype=torch.float64) + 0.1
+        total = total + rt.moe_experts(x.float(), ids, w.float(), params["up"], params["down"],
+                                       gate_proj=params["gate"], method="split").sum()
+    total.backward()
+    _check_grads(params, [a + b for a, b in zip(ref_a, ref_b)])

@@ -78,9 +78,12 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     * CPU, bf16/fp16, ``counts`` given: "padded_bmm" if the padding ratio
       ``E * max(counts) / sum(counts)`` is <= 1.75 (``moe_experts`` fetches
       the counts for this case with its single host sync);
-    * CPU otherwise: "grouped_mm" when the average rows per expert ``T*k/E``
-      is <= 64 (per-expert Python overhead dominates "split"), else "split"
-      (grouped_mm's backward is slower there);
+    * CPU otherwise: "split" when autograd will run a backward through the
+      call (grad mode on and ``x`` or an expert weight requires grad): with
+      its reused weight-gradient memory it is the faster fwd+bwd at every
+      measured size; for a forward only, "grouped_mm" when the average rows
+      per expert ``T*k/E`` is <= 32 (per-expert Python overhead dominates
+      "split"), else "split";
     * other devices: "grouped_mm" (no host sync).
 
     "grouped_mm" resolves to "split" when ``grouped_mm_available`` is False
@@ -98,6 +101,16 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
 
 ``z_loss(logits)`` -> scalar fp32
     Router z-loss ``mean_t(logsumexp(logits[t])^2)`` (fp32); 0 when ``T == 0``.
+
+``free_gradient_buffers()``
+    On the CPU the "split" path writes the gradient of each stacked expert weight (a leaf)
+    into memory it keeps from one backward to the next, reused once the previous gradient is
+    gone (``zero_grad()``) or was added into ``.grad``; memory still referenced (a kept
+    gradient, a view of it, a result of ``torch.autograd.grad``) is never written. This saves
+    the page faults of mapping a fresh stacked gradient every step (glibc maps allocations of
+    32 MiB and more anew), and keeps one gradient-sized buffer per stacked weight allocated
+    between steps, as ``zero_grad(set_to_none=False)`` does.  ``free_gradient_buffers()``
+    releases them (e.g. after training).
 
 ``HOST_SYNCS``: dict[str, int]
     Host synchronisations (``.item()``, ``.tolist()``, ``.cpu()``, or a
@@ -138,11 +151,13 @@ transformers computes them (rotate-half pairs i with i + dim/2; interleaved pair
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "ACTIVATIONS",
@@ -161,6 +176,7 @@ __all__ = [
     "combine",
     "expert_counts",
     "expert_offsets",
+    "free_gradient_buffers",
     "gather_rows",
     "grouped_linear",
     "grouped_mm_available",
@@ -204,14 +220,26 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 #   8    4  2048  256  256    1024           41.31     42.95     49.95
 #
 # On CPU torch._grouped_mm is a C++ loop of mm_out calls: it removes split's per-expert Python
-# and autograd-node overhead (which dominates with few rows per expert), but its backward is
-# slower once experts get many rows (its [T*k, f] intermediates are large fresh allocations;
-# with glibc malloc tuned to keep memory mapped, grouped_mm won at E=64,k=8 too).  padded_bmm
-# wins some small balanced fp32 shapes but its [E, max_count, d] buffer degenerates with
-# skewed routing, so for fp32 auto never picks it.  Rule: CPU -> grouped_mm if T*k/E <= 64
-# else split; other devices -> grouped_mm (no host sync).  grouped_mm falls back to split if
-# it is unusable (probe failed, misaligned strides, mixed dtypes).
-_CPU_SPLIT_MIN_ROWS_PER_EXPERT = 64  # benchmarks/moe_layer.py: split wins fwd+bwd from ~96 rows/expert
+# and autograd-node overhead (which dominates with few rows per expert).  The table above
+# predates split's reused weight-gradient memory (_weight_grad_buffer): grouped_mm's backward
+# allocates the stacked [E, d, f] weight gradients afresh every step, and glibc maps those
+# (>= 32 MiB) anew each time.  Since then split wins fwd+bwd at every size measured (whole
+# layer, benchmarks/moe_layer.py shapes, median ms, grouped_mm / split):
+#
+#   E   k  d    f     rows/expert   fwd+bwd         no-grad fwd
+#   64  8  512  256        8        56.3 / 32.6     8.2 / 10.3
+#   64  6  512  256       24        78.1 / 50.5    12.9 / 15.1
+#   64  8  512  256       32        76.0 / 49.9    14.4 / 15.0
+#   64  8  512  256       64       108.8 / 71.0    28.4 / 21.4
+#   8   2  512  1024      16        23.3 / 14.2     3.8 / 4.3
+#   8   2  512  1024      64        37.8 / 29.8     8.1 / 8.1
+#
+# padded_bmm wins some small balanced fp32 shapes but its [E, max_count, d] buffer degenerates
+# with skewed routing, so for fp32 auto never picks it.  Rule on CPU: split when a backward
+# will run through the call; for a forward alone grouped_mm if T*k/E <= 32, else split.  Other
+# devices -> grouped_mm (no host sync).  grouped_mm falls back to split if it is unusable
+# (probe failed, misaligned strides, mixed dtypes).
+_CPU_SPLIT_MIN_ROWS_PER_EXPERT = 32  # no-grad forward only; see the table above
 #
 # bf16 on CPU (same setup, 7 reps): padded_bmm's single batched bf16 bmm beats the per-expert
 # bf16 mm loops clearly while routing is balanced; pad ratio = E * max_count / (T*k):
@@ -441,7 +469,9 @@ def resolve_method(
         method = "grouped_mm"
         if x.device.type == "cpu":
             rows_per_expert = x.shape[0] * k / max(E, 1)
-            if rows_per_expert > _CPU_SPLIT_MIN_ROWS_PER_EXPERT:
+            training = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, up_proj, down_proj, gate_proj))
+            if training or rows_per_expert > _CPU_SPLIT_MIN_ROWS_PER_EXPERT:
                 method = "split"
     if method == "grouped_mm" and not _grouped_mm_usable(x, k, up_proj, down_proj, gate_proj):
         return "split"
@@ -522,6 +552,42 @@ def _per_expert(tensors: tuple, stacks: tuple) -> list[tuple]:
     return experts
 
 
+_GRAD_BUFFERS = WeakIdKeyDictionary()  # CPU stacked expert weight -> memory its gradient is written to
+_GRAD_BUFFERS_LOCK = threading.Lock()
+
+
+def _weight_grad_buffer(weight: Tensor) -> Tensor:
+    """An uninitialised tensor like ``weight`` to write its gradient into.
+
+    For a CPU leaf (a parameter) the memory is kept from one backward to the next and reused
+    once nothing else refers to it, i.e. once the previous step's gradient was dropped
+    (``zero_grad()`` sets it to None) or added into ``weight.grad``. The returned tensor is a
+    new alias of that memory, which autograd adopts as ``weight.grad``. Without this, a stacked
+    [E, d, f] gradient is a fresh allocation every step, and glibc maps allocations of 32 MiB
+    and more afresh each time: at E=64, d=512, f=256 that is ~8k page faults (5-8 ms) per
+    weight and step. The cost: one gradient-sized buffer per stacked weight stays allocated
+    between steps, as with ``zero_grad(set_to_none=False)``. Other devices have caching
+    allocators and get a plain ``empty_like``."""
+    if weight.device.type != "cpu" or not weight.is_leaf or torch.compiler.is_compiling():
+        return torch.empty_like(weight)
+    with _GRAD_BUFFERS_LOCK:
+        buf = _GRAD_BUFFERS.get(weight)
+        # in use: 2 references are the buffer's own and the temporary storage object here
+        if (buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype
+                or buf.stride() != weight.stride()
+                or torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2):
+            buf = torch.empty_like(weight)
+            _GRAD_BUFFERS[weight] = buf
+        return buf.detach()
+
+
+def free_gradient_buffers() -> None:
+    """Drop the weight-gradient memory the split path keeps between steps (``_weight_grad_buffer``);
+    gradients that still refer to it stay valid. The next backward allocates it again."""
+    with _GRAD_BUFFERS_LOCK:
+        _GRAD_BUFFERS.clear()
+
+
 class _SplitExperts(torch.autograd.Function):
     """The split path as one autograd node. Forward, per expert: gather its token rows, up (and
     gate) GEMM, activation, routing weight, down GEMM, index_add into the output. It keeps the
@@ -594,7 +660,7 @@ class _SplitExperts(torch.autograd.Function):
                 grads.append(None)
                 continue
             first = sum(stacks[i].shape[0] for i in range(0, j - j % n_stack, n_stack))
-            grad = torch.empty_like(t)
+            grad = _weight_grad_buffer(t)
             for local in range(t.shape[0]):
                 if not sizes[first + local]:
                     grad[local].zero_()
