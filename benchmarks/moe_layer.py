@@ -28,8 +28,9 @@ residual add -> final RMSNorm.  On the same inputs and the same parameter tensor
 * **where the rest goes**: the layer's two RMSNorms and residual alone (fwd+bwd, the generated
   model's own norm modules), and the generated step's own minor page faults (counted with
   ``getrusage`` around every timed call) times the cost of one fault (measured on a fresh
-  anonymous mapping): autograd allocates the stacked weight gradients every step, and glibc may
-  map them afresh.  "MoE" = generated minus both: routing, permutation, expert GEMMs and combine,
+  anonymous mapping): glibc maps allocations of 32 MiB and more afresh each time, e.g. the stacked
+  weight gradients of ``torch._grouped_mm``'s backward (the generated split path reuses its
+  gradient memory across steps and takes none).  "MoE" = generated minus both: routing, permutation, expert GEMMs and combine,
   the part the 1.10x target speaks of; it is compared with the floor less the floor's own faults.
   The fault share is an upper estimate: a step that takes 32k faults (OLMoE-like, T=64) measured
   about 20 ms slower than one that takes none, i.e. ~0.6 us per fault, against ~0.8-1.0 us for a
@@ -641,8 +642,9 @@ def print_details(rows: list[dict]) -> None:
               f"{fmt(r.get('mem_naive_init'), '.0f', 7)}")
     print("\nwhere the generated fwd+bwd goes beyond the floor (ms): norms = the layer's two RMSNorms and"
           " residual alone (fwd+bwd); faults = the minor page faults of one fwd+bwd (median count) times the"
-          " cost of one on a fresh mapping (mostly the stacked weight gradients autograd allocates every step,"
-          " which glibc may map afresh; an upper estimate: inside the step a fault measured ~0.6 us); MoE ="
+          " cost of one on a fresh mapping (large fresh allocations that glibc maps anew, e.g. the stacked weight"
+          " gradients of torch._grouped_mm's backward; an upper estimate: inside the step a fault measured ~0.6"
+          " us); MoE ="
           " gen - norms - faults, i.e. routing, permutation, expert GEMMs and combine; MoE/floor compares it"
           " with the floor less the floor's own faults")
     print(f"{'config':<9}{'T':>6} | {'gen f+b':>8}{'norms':>8}{'faults':>8}{'(count)':>9}{'MoE':>8} | "
