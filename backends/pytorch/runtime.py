@@ -568,7 +568,8 @@ def _weight_grad_buffer(weight: Tensor) -> Tensor:
     weight and step. The cost: one gradient-sized buffer per stacked weight stays allocated
     between steps, as with ``zero_grad(set_to_none=False)``. Other devices have caching
     allocators and get a plain ``empty_like``."""
-    if weight.device.type != "cpu" or not weight.is_leaf or torch.compiler.is_compiling():
+    plain = type(weight) in (Tensor, nn.Parameter)  # not a tensor subclass (e.g. a DTensor shard)
+    if not plain or weight.device.type != "cpu" or not weight.is_leaf or torch.compiler.is_compiling():
         return torch.empty_like(weight)
     with _GRAD_BUFFERS_LOCK:
         buf = _GRAD_BUFFERS.get(weight)
