@@ -759,3 +759,16 @@ def test_split_weight_used_twice_in_one_graph():
                                        gate_proj=params["gate"], method="split").sum()
     total.backward()
     _check_grads(params, [a + b for a, b in zip(ref_a, ref_b)])
+
+
+def test_split_weight_grads_without_storage_use_count(monkeypatch):
+    monkeypatch.setattr(rt, "_STORAGE_USE_COUNT", None)  # a torch without the private counter: no reuse
+    params = _expert_params()
+    ids = torch.tensor([[0, 1], [1, 2]] * 5)
+    _split_step(params, ids, seed=1)
+    first = params["up"].grad
+    for p in params.values():
+        p.grad = None
+    ref = _split_step(params, ids, seed=2)
+    _check_grads(params, ref)
+    assert params["up"].grad.data_ptr() != first.data_ptr()

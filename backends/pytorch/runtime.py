@@ -554,6 +554,7 @@ def _per_expert(tensors: tuple, stacks: tuple) -> list[tuple]:
 
 _GRAD_BUFFERS = WeakIdKeyDictionary()  # CPU stacked expert weight -> memory its gradient is written to
 _GRAD_BUFFERS_LOCK = threading.Lock()
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)  # private; without it, no reuse
 
 
 def _weight_grad_buffer(weight: Tensor) -> Tensor:
@@ -569,14 +570,15 @@ def _weight_grad_buffer(weight: Tensor) -> Tensor:
     between steps, as with ``zero_grad(set_to_none=False)``. Other devices have caching
     allocators and get a plain ``empty_like``."""
     plain = type(weight) in (Tensor, nn.Parameter)  # not a tensor subclass (e.g. a DTensor shard)
-    if not plain or weight.device.type != "cpu" or not weight.is_leaf or torch.compiler.is_compiling():
+    if (not plain or _STORAGE_USE_COUNT is None or weight.device.type != "cpu" or not weight.is_leaf
+            or torch.compiler.is_compiling()):
         return torch.empty_like(weight)
     with _GRAD_BUFFERS_LOCK:
         buf = _GRAD_BUFFERS.get(weight)
         # in use: 2 references are the buffer's own and the temporary storage object here
         if (buf is None or buf.shape != weight.shape or buf.dtype != weight.dtype
                 or buf.stride() != weight.stride()
-                or torch._C._storage_Use_Count(buf.untyped_storage()._cdata) > 2):
+                or _STORAGE_USE_COUNT(buf.untyped_storage()._cdata) > 2):
             buf = torch.empty_like(weight)
             _GRAD_BUFFERS[weight] = buf
         return buf.detach()
