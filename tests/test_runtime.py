@@ -314,14 +314,24 @@ def test_grouped_mm_unaligned_falls_back():
 def test_auto_rule_on_cpu():
     E, d, f = 4, 8, 8
     up, down = torch.zeros(E, d, f), torch.zeros(E, f, d)
-    few_rows, many_rows = torch.zeros(64, d), torch.zeros(1000, d)
-    expected_few = "grouped_mm" if rt.grouped_mm_available("cpu", torch.float32) else "split"
-    assert rt.resolve_method("auto", few_rows, up, down, k=2) == expected_few  # 32 rows/expert
-    assert rt.resolve_method("auto", many_rows, up, down, k=2) == "split"  # 500 rows/expert
-    trained = up.clone().requires_grad_()  # a backward will run: split at every size
-    assert rt.resolve_method("auto", few_rows, trained, down, k=2) == "split"
+    grouped = "grouped_mm" if rt.grouped_mm_available("cpu", torch.float32) else "split"
+    rows = {n: torch.zeros(n * E // 2, d) for n in (32, 48, 64, 500)}  # rows per expert at k=2
+    # forward only: grouped_mm up to 32 rows per expert
+    assert rt.resolve_method("auto", rows[32], up, down, k=2) == grouped
+    assert rt.resolve_method("auto", rows[48], up, down, k=2) == "split"
+    trained = up.clone().requires_grad_()  # a backward will run: grouped_mm up to 64 rows ...
+    assert rt.resolve_method("auto", rows[64], trained, down, k=2) == grouped
+    assert rt.resolve_method("auto", rows[500], trained, down, k=2) == "split"
     with torch.no_grad():
-        assert rt.resolve_method("auto", few_rows, trained, down, k=2) == expected_few
+        assert rt.resolve_method("auto", rows[64], trained, down, k=2) == "split"
+    # ... unless an expert matrix is 512 KiB or more (d * f * 4 bytes): then always split
+    big_up = torch.zeros(2, 512, 256, requires_grad=True)
+    big_down = torch.zeros(2, 256, 512)
+    assert rt.resolve_method("auto", torch.zeros(16, 512), big_up, big_down, k=2) == "split"
+    with torch.no_grad():
+        assert rt.resolve_method("auto", torch.zeros(16, 512), big_up, big_down, k=2) == grouped
+    assert rt.resolve_method("auto", torch.zeros(16, 256), torch.zeros(2, 256, 256, requires_grad=True),
+                             torch.zeros(2, 256, 256), k=2) == grouped
 
 
 def test_auto_bf16_cpu_uses_counts():

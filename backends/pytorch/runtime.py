@@ -72,18 +72,19 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     The concrete method ("grouped_mm", "split" or "padded_bmm") that
     ``moe_experts`` runs for these operands (``k`` = slots per token,
     ``counts`` = optional host list of per-expert counts, length E or E+1).
-    ``"auto"`` follows fwd+bwd measurements recorded in comments next to
-    ``_CPU_SPLIT_MIN_ROWS_PER_EXPERT`` / ``_CPU_LOWP_PADDED_MAX_PAD_RATIO``:
+    ``"auto"`` follows measurements recorded in comments next to
+    ``_CPU_GROUPED_MAX_ROWS_TRAIN`` / ``_CPU_LOWP_PADDED_MAX_PAD_RATIO``:
 
     * CPU, bf16/fp16, ``counts`` given: "padded_bmm" if the padding ratio
       ``E * max(counts) / sum(counts)`` is <= 1.75 (``moe_experts`` fetches
       the counts for this case with its single host sync);
-    * CPU otherwise: "split" when autograd will run a backward through the
-      call (grad mode on and ``x`` or an expert weight requires grad): with
-      its reused weight-gradient memory it is the faster fwd+bwd at every
-      measured size; for a forward only, "grouped_mm" when the average rows
-      per expert ``T*k/E`` is <= 32 (per-expert Python overhead dominates
-      "split"), else "split";
+    * CPU otherwise, when autograd will run a backward through the call
+      (grad mode on and ``x`` or an expert weight requires grad):
+      "grouped_mm" when the average rows per expert ``T*k/E`` is <= 64 and
+      one expert matrix (``d*f`` elements) is under 512 KiB, else "split"
+      (larger stacked weight gradients cost grouped_mm page faults every
+      step; split reuses its gradient memory); for a forward only,
+      "grouped_mm" when ``T*k/E`` <= 32, else "split";
     * other devices: "grouped_mm" (no host sync).
 
     "grouped_mm" resolves to "split" when ``grouped_mm_available`` is False
@@ -220,26 +221,40 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 #   8    4  2048  256  256    1024           41.31     42.95     49.95
 #
 # On CPU torch._grouped_mm is a C++ loop of mm_out calls: it removes split's per-expert Python
-# and autograd-node overhead (which dominates with few rows per expert).  The table above
-# predates split's reused weight-gradient memory (_weight_grad_buffer): grouped_mm's backward
-# allocates the stacked [E, d, f] weight gradients afresh every step, and glibc maps those
-# (>= 32 MiB) anew each time.  Since then split wins fwd+bwd at every size measured (whole
-# layer, benchmarks/moe_layer.py shapes, median ms, grouped_mm / split):
+# and autograd-node overhead (~75 us per expert and fwd+bwd here), which dominates with few
+# rows per expert.  But its backward allocates the stacked [E, d, f] weight gradients afresh
+# every step, and glibc maps large allocations anew each time (page faults, ~0.4 us per 4 KiB
+# page inside a step), while split reuses its gradient memory (_weight_grad_buffer).  The
+# faults grow with E*d*f and split's overhead with E, so the expert matrix size d*f decides.
+# fwd+bwd of moe_experts alone (SwiGLU, leaf weights, .grad set to None every step, median ms;
+# "faults" = grouped_mm's page faults per step; split took none):
 #
-#   E   k  d    f     rows/expert   fwd+bwd         no-grad fwd
-#   64  8  512  256        8        56.3 / 32.6     8.2 / 10.3
-#   64  6  512  256       24        78.1 / 50.5    12.9 / 15.1
-#   64  8  512  256       32        76.0 / 49.9    14.4 / 15.0
-#   64  8  512  256       64       108.8 / 71.0    28.4 / 21.4
-#   8   2  512  1024      16        23.3 / 14.2     3.8 / 4.3
-#   8   2  512  1024      64        37.8 / 29.8     8.1 / 8.1
+#   E    k  T     d    f    rows/e  d*f*4 B  grouped_mm  split   faults
+#   32   4  256   64   64     32     16 KiB     2.69      4.73      192
+#   256  8  512   128  64     16     32 KiB    17.12     37.26        0
+#   64   8  256   128  128    32     64 KiB     9.15     14.03     1024
+#   64   8  256   256  256    32    256 KiB    25.67     30.65     4096
+#   128  4  1024  256  256    32    256 KiB    57.59     61.30    16386
+#   16   2  512   256  256    64    256 KiB     7.34      9.28        0
+#   64   8  512   256  256    64    256 KiB    34.03     39.36     4096
+#   64   8  64    512  256     8    512 KiB    37.39     35.48    16386
+#   64   8  256   512  256    32    512 KiB    62.96     51.17    32253
+#   8    2  64    512  1024   16      2 MiB    18.21     14.37     8160
+#   8    2  256   512  1024   64      2 MiB    28.86     27.91     4096
+#
+# Forward alone (no gradients, no faults), whole benchmarks/moe_layer.py layer, grouped_mm /
+# split: E=64 k=8 d=512 f=256 at 8 / 32 / 64 rows per expert 8.2 / 10.3, 14.4 / 15.0,
+# 28.4 / 21.4 ms; E=8 k=2 d=512 f=1024 at 16 / 64 rows 3.8 / 4.3, 8.1 / 8.1 ms.
 #
 # padded_bmm wins some small balanced fp32 shapes but its [E, max_count, d] buffer degenerates
-# with skewed routing, so for fp32 auto never picks it.  Rule on CPU: split when a backward
-# will run through the call; for a forward alone grouped_mm if T*k/E <= 32, else split.  Other
-# devices -> grouped_mm (no host sync).  grouped_mm falls back to split if it is unusable
-# (probe failed, misaligned strides, mixed dtypes).
-_CPU_SPLIT_MIN_ROWS_PER_EXPERT = 32  # no-grad forward only; see the table above
+# with skewed routing, so for fp32 auto never picks it.  Rule on CPU: when a backward will run
+# through the call, grouped_mm if T*k/E <= 64 and an expert matrix is under 512 KiB, else
+# split; for a forward alone, grouped_mm if T*k/E <= 32, else split.  Other devices ->
+# grouped_mm (no host sync).  grouped_mm falls back to split if it is unusable (probe failed,
+# misaligned strides, mixed dtypes).
+_CPU_GROUPED_MAX_ROWS_TRAIN = 64  # rows per expert, fwd+bwd
+_CPU_GROUPED_MAX_ROWS_FORWARD = 32  # rows per expert, forward only
+_CPU_GROUPED_MAX_EXPERT_BYTES_TRAIN = 512 << 10  # d * f * element size, fwd+bwd
 #
 # bf16 on CPU (same setup, 7 reps): padded_bmm's single batched bf16 bmm beats the per-expert
 # bf16 mm loops clearly while routing is balanced; pad ratio = E * max_count / (T*k):
@@ -471,7 +486,13 @@ def resolve_method(
             rows_per_expert = x.shape[0] * k / max(E, 1)
             training = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, up_proj, down_proj, gate_proj))
-            if training or rows_per_expert > _CPU_SPLIT_MIN_ROWS_PER_EXPERT:
+            if training:
+                matrix_bytes = up_proj.shape[1] * up_proj.shape[2] * up_proj.element_size()
+                grouped = (rows_per_expert <= _CPU_GROUPED_MAX_ROWS_TRAIN
+                           and matrix_bytes < _CPU_GROUPED_MAX_EXPERT_BYTES_TRAIN)
+            else:
+                grouped = rows_per_expert <= _CPU_GROUPED_MAX_ROWS_FORWARD
+            if not grouped:
                 method = "split"
     if method == "grouped_mm" and not _grouped_mm_usable(x, k, up_proj, down_proj, gate_proj):
         return "split"
