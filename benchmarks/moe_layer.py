@@ -15,10 +15,11 @@ residual add -> final RMSNorm.  On the same inputs and the same parameter tensor
   ``loss = out.output.sum() + out.aux_loss; loss.backward()`` with ``x.requires_grad`` (fwd+bwd).
 * **naive**: the same layer written the way HF Mixtral/OLMoE blocks do it (router linear, softmax,
   top-k, optional renormalisation, ``for e in range(E): tok, slot = torch.where(ids == e)``, the
-  expert FFN with plain ``x @ W`` on the generated module's own parameters, ``index_add_``),
-  plus the same norms/residual/shared experts.  The stacked [E, d, f] parameters are
-  ``unbind(0)``-ed once per call (the equivalent of HF's per-expert weights; see naive_sparse).  Its output and gradients are checked against the
-  generated module once per (config, T); a mismatch is printed and the script exits with status 1.
+  expert FFN with plain ``x @ W``, ``index_add_``), plus the same norms/residual/shared experts,
+  on the generated module's parameters except that each expert has its own weight tensors (copies
+  of the stacked [E, d, f] ones), as HF's per-expert ``nn.Linear`` layers do (``naive_params``).
+  Its output and gradients are checked against the generated module once per (config, T); a
+  mismatch is printed and the script exits with status 1.
 * **floor**: the expert FFNs alone (the GEMMs + the SwiGLU ``silu(g) * u``, nothing else) on token
   rows already gathered and sorted by expert outside the timed region, with per-expert leaf
   weights: best of (a) one ``mm`` per expert over ``torch.split`` and (b) ``torch._grouped_mm``
@@ -179,14 +180,27 @@ def naive_route(P: dict, prefix: str, c: Config, h):
     return w.to(h.dtype), ids
 
 
+EXPERT_STACKS = ("up_proj", "gate_proj", "down_proj")
+
+
+def naive_params(P: dict) -> dict:
+    """The naive loop's parameters: the generated module's own tensors, except that every stacked
+    [E, d, f] expert weight becomes a tuple of E separate leaf tensors (copies), as HF's
+    per-expert ``nn.Linear`` weights are: their gradients are E small tensors, not one stacked
+    tensor that autograd would allocate (and glibc map afresh) every step."""
+    return {n: tuple(w.detach().clone().requires_grad_() for w in p.unbind(0))
+            if n.rsplit(".", 1)[-1] in EXPERT_STACKS and ".experts." in n else p for n, p in P.items()}
+
+
+def naive_leaves(PN: dict) -> list:
+    return [t for p in PN.values() for t in (p if isinstance(p, tuple) else (p,))]
+
+
 def naive_sparse(P: dict, prefix: str, c: Config, h):
-    """Mixtral/OLMoE sparse block: loop over experts, where() masks, index_add_."""
+    """Mixtral/OLMoE sparse block: loop over experts, where() masks, index_add_.  ``P`` from
+    ``naive_params`` (per-expert weights)."""
     w, ids = naive_route(P, prefix, c, h)
-    # unbind once = per-expert weight views with ONE UnbindBackward (a stack of the grads), like
-    # HF's separate per-expert nn.Linear weights.  Indexing `up[e]` inside the loop instead costs a
-    # SelectBackward per expert that materialises a full [E, d, f] zero gradient each (measured:
-    # olmoe T=1024 fwd+bwd 2070 ms instead of ~150 ms), which would flatter the generated code.
-    up, gate, down = (P[prefix + f"experts.{n}"].unbind(0) for n in ("up_proj", "gate_proj", "down_proj"))
+    up, gate, down = (P[prefix + f"experts.{n}"] for n in ("up_proj", "gate_proj", "down_proj"))
     out = torch.zeros_like(h)
     for e in range(c.E):
         tok, slot = torch.where(ids == e)
@@ -391,9 +405,10 @@ def page_fault_ms(pages: int = 16384) -> float:
     return max(0.0, fresh - mapped) * 1e3 / pages
 
 
-def check_naive(model, P, c, eps, x, modality) -> str | None:
-    """Compare the naive loop with the generated module (output and gradients); error text or None."""
-    params = list(P.values())
+def check_naive(model, P, PN, c, eps, x, modality) -> str | None:
+    """Compare the naive loop (parameters ``PN``) with the generated module (output and gradients);
+    error text or None."""
+    params, naive = list(P.values()), naive_leaves(PN)
     xg = x.clone().requires_grad_()
     clear_grads(params)
     out = model(xg, modality)
@@ -402,7 +417,8 @@ def check_naive(model, P, c, eps, x, modality) -> str | None:
     ref_g = {n: p.grad.clone() for n, p in P.items() if p.grad is not None}
     xn = x.clone().requires_grad_()
     clear_grads(params)
-    y = naive_forward(P, c, eps, xn, modality)
+    clear_grads(naive)
+    y = naive_forward(PN, c, eps, xn, modality)
     y.sum().backward()
     errs = []
     tol = {"rtol": 1e-4, "atol": 1e-4}
@@ -411,11 +427,15 @@ def check_naive(model, P, c, eps, x, modality) -> str | None:
     if not torch.allclose(xn.grad, ref_gx, **tol):
         errs.append(f"d/dx max|diff| = {(xn.grad - ref_gx).abs().max().item():.3g}")
     for n, g in ref_g.items():
-        pg = P[n].grad
+        if isinstance(PN[n], tuple):  # per-expert weights: experts without tokens have no gradient
+            pg = torch.stack([torch.zeros_like(t) if t.grad is None else t.grad for t in PN[n]])
+        else:
+            pg = PN[n].grad
         if pg is None or not torch.allclose(pg, g, rtol=1e-3, atol=1e-4):
             diff = "missing" if pg is None else f"max|diff| = {(pg - g).abs().max().item():.3g}"
             errs.append(f"d/d{n} {diff}")
     clear_grads(params)
+    clear_grads(naive)
     return "; ".join(errs) or None
 
 
@@ -425,9 +445,11 @@ def bench_one(model, c: Config, T: int, budget_s: float, min_reps: int, max_reps
     params = list(P.values())
     eps = norm_eps(model)
     x, modality = make_inputs(c, T)
-    err = check_naive(model, P, c, eps, x, modality)
+    PN = naive_params(P)
+    err = check_naive(model, P, PN, c, eps, x, modality)
     if err:
         return {"error": err}
+    trained = params + naive_leaves(PN)  # gradients cleared before every fwd+bwd
     floors = Floors(P, c, eps, x, modality)
     xg = x.clone().requires_grad_()
     flo_leaves = floors.leaves()
@@ -436,7 +458,7 @@ def bench_one(model, c: Config, T: int, budget_s: float, min_reps: int, max_reps
         pass
 
     def prep_train():
-        clear_grads(params)
+        clear_grads(trained)
         xg.grad = None
 
     def gen_fwd():
@@ -449,10 +471,10 @@ def bench_one(model, c: Config, T: int, budget_s: float, min_reps: int, max_reps
 
     def naive_fwd():
         with torch.no_grad():
-            naive_forward(P, c, eps, x, modality)
+            naive_forward(PN, c, eps, x, modality)
 
     def naive_fb():
-        naive_forward(P, c, eps, xg, modality).sum().backward()
+        naive_forward(PN, c, eps, xg, modality).sum().backward()
 
     def floor_fwd(kind):
         def run():
@@ -488,7 +510,7 @@ def bench_one(model, c: Config, T: int, budget_s: float, min_reps: int, max_reps
                 "wrapper_fb": (prep_train, wrapper_fb)})
     fns.update({f"floor_{kd}_fb": (prep_floor, floor_fb(kd)) for kd in kinds})
     ms, faults, reps = time_round_robin(fns, budget_s, min_reps, max_reps)
-    clear_grads(params + flo_leaves)
+    clear_grads(trained + flo_leaves)
 
     def best(suffix):
         name = min(kinds, key=lambda kd: ms[f"floor_{kd}_{suffix}"])
@@ -546,12 +568,17 @@ def mem_child(spec: dict) -> None:
     eps = norm_eps(model)
     torch.mm(torch.randn(64, 64), torch.randn(64, 64))  # start the thread pool
     if spec["method"] == "generated":
+        leaves = list(P.values())
+
         def fwd(inp, modality):
             out = model(inp, modality)
             return out.output + out.aux_loss / out.output.numel()  # so .sum() == output.sum() + aux
     else:
+        PN = naive_params(P)
+        leaves = naive_leaves(PN)
+
         def fwd(inp, modality):
-            return naive_forward(P, c, eps, inp, modality)
+            return naive_forward(PN, c, eps, inp, modality)
 
     xw, mw = make_inputs(c, 8)
     gc.collect()
@@ -561,7 +588,7 @@ def mem_child(spec: dict) -> None:
         fwd(xw, mw)
     init_mb = _rss_mb()[1] - base
     fwd(xw.clone().requires_grad_(), mw).sum().backward()
-    clear_grads(P.values())
+    clear_grads(leaves)
     if spec["method"] == "generated":  # the step below allocates its weight gradients, as naive's does
         sys.modules["moec_runtime"].free_gradient_buffers()
     del xw, mw
