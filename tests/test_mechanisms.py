@@ -471,6 +471,7 @@ def _random_adapters(model):
 
 @pytest.mark.parametrize("body", [
     "experts 4 x glu(d, 12, lora_rank = 3, lora_alpha = 6); router top_k(k = 2)",
+    "experts 4 x glu(d, 12, lora_rank = 4); router top_k(k = 2)",  # 16-byte aligned adapters: grouped GEMMs
     "experts 3 x mlp(d, 10, act = gelu, bias = true, lora_rank = 2); router top_k(k = 1); shared 1 x glu(d, 8)",
     ("group text { experts 3 x glu(d, 8, lora_rank = 2); router top_k(k = 2) }\n"
      "      group image { experts 2 x glu(d, 8); router top_k(k = 1) }"),

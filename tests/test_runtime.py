@@ -782,3 +782,40 @@ def test_split_weight_grads_without_storage_use_count(monkeypatch):
     ref = _split_step(params, ids, seed=2)
     _check_grads(params, ref)
     assert params["up"].grad.data_ptr() != first.data_ptr()
+
+
+# ---- LoRA experts without merged weights ----------------------------------------------------------
+@pytest.mark.parametrize("rank, glu, bias, adapted, T", [
+    (3, True, False, None, 10),  # adapters not 16-byte aligned: one mm per expert
+    (4, True, True, None, 10),  # aligned: torch._grouped_mm
+    (4, False, True, ("down",), 7),
+    (4, True, False, ("up", "gate"), 1),
+    (4, True, False, None, 0),
+])
+def test_moe_lora_experts_matches_merged_weights(monkeypatch, rank, glu, bias, adapted, T):
+    torch.manual_seed(rank + T)
+    E, d, f, k = 4, 16, 12, 2
+    ex = rt.LoRAExperts(E, d, f, glu, bias, rank=rank, alpha=2 * rank, adapted=adapted)
+    with torch.no_grad():
+        for name, p in ex.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.5)
+    x = torch.randn(T, d, requires_grad=True)
+    ids = torch.rand(T, E).argsort(-1)[:, :k]
+    if T > 3:
+        ids[0, 0] = -1  # a dropped slot
+        ids[1:, 0] = 2  # a skewed expert
+    w = torch.rand(T, k, requires_grad=True)
+    trained = [x, w] + [p for p in ex.parameters() if p.requires_grad]
+    merged = rt.moe_experts(x, ids, w, ex.up_proj, ex.down_proj, gate_proj=ex.gate_proj, up_bias=ex.up_bias,
+                            down_bias=ex.down_bias, gate_bias=ex.gate_bias)
+    ref = torch.autograd.grad(merged.sum(), trained)
+
+    def no_merging(name):
+        raise AssertionError("moe_lora_experts built the merged weights")
+
+    monkeypatch.setattr(ex, "_merged", no_merging)
+    out = rt.moe_lora_experts(x, ids, w, ex)
+    torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(out.sum(), trained), ref):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)

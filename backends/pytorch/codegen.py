@@ -28,6 +28,7 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "PerModality", "RMSNorm", "activate", "modality_rows",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "merge_group_routing", "moe_experts",
+        "moe_lora_experts",
         "moe_experts_groups",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
@@ -658,8 +659,14 @@ class _BlockEmitter:
             return self._merged_experts(node, op, path)
         order, offsets = ins[3:]
         (y,) = self.assign(node, ["y"])
-        self.line(_call(y, "moe_experts", [*self._expert_args(op, ins, path), f"order={order}",
-                                           f"offsets={offsets}"]))
+        e = op.expert
+        if e.lora_rank is not None and e.weights != "ternary":  # adapters applied low-rank, never merged
+            attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
+            self.line(_call(y, "moe_lora_experts", [*ins[:3], attr, f"activation={e.act!r}", f"order={order}",
+                                                f"offsets={offsets}"]))
+        else:
+            self.line(_call(y, "moe_experts", [*self._expert_args(op, ins, path), f"order={order}",
+                                               f"offsets={offsets}"]))
         from moec.backends.pytorch import runtime
 
         self.view.sync_notes += ["expert segment sizes"] * runtime.HOST_SYNCS["auto"]

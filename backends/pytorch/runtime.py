@@ -68,6 +68,13 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     every method (measured 930 ms vs 103 ms at E=64, k=8, T=2048, d=f=256);
     ``torch.set_flush_denormal(True)`` in the caller avoids it.
 
+``moe_lora_experts(x, expert_ids, weights, experts, activation="silu", order=None, offsets=None)``
+    -> ``Tensor[T, d]``: ``moe_experts`` for ``LoRAExperts`` (expert e's matrices
+    ``W0 + s A_e B_e``) without building the merged [E, in, out] weights: the frozen base runs
+    as dense GEMMs (up and gate once per token), the rank-r adapters as grouped GEMMs over the
+    rows sorted by expert (``torch._grouped_mm`` where it runs, else one ``mm`` per expert and
+    one host sync).
+
 ``resolve_method(method, x, up_proj, down_proj, gate_proj=None, k=1, counts=None)`` -> str
     The concrete method ("grouped_mm", "split" or "padded_bmm") that
     ``moe_experts`` runs for these operands (``k`` = slots per token,
@@ -183,6 +190,7 @@ __all__ = [
     "grouped_mm_available",
     "load_balance_loss",
     "moe_experts",
+    "moe_lora_experts",
     "permute",
     "resolve_method",
     "rotary_cos_sin",
@@ -840,6 +848,67 @@ def moe_experts(
     return out.to(x.dtype)
 
 
+def _segment_matmul(rows: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
+    """Row segment e of ``rows`` (``counts[e]`` rows, in order) times ``weight[e]`` ([E, in, out]);
+    rows past the last segment (dropped slots) go with the last expert. ``torch._grouped_mm``
+    where it runs (no host sync), else one ``mm`` per expert (one host sync)."""
+    E, el = weight.shape[0], rows.element_size()
+    aligned = (weight.shape[1] * el) % 16 == 0 and (weight.shape[2] * el) % 16 == 0 and _gmm_stride_ok(weight)
+    if (aligned and rows.dtype == weight.dtype and rows.device == weight.device and 0 < rows.shape[0] < 2**31
+            and grouped_mm_available(rows.device, rows.dtype)):
+        offs = counts[:E].cumsum(0).to(torch.int32)
+        offs[-1] = rows.shape[0]
+        return torch._grouped_mm(rows, weight, offs=offs)
+    sizes = counts[:E].tolist()  # host sync: the segment sizes
+    sizes[-1] += rows.shape[0] - sum(sizes)
+    return torch.cat([seg @ w for seg, w in zip(rows.split(sizes), weight.unbind(0))])
+
+
+def moe_lora_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, experts: LoRAExperts,
+                 activation: str = "silu", order: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
+    """``moe_experts`` for LoRA experts (``LoRAExperts``) without merging their weights: with
+    ``W_e = W0 + s A_e B_e``, ``rows @ W_e = rows @ W0 + s (rows @ A_e) @ B_e``. The frozen base
+    runs as dense GEMMs (up and gate once per token, not once per (token, slot)), the adapters as
+    rank-r grouped GEMMs over the rows sorted by expert. The merged [E, in, out] weights are
+    never built (E x in x out FLOPs and memory per matrix and call). ``order`` / ``offsets``
+    (from ``permute``) reuse a sort already done; at most one host sync (none with a native
+    ``torch._grouped_mm``)."""
+    base = experts.base
+    _check_shapes(x, expert_ids, weights, base.up_proj, base.down_proj, None, None, None, None,
+                  caller="moe_lora_experts")
+    act = _activation(activation, "moe_lora_experts")
+    T, k, E = x.shape[0], expert_ids.shape[1], experts.num_experts
+    flat_ids = expert_ids.reshape(-1).long()
+    if order is not None and offsets is not None:
+        counts = torch.cat([offsets.diff(), (T * k - offsets[-1]).reshape(1)])
+    else:
+        key, counts = _counts_with_dropped(flat_ids, E)
+        order = torch.argsort(key, stable=True)
+    tok = torch.div(order, k, rounding_mode="floor") if k > 0 else order
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    valid = flat_ids.index_select(0, order) >= 0
+    row_w = torch.where(valid, weights.reshape(-1).index_select(0, order), 0).to(acc_dtype)  # dropped: 0
+
+    def project(name: str, tokens: Tensor | None, rows: Tensor) -> Tensor:
+        """Projection `name` of the sorted rows; the base part from per-token inputs if given."""
+        w0, b0 = getattr(base, f"{name}_proj")[0], getattr(base, f"{name}_bias")
+        out = (tokens @ w0).index_select(0, tok) if tokens is not None else rows @ w0
+        if b0 is not None:
+            out += b0[0]
+        if name in experts.adapted:
+            a, b = getattr(experts, f"{name}_lora_a"), getattr(experts, f"{name}_lora_b")
+            out.add_(_segment_matmul(_segment_matmul(rows, a, counts), b, counts), alpha=experts.scale)
+        return out
+
+    xs = x.index_select(0, tok)
+    u = project("up", x, xs)
+    h = act(project("gate", x, xs)) * u if experts.glu else act(u)
+    y = project("down", None, h)
+    out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)
+    out.index_add_(0, tok, y.to(acc_dtype) * row_w.unsqueeze(1))
+    return out.to(x.dtype)
+
+
 def merge_group_routing(ids: list[Tensor], weights: list[Tensor], masks: list[Tensor],
                         offsets: list[int]) -> tuple[Tensor, Tensor]:
     """The routings of modality groups that partition the tokens (each group routed over every
@@ -1125,8 +1194,9 @@ class LoRAExperts(nn.Module):
     projections in ``adapted`` (all by default); the others are the base matrix for every expert.
 
     ``up_proj`` / ``gate_proj`` / ``down_proj`` (and the biases) are the merged [E, in, out] weights,
-    so every dispatch path reads them like ``Experts``; merging costs E x in x out per matrix and
-    forward (a low-rank grouped path would avoid it)."""
+    so every dispatch path can read them like ``Experts``; merging costs E x in x out per matrix and
+    call. Generated models call ``moe_lora_experts``, which never merges (the static form and
+    merged modality groups still read the merged weights)."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, glu: bool, bias: bool = False, rank: int = 8,
                  alpha: float | None = None, adapted: tuple[str, ...] | None = None):
