@@ -819,3 +819,31 @@ def test_moe_lora_experts_matches_merged_weights(monkeypatch, rank, glu, bias, a
     torch.testing.assert_close(out, merged, rtol=1e-5, atol=1e-5)
     for g, r in zip(torch.autograd.grad(out.sum(), trained), ref):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+# ---- attention experts: sorted grouped projections vs one GEMM over every expert ------------------
+@pytest.mark.parametrize("bias, kv_heads, rope, qk_norm, top_k, head_dim", [
+    (False, 2, None, "none", 2, 8),  # 16-byte aligned projections: torch._grouped_mm
+    (False, 2, None, "none", 2, 3),  # not aligned: one mm per expert
+    (True, 1, 10000.0, "head", 1, 8),
+    (True, 2, None, "projection", 3, 8),
+])
+def test_attention_experts_sorted_matches_dense(bias, kv_heads, rope, qk_norm, top_k, head_dim):
+    torch.manual_seed(top_k)
+    attn = rt.AttentionExperts(dim=16, heads=2, kv_heads=kv_heads, head_dim=head_dim, num_experts=4, top_k=top_k,
+                               bias=bias, rope_theta=rope, qk_norm=qk_norm, load_balance=0.1)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    results = {}
+    for dispatch in ("dense", "sorted"):
+        attn.dispatch = dispatch
+        y, aux, counts = attn(x)
+        grads = torch.autograd.grad((y * torch.arange(16.0)).sum() + aux, [x, *attn.parameters()])
+        results[dispatch] = (y, counts, grads)
+    (y_d, c_d, g_d), (y_s, c_s, g_s) = results["dense"], results["sorted"]
+    torch.testing.assert_close(y_s, y_d, rtol=1e-5, atol=1e-5)
+    assert torch.equal(c_s, c_d)
+    for a, b in zip(g_s, g_d):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    attn.dispatch = "fast"
+    with pytest.raises(ValueError, match="dispatch must be"):
+        attn(x)

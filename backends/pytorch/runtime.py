@@ -1390,10 +1390,14 @@ class AttentionExperts(nn.Module):
 
     A router (softmax over ``num_experts``, top ``top_k``, optionally renormalised) picks each
     token's experts; the token's output is sum_j g_j * o_proj[e_j](attention(q of e_j, K, V)).
-    The query and output projections run as one GEMM over every expert (E / top_k times the
-    FLOPs of the chosen ones, memory T * E * heads * head_dim; no loop over experts, no
-    data-dependent shapes, so the static form exports); each (token, slot) takes its expert's
-    query and attends over the shared keys and values of its sequence (causal by default). ``rope_theta`` / ``qk_norm`` / ``norm_eps`` work as in ``Attention``, the
+    Each (token, slot) takes its expert's query and attends over the shared keys and values of
+    its sequence (causal by default). ``dispatch`` chooses how the per-expert query and output
+    projections run: "sorted" sorts the (token, slot) rows by expert and runs them as grouped
+    GEMMs (only the chosen experts' FLOPs; at most one host sync, none with a native
+    ``torch._grouped_mm``); "dense" runs one GEMM over every expert (E / top_k times the FLOPs,
+    memory T * E * heads * head_dim, but no data-dependent shapes); "auto" (default) is "dense"
+    while torch.export / torch.compile trace the module (the static form exports) and "sorted"
+    otherwise. ``rope_theta`` / ``qk_norm`` / ``norm_eps`` work as in ``Attention``, the
     q / k norms shared by the experts; biases: q and o per expert, k and v shared.
 
     ``forward`` returns ``(y, aux_loss, counts)``: the aux loss weights the load-balance and z
@@ -1413,6 +1417,7 @@ class AttentionExperts(nn.Module):
         self.num_experts, self.top_k, self.renormalize = num_experts, top_k, renormalize
         self.rope_theta, self.qk_norm = rope_theta, qk_norm
         self.load_balance, self.z_loss = load_balance, z_loss
+        self.dispatch = "auto"
         inner = heads * head_dim
 
         def uniform(n_in: int, *shape: int) -> nn.Parameter:
@@ -1442,12 +1447,10 @@ class AttentionExperts(nn.Module):
         kk, hd, inner = self.top_k, self.head_dim, self.heads * self.head_dim
         logits = self.router(flat)
         weights, ids, probs = route_top_k(logits, kk, renormalize=self.renormalize)  # [T, k]
-        # queries of every expert in one GEMM, then each (token, slot) takes its expert's
-        E, slots = self.num_experts, ids.unsqueeze(-1).expand(-1, -1, inner)
-        q_all = (flat @ self.q_proj.permute(1, 0, 2).reshape(flat.shape[1], E * inner)).view(-1, E, inner)
-        if self.q_bias is not None:
-            q_all = q_all + self.q_bias
-        q = q_all.gather(1, slots)  # [T, k, inner]
+        if self.dispatch not in ("auto", "sorted", "dense"):
+            raise ValueError(f"AttentionExperts: dispatch must be 'auto', 'sorted' or 'dense', got {self.dispatch!r}")
+        dense = self.dispatch == "dense" or (self.dispatch == "auto" and torch.compiler.is_compiling())
+        q = self._dense_queries(flat, ids) if dense else self._sorted_queries(flat, ids)  # [T, k, inner]
         k = self.k_proj(flat)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -1469,10 +1472,8 @@ class AttentionExperts(nn.Module):
         v = v.unsqueeze(1).expand(b, kk, self.heads, seq, hd).reshape(b * kk, self.heads, seq, hd)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [b * k, heads, seq, hd]
         o = o.view(b, kk, self.heads, seq, hd).permute(0, 3, 1, 2, 4).reshape(b * seq, kk, inner)
-        # each slot's weighted attention output in its expert's columns, then one GEMM with every o_proj
         g = weights.unsqueeze(-1).to(o.dtype)
-        placed = o.new_zeros(o.shape[0], E, inner).scatter(1, slots, o * g)  # a token's experts are distinct
-        y = placed.reshape(-1, E * inner) @ self.o_proj.reshape(E * inner, -1)
+        y = self._dense_outputs(o * g, ids) if dense else self._sorted_outputs(o * g, ids)
         if self.o_bias is not None:
             y = y + (g * self.o_bias[ids]).sum(1)
         aux = logits.new_zeros((), dtype=probs.dtype)
@@ -1481,6 +1482,46 @@ class AttentionExperts(nn.Module):
         if self.z_loss:
             aux = aux + self.z_loss * z_loss(logits)
         return y.reshape(shape), aux, expert_counts(ids, self.num_experts)
+
+    def _dense_queries(self, flat: Tensor, ids: Tensor) -> Tensor:
+        """Queries of every expert in one GEMM, then each (token, slot) takes its expert's."""
+        E, inner = self.num_experts, self.heads * self.head_dim
+        q_all = (flat @ self.q_proj.permute(1, 0, 2).reshape(flat.shape[1], E * inner)).view(-1, E, inner)
+        if self.q_bias is not None:
+            q_all = q_all + self.q_bias
+        return q_all.gather(1, ids.unsqueeze(-1).expand(-1, -1, inner))
+
+    def _dense_outputs(self, o: Tensor, ids: Tensor) -> Tensor:
+        """Each slot's weighted attention output [T, k, inner] in its expert's columns (a token's
+        experts are distinct), then one GEMM with every o_proj."""
+        E, inner = self.num_experts, self.heads * self.head_dim
+        placed = o.new_zeros(o.shape[0], E, inner).scatter(1, ids.unsqueeze(-1).expand(-1, -1, inner), o)
+        return placed.reshape(-1, E * inner) @ self.o_proj.reshape(E * inner, -1)
+
+    def _sort(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(order of the flat (token, slot) pairs by expert, their tokens, counts per expert)."""
+        flat_ids = ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=ids.device)
+        counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+        return order, torch.div(order, ids.shape[1], rounding_mode="floor"), counts
+
+    def _sorted_queries(self, flat: Tensor, ids: Tensor) -> Tensor:
+        """Each (token, slot)'s query from its expert's q_proj alone: grouped GEMM over the rows
+        sorted by expert, then back to [T, k, inner] order."""
+        order, tok, counts = self._sort(ids)
+        q = _segment_matmul(flat.index_select(0, tok), self.q_proj, counts)
+        if self.q_bias is not None:
+            q = q + self.q_bias.index_select(0, ids.reshape(-1).index_select(0, order))
+        unsorted = q.new_empty(q.shape).index_copy(0, order, q)
+        return unsorted.view(*ids.shape, q.shape[-1])
+
+    def _sorted_outputs(self, o: Tensor, ids: Tensor) -> Tensor:
+        """Sum over each token's slots of its weighted attention output [T, k, inner] times the
+        slot's expert's o_proj: grouped GEMM over the rows sorted by expert, summed per token."""
+        order, tok, counts = self._sort(ids)
+        rows = _segment_matmul(o.reshape(-1, o.shape[-1]).index_select(0, order), self.o_proj, counts)
+        return rows.new_zeros(o.shape[0], rows.shape[-1]).index_add(0, tok, rows)
 
 
 def rotary_cos_sin(seq: int, dim: int, theta: float, device, dtype) -> tuple[Tensor, Tensor]:
