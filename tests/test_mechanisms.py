@@ -475,6 +475,8 @@ def _random_adapters(model):
     "experts 3 x mlp(d, 10, act = gelu, bias = true, lora_rank = 2); router top_k(k = 1); shared 1 x glu(d, 8)",
     ("group text { experts 3 x glu(d, 8, lora_rank = 2); router top_k(k = 2) }\n"
      "      group image { experts 2 x glu(d, 8); router top_k(k = 1) }"),
+    ("group text { experts 3 x glu(d, 8, lora_rank = 4); router top_k(k = 2) }\n"  # same kind: not merged
+     "      group image { experts 3 x glu(d, 8, lora_rank = 4); router top_k(k = 1) }"),
     "experts 4 x glu(d, 12, lora_rank = 3, lora_on = [up, gate]); router top_k(k = 2)",
     "experts 3 x mlp(d, 10, bias = true, lora_rank = 2, lora_on = [down]); router top_k(k = 2, renormalize = true)",
 ])

@@ -229,7 +229,8 @@ class _BlockEmitter:
     def _merged(cls, graph: Graph, members: list[int]) -> bool:
         """Groups selected by disjoint modalities, each routed once per token by a learned router
         whose choice does not depend on the other tokens (no capacity, no expert choice, no
-        balancing bias), with experts of one kind and nothing else per group: one expert call."""
+        balancing bias), with experts of one kind (not LoRA) and nothing else per group: one
+        expert call."""
         ops = [graph.op(n) for n in members]
         experts = [n for n in members if graph.op(n).kind == "fused_experts"]
         groups = [cls._group_key(graph, n) for n in experts]
@@ -245,7 +246,9 @@ class _BlockEmitter:
         if any(r.kind not in ("top_k", "dynamic_k", "soft") or r.capacity is not None for r in routers):
             return False
         seen = [m for mods in selects.values() for m in mods]
-        return len(seen) == len(set(seen)) and len({graph.op(n).expert for n in experts}) == 1
+        kinds = {graph.op(n).expert for n in experts}
+        # LoRA experts stay per group: one merged call would have to build their merged weights
+        return len(seen) == len(set(seen)) and len(kinds) == 1 and next(iter(kinds)).lora_rank is None
 
     # ---- naming -----------------------------------------------------------------------------
     def rel(self, node: int) -> list[str]:

@@ -1195,8 +1195,8 @@ class LoRAExperts(nn.Module):
 
     ``up_proj`` / ``gate_proj`` / ``down_proj`` (and the biases) are the merged [E, in, out] weights,
     so every dispatch path can read them like ``Experts``; merging costs E x in x out per matrix and
-    call. Generated models call ``moe_lora_experts``, which never merges (the static form and
-    merged modality groups still read the merged weights)."""
+    call. Generated models call ``moe_lora_experts``, which never merges (the static form still
+    reads the merged weights)."""
 
     def __init__(self, num_experts: int, dim: int, hidden: int, glu: bool, bias: bool = False, rank: int = 8,
                  alpha: float | None = None, adapted: tuple[str, ...] | None = None):
