@@ -17,20 +17,12 @@ The two outputs and gradients are checked against each other first.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import random
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
+from ab_timing import ab_columns, ab_header, interleaved_medians, load_runtime
 
-_RUNTIME = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "runtime.py"
-_spec = importlib.util.spec_from_file_location("moec_runtime", _RUNTIME)
-rt = importlib.util.module_from_spec(_spec)
-sys.modules["moec_runtime"] = rt
-_spec.loader.exec_module(rt)
+rt = load_runtime()
 
 FULL_SHAPES = [  # (E, top_k, batch, seq, dim, heads, head_dim)
     (4, 1, 2, 512, 512, 8, 64),
@@ -68,19 +60,10 @@ def bench(shape, reps: int) -> dict:
     for a, b in zip(outputs["sorted"][1], outputs["dense"][1]):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
 
-    samples = {(d, kind): [] for d in ("sorted", "dense") for kind in ("fwd", "f+b")}
-    order, shuffle = ["sorted", "dense"], random.Random(0).shuffle
-    for _ in range(reps):
-        shuffle(order)
-        for dispatch in order:
-            attn.dispatch = dispatch
-            for kind, run in (("fwd", fwd), ("f+b", fwd_bwd)):
-                for i in range(3):  # the first call after the other dispatch is not timed
-                    start = time.perf_counter()
-                    run()
-                    if i:
-                        samples[(dispatch, kind)].append((time.perf_counter() - start) * 1e3)
-    return {key: statistics.median(v) for key, v in samples.items()}
+    def use(dispatch):
+        return lambda: setattr(attn, "dispatch", dispatch)
+
+    return interleaved_medians({d: use(d) for d in ("sorted", "dense")}, {"fwd": fwd, "f+b": fwd_bwd}, reps)
 
 
 def main(argv=None) -> int:
@@ -94,13 +77,12 @@ def main(argv=None) -> int:
     reps = args.reps or (3 if args.quick else 11)
     print(f"AttentionExperts, fp32, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"median of {reps} interleaved reps (ms)")
-    print(f"{'E':>3} {'k':>2} {'batch':>5} {'seq':>5} {'dim':>5} {'heads':>5} {'hd':>4} | {'sorted fwd':>10} "
-          f"{'dense fwd':>9} {'speedup':>7} | {'sorted f+b':>10} {'dense f+b':>9} {'speedup':>7}")
+    print(f"{'E':>3} {'k':>2} {'batch':>5} {'seq':>5} {'dim':>5} {'heads':>5} {'hd':>4} | "
+          f"{ab_header('sorted', 'dense')}")
     for shape in shapes:
         ms = bench(shape, reps)
-        sf, df, sb, db = ms[("sorted", "fwd")], ms[("dense", "fwd")], ms[("sorted", "f+b")], ms[("dense", "f+b")]
         print(" ".join(f"{v:>{w}}" for v, w in zip(shape, (3, 2, 5, 5, 5, 5, 4))) +
-              f" | {sf:>10.2f} {df:>9.2f} {df / sf:>6.2f}x | {sb:>10.2f} {db:>9.2f} {db / sb:>6.2f}x", flush=True)
+              f" | {ab_columns(ms, 'sorted', 'dense')}", flush=True)
     return 0
 
 

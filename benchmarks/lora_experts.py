@@ -19,20 +19,12 @@ timing, the two outputs and the adapter gradients are checked against each other
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import random
-import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
+from ab_timing import ab_columns, ab_header, interleaved_medians, load_runtime
 
-_RUNTIME = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "runtime.py"
-_spec = importlib.util.spec_from_file_location("moec_runtime", _RUNTIME)
-rt = importlib.util.module_from_spec(_spec)
-sys.modules["moec_runtime"] = rt
-_spec.loader.exec_module(rt)
+rt = load_runtime()
 
 FULL_SHAPES = [  # (E, k, T, d, f, rank)
     (8, 2, 64, 512, 1024, 8),
@@ -78,29 +70,22 @@ def bench(shape, reps: int) -> dict:
     fns = paths(experts)
     check(fns, experts, x, ids, w)
     adapters = [p for p in experts.parameters() if p.requires_grad]
+    current = {}
 
-    def fwd(fn):
+    def use(name):
+        return lambda: current.update(fn=fns[name])
+
+    def fwd():
         with torch.no_grad():
-            fn(x, ids, w)
+            current["fn"](x, ids, w)
 
-    def fwd_bwd(fn):
+    def fwd_bwd():
         for p in adapters:
             p.grad = None
         x.grad = None
-        fn(x, ids, w).sum().backward()
+        current["fn"](x, ids, w).sum().backward()
 
-    samples = {(name, kind): [] for name in fns for kind in ("fwd", "f+b")}
-    order, shuffle = list(fns), random.Random(0).shuffle
-    for _ in range(reps):
-        shuffle(order)
-        for name in order:
-            for kind, run in (("fwd", fwd), ("f+b", fwd_bwd)):
-                for i in range(3):  # the first call after the other path is not timed
-                    start = time.perf_counter()
-                    run(fns[name])
-                    if i:
-                        samples[(name, kind)].append((time.perf_counter() - start) * 1e3)
-    ms = {key: statistics.median(v) for key, v in samples.items()}
+    ms = interleaved_medians({name: use(name) for name in fns}, {"fwd": fwd, "f+b": fwd_bwd}, reps)
     ms["merged MB"] = 3 * E * d * f * 4 / 2**20
     return ms
 
@@ -116,14 +101,12 @@ def main(argv=None) -> int:
     reps = args.reps or (3 if args.quick else 15)
     print(f"LoRA experts, SwiGLU, fp32, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"median of {reps} interleaved reps (ms)")
-    print(f"{'E':>3} {'k':>2} {'T':>5} {'d':>5} {'f':>5} {'r':>3} | {'low-rank fwd':>12} {'merged fwd':>10} "
-          f"{'speedup':>7} | {'low-rank f+b':>12} {'merged f+b':>10} {'speedup':>7} | {'merged MB':>9}")
+    print(f"{'E':>3} {'k':>2} {'T':>5} {'d':>5} {'f':>5} {'r':>3} | {ab_header('low-rank', 'merged')} | "
+          f"{'merged MB':>9}")
     for shape in shapes:
         ms = bench(shape, reps)
-        lf, mf, lb, mb = ms[("low-rank", "fwd")], ms[("merged", "fwd")], ms[("low-rank", "f+b")], ms[("merged", "f+b")]
         print(" ".join(f"{v:>{w}}" for v, w in zip(shape, (3, 2, 5, 5, 5, 3))) +
-              f" | {lf:>12.2f} {mf:>10.2f} {mf / lf:>6.2f}x | {lb:>12.2f} {mb:>10.2f} {mb / lb:>6.2f}x | "
-              f"{ms['merged MB']:>9.0f}", flush=True)
+              f" | {ab_columns(ms, 'low-rank', 'merged')} | {ms['merged MB']:>9.0f}", flush=True)
     return 0
 
 

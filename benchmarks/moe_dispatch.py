@@ -19,22 +19,16 @@ all variants consume the same (expert_ids, weights).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from ab_timing import load_runtime
 from torch import nn
 
-_RUNTIME = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "runtime.py"
-_spec = importlib.util.spec_from_file_location("moec_runtime", _RUNTIME)
-rt = importlib.util.module_from_spec(_spec)
-sys.modules["moec_runtime"] = rt
-_spec.loader.exec_module(rt)
+rt = load_runtime()
 
 FULL_SHAPES = [
     # (E, k, T, d, f, glu)
