@@ -848,24 +848,32 @@ def moe_experts(
     return out.to(x.dtype)
 
 
-def _segment_matmul(rows: Tensor, weight: Tensor, counts: Tensor) -> Tensor:
-    """Row segment e of ``rows`` (``counts[e]`` rows, in order) times ``weight[e]`` ([E, in, out]);
-    rows past the last segment (dropped slots) go with the last expert. ``torch._grouped_mm``
-    where it runs (no host sync), else one ``mm`` per expert (one host sync)."""
-    E, el = weight.shape[0], rows.element_size()
-    aligned = (weight.shape[1] * el) % 16 == 0 and (weight.shape[2] * el) % 16 == 0 and _gmm_stride_ok(weight)
-    if (aligned and rows.dtype == weight.dtype and rows.device == weight.device and 0 < rows.shape[0] < 2**31
-            and grouped_mm_available(rows.device, rows.dtype)):
-        offs = counts[:E].cumsum(0).to(torch.int32)
-        offs[-1] = rows.shape[0]
-        return torch._grouped_mm(rows, weight, offs=offs)
-    sizes = counts[:E].tolist()  # host sync: the segment sizes
-    sizes[-1] += rows.shape[0] - sum(sizes)
-    return torch.cat([seg @ w for seg, w in zip(rows.split(sizes), weight.unbind(0))])
+class _ExpertSegments:
+    """Rows sorted by expert, ``counts[e]`` rows for expert e (a device tensor). ``matmul(rows,
+    weight)`` multiplies segment e by ``weight[e]`` ([E, in, out]): ``torch._grouped_mm`` where it
+    runs (no host sync), else one ``mm`` per expert with the segment sizes fetched once for all
+    calls (one host sync). Rows past the last segment (dropped slots) go with the last expert."""
+
+    def __init__(self, counts: Tensor, num_experts: int):
+        self.counts, self.sizes = counts[:num_experts], None
+
+    def matmul(self, rows: Tensor, weight: Tensor) -> Tensor:
+        el = rows.element_size()
+        aligned = (weight.shape[1] * el) % 16 == 0 and (weight.shape[2] * el) % 16 == 0 and _gmm_stride_ok(weight)
+        if (aligned and rows.dtype == weight.dtype and rows.device == weight.device and 0 < rows.shape[0] < 2**31
+                and grouped_mm_available(rows.device, rows.dtype)):
+            offs = self.counts.cumsum(0).to(torch.int32)
+            offs[-1] = rows.shape[0]
+            return torch._grouped_mm(rows, weight, offs=offs)
+        if self.sizes is None:
+            self.sizes = self.counts.tolist()  # host sync: the segment sizes
+        sizes = [*self.sizes[:-1], rows.shape[0] - sum(self.sizes[:-1])]
+        return torch.cat([seg @ w for seg, w in zip(rows.split(sizes), weight.unbind(0))])
 
 
 def moe_lora_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, experts: LoRAExperts,
-                 activation: str = "silu", order: Tensor | None = None, offsets: Tensor | None = None) -> Tensor:
+                     activation: str = "silu", order: Tensor | None = None,
+                     offsets: Tensor | None = None) -> Tensor:
     """``moe_experts`` for LoRA experts (``LoRAExperts``) without merging their weights: with
     ``W_e = W0 + s A_e B_e``, ``rows @ W_e = rows @ W0 + s (rows @ A_e) @ B_e``. The frozen base
     runs as dense GEMMs (up and gate once per token, not once per (token, slot)), the adapters as
@@ -888,6 +896,7 @@ def moe_lora_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, experts: Lo
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     valid = flat_ids.index_select(0, order) >= 0
     row_w = torch.where(valid, weights.reshape(-1).index_select(0, order), 0).to(acc_dtype)  # dropped: 0
+    segments = _ExpertSegments(counts, E)
 
     def project(name: str, tokens: Tensor | None, rows: Tensor) -> Tensor:
         """Projection `name` of the sorted rows; the base part from per-token inputs if given."""
@@ -897,7 +906,7 @@ def moe_lora_experts(x: Tensor, expert_ids: Tensor, weights: Tensor, experts: Lo
             out += b0[0]
         if name in experts.adapted:
             a, b = getattr(experts, f"{name}_lora_a"), getattr(experts, f"{name}_lora_b")
-            out.add_(_segment_matmul(_segment_matmul(rows, a, counts), b, counts), alpha=experts.scale)
+            out.add_(segments.matmul(segments.matmul(rows, a), b), alpha=experts.scale)
         return out
 
     xs = x.index_select(0, tok)
@@ -1450,7 +1459,8 @@ class AttentionExperts(nn.Module):
         if self.dispatch not in ("auto", "sorted", "dense"):
             raise ValueError(f"AttentionExperts: dispatch must be 'auto', 'sorted' or 'dense', got {self.dispatch!r}")
         dense = self.dispatch == "dense" or (self.dispatch == "auto" and torch.compiler.is_compiling())
-        q = self._dense_queries(flat, ids) if dense else self._sorted_queries(flat, ids)  # [T, k, inner]
+        sort = None if dense else self._sort(ids)
+        q = self._dense_queries(flat, ids) if dense else self._sorted_queries(flat, ids, sort)  # [T, k, inner]
         k = self.k_proj(flat)
         if self.qk_norm == "projection":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -1473,7 +1483,7 @@ class AttentionExperts(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)  # [b * k, heads, seq, hd]
         o = o.view(b, kk, self.heads, seq, hd).permute(0, 3, 1, 2, 4).reshape(b * seq, kk, inner)
         g = weights.unsqueeze(-1).to(o.dtype)
-        y = self._dense_outputs(o * g, ids) if dense else self._sorted_outputs(o * g, ids)
+        y = self._dense_outputs(o * g, ids) if dense else self._sorted_outputs(o * g, sort)
         if self.o_bias is not None:
             y = y + (g * self.o_bias[ids]).sum(1)
         aux = logits.new_zeros((), dtype=probs.dtype)
@@ -1498,29 +1508,29 @@ class AttentionExperts(nn.Module):
         placed = o.new_zeros(o.shape[0], E, inner).scatter(1, ids.unsqueeze(-1).expand(-1, -1, inner), o)
         return placed.reshape(-1, E * inner) @ self.o_proj.reshape(E * inner, -1)
 
-    def _sort(self, ids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(order of the flat (token, slot) pairs by expert, their tokens, counts per expert)."""
+    def _sort(self, ids: Tensor) -> tuple[Tensor, Tensor, _ExpertSegments]:
+        """(order of the flat (token, slot) pairs by expert, their tokens, the expert segments)."""
         flat_ids = ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)
         counts = torch.zeros(self.num_experts, dtype=torch.long, device=ids.device)
         counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
-        return order, torch.div(order, ids.shape[1], rounding_mode="floor"), counts
+        return order, torch.div(order, ids.shape[1], rounding_mode="floor"), _ExpertSegments(counts, self.num_experts)
 
-    def _sorted_queries(self, flat: Tensor, ids: Tensor) -> Tensor:
+    def _sorted_queries(self, flat: Tensor, ids: Tensor, sort: tuple) -> Tensor:
         """Each (token, slot)'s query from its expert's q_proj alone: grouped GEMM over the rows
         sorted by expert, then back to [T, k, inner] order."""
-        order, tok, counts = self._sort(ids)
-        q = _segment_matmul(flat.index_select(0, tok), self.q_proj, counts)
+        order, tok, segments = sort
+        q = segments.matmul(flat.index_select(0, tok), self.q_proj)
         if self.q_bias is not None:
             q = q + self.q_bias.index_select(0, ids.reshape(-1).index_select(0, order))
         unsorted = q.new_empty(q.shape).index_copy(0, order, q)
         return unsorted.view(*ids.shape, q.shape[-1])
 
-    def _sorted_outputs(self, o: Tensor, ids: Tensor) -> Tensor:
+    def _sorted_outputs(self, o: Tensor, sort: tuple) -> Tensor:
         """Sum over each token's slots of its weighted attention output [T, k, inner] times the
         slot's expert's o_proj: grouped GEMM over the rows sorted by expert, summed per token."""
-        order, tok, counts = self._sort(ids)
-        rows = _segment_matmul(o.reshape(-1, o.shape[-1]).index_select(0, order), self.o_proj, counts)
+        order, tok, segments = sort
+        rows = segments.matmul(o.reshape(-1, o.shape[-1]).index_select(0, order), self.o_proj)
         return rows.new_zeros(o.shape[0], rows.shape[-1]).index_add(0, tok, rows)
 
 
