@@ -3,6 +3,7 @@ module loaded from the source tree, interleaved timing, and the table columns.""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import random
 import statistics
@@ -22,6 +23,25 @@ def load_runtime():
         sys.modules["moec_runtime"] = module
         spec.loader.exec_module(module)
     return sys.modules["moec_runtime"]
+
+
+def parse_args(argv, description: str, full_reps: int) -> tuple[bool, int]:
+    """The common command line (``--quick``, ``--threads``, ``--reps``); sets torch's thread count
+    and returns (quick, reps)."""
+    import torch
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="small shapes, finishes in seconds")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args.quick, args.reps or (3 if args.quick else full_reps)
+
+
+def shape_columns(shape: tuple, widths: tuple) -> str:
+    """A shape's values, right-aligned in columns of the given widths."""
+    return " ".join(f"{v:>{w}}" for v, w in zip(shape, widths))
 
 
 def interleaved_medians(variants: dict[str, Callable[[], None]], runs: dict[str, Callable[[], None]],

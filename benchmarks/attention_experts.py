@@ -16,11 +16,10 @@ The two outputs and gradients are checked against each other first.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
-from ab_timing import ab_columns, ab_header, interleaved_medians, load_runtime
+from ab_timing import ab_columns, ab_header, interleaved_medians, load_runtime, parse_args, shape_columns
 
 rt = load_runtime()
 
@@ -67,21 +66,15 @@ def bench(shape, reps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a small shape, finishes in seconds")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    reps = args.reps or (3 if args.quick else 11)
+    quick, reps = parse_args(argv, __doc__.splitlines()[0], full_reps=11)
+    shapes = QUICK_SHAPES if quick else FULL_SHAPES
     print(f"AttentionExperts, fp32, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"median of {reps} interleaved reps (ms)")
     print(f"{'E':>3} {'k':>2} {'batch':>5} {'seq':>5} {'dim':>5} {'heads':>5} {'hd':>4} | "
           f"{ab_header('sorted', 'dense')}")
     for shape in shapes:
         ms = bench(shape, reps)
-        print(" ".join(f"{v:>{w}}" for v, w in zip(shape, (3, 2, 5, 5, 5, 5, 4))) +
+        print(shape_columns(shape, (3, 2, 5, 5, 5, 5, 4)) +
               f" | {ab_columns(ms, 'sorted', 'dense')}", flush=True)
     return 0
 
