@@ -666,7 +666,7 @@ class _BlockEmitter:
         if e.lora_rank is not None and e.weights != "ternary":  # adapters applied low-rank, never merged
             attr = self._experts_module(path, op, e.form == "glu", e.dim, e.hidden, e.bias)
             self.line(_call(y, "moe_lora_experts", [*ins[:3], attr, f"activation={e.act!r}", f"order={order}",
-                                                f"offsets={offsets}"]))
+                                                    f"offsets={offsets}"]))
         else:
             self.line(_call(y, "moe_experts", [*self._expert_args(op, ins, path), f"order={order}",
                                                f"offsets={offsets}"]))
