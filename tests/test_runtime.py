@@ -190,8 +190,11 @@ def test_matches_reference_forward_backward(method, glu, bias):
 @pytest.mark.parametrize("method", CONCRETE)
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu", "identity"])
 @pytest.mark.parametrize("glu", [True, False], ids=["glu", "mlp"])
-def test_activations(method, act, glu):
-    p = make_problem(T=16, glu=glu, bias=True, seed=11)
+@pytest.mark.parametrize("d, f", [(12, 8), (8, 12)], ids=["d>f", "d<f"])
+def test_activations(method, act, glu, d, f):
+    """Every activation, with the routing weight applied before (d > f) and after (d < f) the
+    down projection."""
+    p = make_problem(T=16, d=d, f=f, glu=glu, bias=True, seed=11)
     out, ref, grads, ref_grads = run_both(p, method, act=act)
     assert_close_all(out, ref, grads, ref_grads)
 
@@ -599,6 +602,16 @@ def test_inference_path_equals_training_path(glu, bias):
     with torch.no_grad():
         infer = rt.moe_experts(x, ids, w, up, down, gate_proj=gate, method="split", **biases)
     torch.testing.assert_close(infer, train.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_split_second_backward_is_a_clear_error():
+    """The split path frees its saved rows in backward: a second backward through the same graph
+    raises an error that says so instead of failing inside the loop."""
+    p = make_problem(T=10, seed=12)
+    out = rt.moe_experts(p["x"], p["ids"], p["w"], p["up"], p["down"], gate_proj=p["gate"], method="split")
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.sum().backward()
 
 
 # --------------------------------------------------------------------------- RMSNorm
