@@ -16,12 +16,14 @@ RUNTIME_PATH = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "r
 
 
 def load_runtime():
-    """``backends/pytorch/runtime.py`` imported as ``moec_runtime`` (the name generated code uses)."""
-    if "moec_runtime" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("moec_runtime", RUNTIME_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["moec_runtime"] = module
-        spec.loader.exec_module(module)
+    """``backends/pytorch/runtime.py`` imported as ``moec_runtime`` (the name generated code uses),
+    after its sibling ``cpu_kernels.py`` as ``moec_cpu_kernels``."""
+    for name, file in (("moec_cpu_kernels", "cpu_kernels.py"), ("moec_runtime", "runtime.py")):
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, RUNTIME_PATH.with_name(file))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
     return sys.modules["moec_runtime"]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,15 +20,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 _RUNTIME_PATH = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "runtime.py"
 
 
-def _load_runtime():
-    spec = importlib.util.spec_from_file_location("moec_runtime_under_test", _RUNTIME_PATH)
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
-rt = _load_runtime()
+# runtime.py imports its compiled kernels as a sibling module, as it does next to generated code
+kernels = _load("moec_cpu_kernels", _RUNTIME_PATH.with_name("cpu_kernels.py"))
+rt = _load("moec_runtime_under_test", _RUNTIME_PATH)
 
 METHODS = ["grouped_mm", "split", "padded_bmm", "auto"]
 CONCRETE = ["grouped_mm", "split", "padded_bmm"]
@@ -563,18 +567,29 @@ def test_z_loss():
     assert float(empty) == 0.0 and not torch.isnan(empty)
 
 
-def test_runtime_imports_only_torch_and_stdlib():
+def _imported_roots(path: Path) -> set[str]:
     import ast
 
-    tree = ast.parse(_RUNTIME_PATH.read_text())
     roots = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             roots.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
             roots.add(node.module.split(".")[0])
-    assert roots <= {"torch", "__future__", "math", "typing", "collections", "functools", "dataclasses",
-                     "threading"}, roots
+    return roots
+
+
+def test_runtime_imports_only_torch_and_stdlib():
+    """The runtime and its compiled kernels ship next to generated code: torch, the standard
+    library and each other only."""
+    import ast
+
+    tree = ast.parse(_RUNTIME_PATH.read_text())
+    assert _imported_roots(_RUNTIME_PATH) <= {"torch", "__future__", "math", "typing", "collections", "functools",
+                                              "dataclasses", "threading", "moec_cpu_kernels"}
+    assert _imported_roots(_RUNTIME_PATH.with_name("cpu_kernels.py")) <= {
+        "torch", "__future__", "ctypes", "hashlib", "os", "platform", "shutil", "subprocess", "tempfile",
+        "threading", "pathlib", "collections"}
     doc = ast.get_docstring(tree)
     for name in rt.__all__:
         assert name in doc, f"{name} not documented in the module docstring"
@@ -861,3 +876,71 @@ def test_attention_experts_sorted_matches_dense(bias, kv_heads, rope, qk_norm, t
     attn.dispatch = "fast"
     with pytest.raises(ValueError, match="dispatch must be"):
         attn(x)
+
+
+# ---- compiled SwiGLU epilogue (moec_cpu_kernels) ---------------------------------------------------
+def _swiglu_reference(g, u, w, dhw):
+    """fp64 formulas of the fused epilogue: h = silu(g) u, du, dg and the routing weight's gradient."""
+    g, u, w, dhw = (t.double() for t in (g, u, w, dhw))
+    s = torch.sigmoid(g)
+    h = g * s * u
+    dh = dhw * w
+    return h, dh * g * s, dh * u * s * (1 + g * (1 - s)), (dhw * h).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, f", [(1, 1), (3, 13), (40, 256), (130, 200)], ids=str)
+@pytest.mark.parametrize("weighted", [True, False])
+def test_cpu_kernels_match_formulas(dtype, n, f, weighted):
+    """Both kernels against the fp64 formulas, with odd widths (vector tails), sizes under and over
+    the threading threshold, and pre-activations far out in both tails (exp's clamped argument)."""
+    if not kernels.available(dtype):
+        pytest.skip(kernels.status())
+    gen = torch.Generator().manual_seed(n * 1000 + f)
+    g = (torch.randn(n, f, generator=gen) * 4).to(dtype)
+    extremes = torch.tensor([-150.0, 120.0, -90.0, 95.0, 0.0], dtype=dtype)
+    g.view(-1)[: min(5, g.numel())] = extremes[: min(5, g.numel())]
+    u, dhw = (torch.randn(n, f, generator=gen).to(dtype) for _ in range(2))
+    w = torch.rand(n, 1, generator=gen).to(dtype)
+    h_ref, du_ref, dg_ref, dw_ref = _swiglu_reference(g, u, w, dhw)
+    tol = {"rtol": 2e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    scale = w.double() if weighted else 1.0
+    torch.testing.assert_close(kernels.swiglu_forward(g, u, w, weighted).double(), h_ref * scale, **tol)
+    dw = torch.full((n,), float("nan"), dtype=dtype)
+    kernels.swiglu_backward_(dhw, g, u, w, dw, weighted)  # in place: dhw <- h (w), u <- du, g <- dg
+    torch.testing.assert_close(dhw.double(), h_ref * scale, **tol)
+    torch.testing.assert_close(u.double(), du_ref, **tol)
+    torch.testing.assert_close(g.double(), dg_ref, **tol)
+    torch.testing.assert_close(dw.double(), dw_ref, rtol=tol["rtol"] * 10, atol=tol["atol"] * f)
+
+
+@pytest.mark.parametrize("d, f", [(12, 8), (8, 12)], ids=["d>f", "d<f"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_split_path_without_compiled_kernels(monkeypatch, d, f, bias):
+    """The torch-op epilogue the split path runs where the kernels are unavailable (no compiler,
+    MOEC_CPU_KERNELS=0, other activations) against the reference, and against the fused one in fp32."""
+    p = make_problem(T=30, d=d, f=f, bias=bias, seed=13)
+    fused = run_both(p, "split")
+    monkeypatch.setattr(rt, "_fused_swiglu", lambda *args: False)
+    out, ref, grads, ref_grads = run_both(p, "split")
+    assert_close_all(out, ref, grads, ref_grads)
+    torch.testing.assert_close(out, fused[0], rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, fused[2][name], rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_kernels_fall_back_cleanly(tmp_path):
+    """Without a working compiler, or when disabled, the kernels report why and the split path
+    still computes the same result with torch ops (fresh process: the library loads once)."""
+    script = (
+        "import sys, torch; sys.path.insert(0, %r)\n"
+        "import cpu_kernels as k\n"
+        "print(k.available(torch.float32)); print(k.status())\n" % str(_RUNTIME_PATH.parent)
+    )
+    for env, expect in (({"CC": str(tmp_path / "no-such-cc")}, "failed"),
+                        ({"MOEC_CPU_KERNELS": "0"}, "disabled by MOEC_CPU_KERNELS=0")):
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "MOEC_CACHE": str(tmp_path / "cache"), **env})
+        assert run.returncode == 0, run.stderr
+        available, status = run.stdout.splitlines()
+        assert available == "False" and expect in status, run.stdout

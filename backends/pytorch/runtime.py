@@ -167,6 +167,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+try:  # inside the moec package
+    from . import cpu_kernels as _cpu_kernels
+except ImportError:  # shipped next to generated code, beside moec_cpu_kernels.py
+    import moec_cpu_kernels as _cpu_kernels
+
 __all__ = [
     "ACTIVATIONS",
     "HOST_SYNCS",
@@ -626,6 +631,15 @@ def free_gradient_buffers() -> None:
         _GRAD_BUFFERS.clear()
 
 
+def _fused_swiglu(act_name: str, x: Tensor, stacks: tuple) -> bool:
+    """Whether the split path runs its SwiGLU epilogue (forward and backward) as one compiled
+    loop per expert (``moec_cpu_kernels``) instead of separate torch ops."""
+    gates = stacks[2::len(_STACK)]
+    return (act_name == "silu" and x.device.type == "cpu" and all(g is not None for g in gates)
+            and all(t is None or t.dtype == x.dtype for t in stacks) and not torch.compiler.is_compiling()
+            and _cpu_kernels.available(x.dtype))
+
+
 class _SplitExperts(torch.autograd.Function):
     """The split path as one autograd node. Forward, per expert: gather its token rows, up (and
     gate) GEMM, activation, routing weight, down GEMM, index_add into the output. It keeps the
@@ -634,7 +648,9 @@ class _SplitExperts(torch.autograd.Function):
     halves the memory held between forward and backward. Backward runs the six GEMMs per expert
     and writes the stacked weight gradients directly (no per-expert autograd graph, no stack/cat
     of gradients). Per-expert views (rows, weights, weight matrices) are made once per call by
-    ``split`` / ``unbind``, so the per-expert loop runs only the ops that do the work.
+    ``split`` / ``unbind``, so the per-expert loop runs only the ops that do the work. With SwiGLU
+    experts on the CPU the elementwise work between the GEMMs is one compiled loop per expert and
+    direction (``_fused_swiglu``).
 
     The experts may come from several weight stacks (modality groups run in one call): the
     trailing arguments are the stacks' tensors, six per stack (`_STACK`), and global expert ids
@@ -648,6 +664,7 @@ class _SplitExperts(torch.autograd.Function):
         weight_first = d > f  # the routing weight goes on the narrower side of the down GEMM
         out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
         keep = train and any(ctx.needs_input_grad)  # save what backward needs only when it will run
+        fused = _fused_swiglu(act_name, x, stacks)
         toks = tok.split(sizes)
         ws = row_w.to(x.dtype).unsqueeze(1).split(sizes)
         saved = []  # per expert segment: rows and pre-activations (backward recomputes the rest)
@@ -664,11 +681,16 @@ class _SplitExperts(torch.autograd.Function):
                 g = xe @ gate
                 if gb is not None:
                     g += gb
-            h = _fresh(act, g if g is not None else u)
-            if g is not None:
-                h.mul_(u)
             w = ws[e]
-            y = h.mul_(w) @ down if weight_first else (h @ down).mul_(w)
+            if fused:
+                h = _cpu_kernels.swiglu_forward(g, u, w, weighted=weight_first)
+            else:
+                h = _fresh(act, g if g is not None else u)
+                if g is not None:
+                    h.mul_(u)
+                if weight_first:
+                    h.mul_(w)
+            y = h @ down if weight_first else (h @ down).mul_(w)
             if db is not None:
                 y += w * db
             out.index_add_(0, toks[e], y if y.dtype == acc_dtype else y.to(acc_dtype))
@@ -677,6 +699,7 @@ class _SplitExperts(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(row_w, tok, *stacks)
             ctx.segments, ctx.sizes, ctx.act_name, ctx.x_shape = saved, sizes, act_name, (T, d)
+            ctx.fused = fused
         return out
 
     @staticmethod
@@ -723,36 +746,44 @@ class _SplitExperts(torch.autograd.Function):
             up, down, gate, _, db, _ = experts[e]
             gup, gdown, ggate, gub, gdb, ggb = expert_grads[e]
             w = ws[e]
-            # recomputed: cheaper than keeping [T*k, f] tensors; updated in place once used
-            a = _fresh(act, g if g is not None else u)
-            h = a * u if g is not None else a
             dy = dout.index_select(0, toks[e])
             dhw = dy @ down.t()
-            # d down = (h w)^T dy with the routing weight on the narrower side; d w = <dhw, h> per row.
-            # h is used up in place by whichever of the two comes last.
-            dw_e = None
-            if weight_first:
-                if dws is not None:
-                    dw_e = torch.linalg.vecdot(dhw, h)
+            # d down = (h w)^T dy with the routing weight on the narrower side; d w = <dhw, h> per row
+            if ctx.fused:  # one loop: dhw <- h (times w if weight_first), u <- du, g <- dg, and d w
+                _cpu_kernels.swiglu_backward_(dhw, g, u, w, None if dws is None else dws[e], weighted=weight_first)
+                h, du, dg = dhw, u, g
                 if gdown is not None:
-                    torch.mm(h.mul_(w).t(), dy, out=gdown)
+                    torch.mm(h.t(), dy, out=gdown) if weight_first else torch.mm(h.t(), dy * w, out=gdown)
+                if dws is not None and db is not None:
+                    dws[e].add_(dy @ db)
             else:
-                if gdown is not None:
-                    torch.mm(h.t(), dy * w, out=gdown)
-                if dws is not None:
-                    dw_e = h.mul_(dhw).sum(1)
-            if dw_e is not None:
-                if db is not None:
-                    dw_e += dy @ db
-                dws[e].copy_(dw_e)
+                # recomputed: cheaper than keeping [T*k, f] tensors; h is used up in place by
+                # whichever of d down and d w comes last
+                a = _fresh(act, g if g is not None else u)
+                h = a * u if g is not None else a
+                dw_e = None
+                if weight_first:
+                    if dws is not None:
+                        dw_e = torch.linalg.vecdot(dhw, h)
+                    if gdown is not None:
+                        torch.mm(h.mul_(w).t(), dy, out=gdown)
+                else:
+                    if gdown is not None:
+                        torch.mm(h.t(), dy * w, out=gdown)
+                    if dws is not None:
+                        dw_e = h.mul_(dhw).sum(1)
+                if dw_e is not None:
+                    if db is not None:
+                        dw_e += dy @ db
+                    dws[e].copy_(dw_e)
+                dh = dhw.mul_(w)
+                if g is not None:
+                    du = a.mul_(dh)
+                    dg = act_bwd(dh.mul_(u), g)
+                else:
+                    du, dg = act_bwd(dh, u), None
             if gdb is not None:
                 torch.sum(dy * w, 0, out=gdb)
-            dh = dhw.mul_(w)
-            if g is not None:
-                du = a.mul_(dh)
-                dg = act_bwd(dh.mul_(u), g)
-            else:
-                du, dg = act_bwd(dh, u), None
             if gup is not None:
                 torch.mm(xe.t(), du, out=gup)
             if gub is not None:
