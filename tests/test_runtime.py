@@ -942,3 +942,35 @@ def test_cpu_kernels_fall_back_cleanly(tmp_path):
         assert run.returncode == 0, run.stderr
         available, status = run.stdout.splitlines()
         assert available == "False" and expect in status, run.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("ternary", [False, True])
+def test_feed_forward_fused_matches_torch_ops(monkeypatch, dtype, bias, ternary):
+    """``FeedForward`` with SwiGLU on the compiled path (``_DenseSwiGLU``) against the same module
+    run as torch ops: outputs and all gradients, 3-D input, output gate, second step."""
+    if not kernels.available(dtype):
+        pytest.skip(kernels.status())
+    torch.manual_seed(4)
+    fused = rt.FeedForward(16, 24, glu=True, activation="silu", bias=bias, ternary=ternary, output_gate=True).to(dtype)
+    plain = rt.FeedForward(16, 24, glu=True, activation="silu", bias=bias, ternary=ternary, output_gate=True).to(dtype)
+    plain.load_state_dict(fused.state_dict())
+    monkeypatch.setattr(plain, "_fused", lambda x: False)
+    assert fused._fused(torch.zeros(1, 16, dtype=dtype))
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+
+    def close(a, b, name=""):  # absolute error relative to the tensor's scale (fp32 sums cancel)
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * float(b.detach().abs().max()), msg=lambda m: f"{name}: {m}")
+
+    for step in range(2):
+        x = torch.randn(3, 7, 16, dtype=dtype) * (1 + 10 * step)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [m(xi) for m, xi in zip((fused, plain), xs)]
+        gy = torch.randn_like(ys[0])
+        for y in ys:
+            y.backward(gy)
+        close(ys[0], ys[1], "output")
+        close(xs[0].grad, xs[1].grad, "x")
+        for (name, a), b in zip(fused.named_parameters(), plain.parameters()):
+            close(a.grad, b.grad, name)

@@ -13,6 +13,7 @@ one C loop over the rows:
 * ``swiglu_backward_(dhw, g, u, w, dw, weighted)``, given ``dhw = dy @ down^T``, writes in place
   ``dhw <- h * w`` (``weighted``) or ``h``, ``u <- du``, ``g <- dg`` and ``dw[i] = <dhw_i, h_i>``
   (``dw`` may be None), where ``du = dhw * w * silu(g)`` and ``dg = dhw * w * u * silu'(g)``.
+  Without routing weights (a dense FFN) ``w`` is None: w = 1.
 
 The C source below is compiled on first use with the system C compiler (``$CC``, else ``cc`` or
 ``gcc``) for the running CPU (``-O3 -march=native``; ``-ffast-math`` at compile time only, so that
@@ -65,7 +66,7 @@ void swiglu_backward_##SUFFIX(T *dhw, T *g, T *u, const T *w, T *dw, int64_t n, 
     _Pragma("omp parallel for num_threads(threads) if(n * f >= 16384) schedule(static)")          \
     for (int64_t i = 0; i < n; i++) {                                                             \
         T *di = dhw + i * f, *gi = g + i * f, *ui = u + i * f;                                    \
-        const T wi = w[i], hw = weighted ? w[i] : (T)1;                                           \
+        const T wi = w ? w[i] : (T)1, hw = weighted ? wi : (T)1;                                  \
         T acc = 0;                                                                                \
         for (int64_t j = 0; j < f; j++) {                                                         \
             const T x = gi[j], uj = ui[j], d = di[j];                                             \
@@ -107,23 +108,27 @@ def status() -> str:
     return _status
 
 
-def swiglu_forward(g: Tensor, u: Tensor, w: Tensor, weighted: bool) -> Tensor:
+def swiglu_forward(g: Tensor, u: Tensor, w: Tensor | None = None, weighted: bool = False) -> Tensor:
     """``silu(g) * u`` (times ``w`` [n, 1] per row if ``weighted``) as a new [n, f] tensor.
     Contiguous CPU tensors of one dtype for which ``available`` is True."""
     n, f = g.shape
     h = torch.empty_like(g)
-    _kernels["forward_" + _DTYPES[g.dtype]](g.data_ptr(), u.data_ptr(), w.data_ptr(), h.data_ptr(), n, f,
-                                             weighted, torch.get_num_threads())
+    _kernels["forward_" + _DTYPES[g.dtype]](g.data_ptr(), u.data_ptr(), None if w is None else w.data_ptr(),
+                                             h.data_ptr(), n, f, weighted and w is not None,
+                                             torch.get_num_threads())
     return h
 
 
-def swiglu_backward_(dhw: Tensor, g: Tensor, u: Tensor, w: Tensor, dw: Tensor | None, weighted: bool) -> None:
+def swiglu_backward_(dhw: Tensor, g: Tensor, u: Tensor, w: Tensor | None = None, dw: Tensor | None = None,
+                     weighted: bool = False) -> None:
     """In place: ``dhw`` <- h * w (``weighted``) or h, ``u`` <- du, ``g`` <- dg, ``dw[i]`` <- <dhw_i, h_i>.
-    Contiguous CPU tensors of one dtype for which ``available`` is True; ``dw`` [n] or None."""
+    Contiguous CPU tensors of one dtype for which ``available`` is True; ``w`` [n, 1] and ``dw``
+    [n] or None (no routing weight: w = 1)."""
     n, f = g.shape
-    _kernels["backward_" + _DTYPES[g.dtype]](dhw.data_ptr(), g.data_ptr(), u.data_ptr(), w.data_ptr(),
-                                              None if dw is None else dw.data_ptr(), n, f, weighted,
-                                              torch.get_num_threads())
+    _kernels["backward_" + _DTYPES[g.dtype]](dhw.data_ptr(), g.data_ptr(), u.data_ptr(),
+                                              None if w is None else w.data_ptr(),
+                                              None if dw is None else dw.data_ptr(), n, f,
+                                              weighted and w is not None, torch.get_num_threads())
 
 
 def _load() -> None:

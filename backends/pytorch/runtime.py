@@ -1206,9 +1206,36 @@ class RMSNorm(nn.RMSNorm):
         return _RMSNormRows.rows(rows, w, eps)[0].view(x.shape)
 
 
+class _DenseSwiGLU(torch.autograd.Function):
+    """``(silu(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd`` for 2-D ``x`` (``nn.Linear`` weights), with
+    the elementwise work between the GEMMs as one compiled loop per direction (``moec_cpu_kernels``):
+    keeps x and the two pre-activations for backward, where the eager form keeps five tensors."""
+
+    @staticmethod
+    def forward(ctx, x, up_w, up_b, gate_w, gate_b, down_w, down_b):
+        g, u = F.linear(x, gate_w, gate_b), F.linear(x, up_w, up_b)
+        ctx.save_for_backward(x, g, u, up_w, gate_w, down_w)
+        ctx.biases = (up_b is not None, gate_b is not None, down_b is not None)
+        return F.linear(_cpu_kernels.swiglu_forward(g, u), down_w, down_b)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, g, u, up_w, gate_w, down_w = ctx.saved_tensors
+        dy = dy.contiguous()
+        h = dy @ down_w  # d h, then (in place) h itself; g and u become their gradients
+        _cpu_kernels.swiglu_backward_(h, g, u)
+        du, dg = u, g
+        dx = torch.addmm(du @ up_w, dg, gate_w)
+        up_b, gate_b, down_b = ctx.biases
+        return (dx, du.t() @ x, du.sum(0) if up_b else None, dg.t() @ x, dg.sum(0) if gate_b else None,
+                dy.t() @ h, dy.sum(0) if down_b else None)
+
+
 class FeedForward(nn.Module):
     """A dense expert: act(x W_up) W_down, or (act(x W_gate) * x W_up) W_down when glu;
-    `ternary` quantises the matrices with ``ternarize`` in every forward."""
+    `ternary` quantises the matrices with ``ternarize`` in every forward. SwiGLU on the CPU runs
+    as ``_DenseSwiGLU`` where the compiled kernels are available."""
 
     def __init__(self, dim: int, hidden: int, glu: bool, activation: str, bias: bool = False,
                  ternary: bool = False, output_gate: bool = False):
@@ -1217,20 +1244,34 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias) if glu else None
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act = _activation(activation)
+        self.activation = activation
         self.ternary = ternary
         # output_gate: the output is scaled by sigmoid(x . w) per token (Qwen2-MoE's shared expert gate)
         self.output_gate = nn.Linear(dim, 1, bias=False) if output_gate else None
 
+    def _weight(self, layer: nn.Linear) -> Tensor:
+        return ternarize(layer.weight) if self.ternary else layer.weight
+
     def _linear(self, layer: nn.Linear, x: Tensor) -> Tensor:
-        weight = ternarize(layer.weight) if self.ternary else layer.weight
-        return F.linear(x, weight, layer.bias)
+        return F.linear(x, self._weight(layer), layer.bias)
+
+    def _fused(self, x: Tensor) -> bool:
+        if self.gate_proj is None or self.activation != "silu" or x.device.type != "cpu":
+            return False
+        tensors = [t for layer in (self.up_proj, self.gate_proj, self.down_proj) for t in (layer.weight, layer.bias)
+                   if t is not None]
+        return (all(t.dtype == x.dtype and t.device == x.device for t in tensors)
+                and not torch.compiler.is_compiling() and _cpu_kernels.available(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        up = self._linear(self.up_proj, x)
-        if self.gate_proj is not None:
-            y = self._linear(self.down_proj, self.act(self._linear(self.gate_proj, x)) * up)
+        if self._fused(x):
+            y = _DenseSwiGLU.apply(x.reshape(-1, x.shape[-1]), self._weight(self.up_proj), self.up_proj.bias,
+                                   self._weight(self.gate_proj), self.gate_proj.bias,
+                                   self._weight(self.down_proj), self.down_proj.bias).view(*x.shape[:-1], -1)
+        elif self.gate_proj is not None:
+            y = self._linear(self.down_proj, self.act(self._linear(self.gate_proj, x)) * self._linear(self.up_proj, x))
         else:
-            y = self._linear(self.down_proj, self.act(up))
+            y = self._linear(self.down_proj, self.act(self._linear(self.up_proj, x)))
         if self.output_gate is not None:
             y = torch.sigmoid(self.output_gate(x)) * y
         return y
