@@ -1267,7 +1267,7 @@ class FeedForward(nn.Module):
         if self._fused(x):
             y = _DenseSwiGLU.apply(x.reshape(-1, x.shape[-1]), self._weight(self.up_proj), self.up_proj.bias,
                                    self._weight(self.gate_proj), self.gate_proj.bias,
-                                   self._weight(self.down_proj), self.down_proj.bias).view(*x.shape[:-1], -1)
+                                   self._weight(self.down_proj), self.down_proj.bias).view(*x.shape[:-1], self.down_proj.out_features)
         elif self.gate_proj is not None:
             y = self._linear(self.down_proj, self.act(self._linear(self.gate_proj, x)) * self._linear(self.up_proj, x))
         else:
