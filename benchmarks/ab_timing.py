@@ -17,8 +17,8 @@ RUNTIME_PATH = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "r
 
 def load_runtime():
     """``backends/pytorch/runtime.py`` imported as ``moec_runtime`` (the name generated code uses),
-    after its sibling ``cpu_kernels.py`` as ``moec_cpu_kernels``."""
-    for name, file in (("moec_cpu_kernels", "cpu_kernels.py"), ("moec_runtime", "runtime.py")):
+    after its sibling ``cpu_fused.py`` as ``moec_cpu_fused``."""
+    for name, file in (("moec_cpu_fused", "cpu_fused.py"), ("moec_runtime", "runtime.py")):
         if name not in sys.modules:
             spec = importlib.util.spec_from_file_location(name, RUNTIME_PATH.with_name(file))
             module = importlib.util.module_from_spec(spec)

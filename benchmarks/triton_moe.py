@@ -72,7 +72,8 @@ def build(name: str, out: str):
     target = os.path.join(out, name)
     if main(["compile", path, "--target", "triton", "-o", target]) != 0:
         raise SystemExit(1)
-    files = sorted(os.listdir(target), key=lambda f: f != "moec_runtime.py")
+    # imported by name in dependency order: moec_cpu_fused, then moec_runtime, then the rest
+    files = sorted(os.listdir(target), key=lambda f: (f != "moec_cpu_fused.py", f != "moec_runtime.py"))
     for file in files:
         if file.startswith("moec_") or file.endswith("_kernels.py"):
             _import(file[:-3], os.path.join(target, file))

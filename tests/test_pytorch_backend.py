@@ -173,7 +173,7 @@ def test_parameter_count_matches_report(capsys):
 def test_compile_cli_writes_importable_files(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["compile", os.path.join(EXAMPLES, "moma.moe"), "--target", "pytorch", "-o", str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["moec_cpu_kernels.py", "moec_depth.py", "moec_expert_parallel.py",
+    assert sorted(os.listdir(out)) == ["moec_cpu_fused.py", "moec_depth.py", "moec_expert_parallel.py",
                                        "moec_routers.py", "moec_runtime.py", "moec_static_runtime.py", "moma.py"]
     source = (out / "moma.py").read_text()
     assert "from moec_runtime import" in source and "import moec\n" not in source

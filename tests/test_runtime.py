@@ -29,7 +29,7 @@ def _load(name: str, path: Path):
 
 
 # runtime.py imports its compiled kernels as a sibling module, as it does next to generated code
-kernels = _load("moec_cpu_kernels", _RUNTIME_PATH.with_name("cpu_kernels.py"))
+kernels = _load("moec_cpu_fused", _RUNTIME_PATH.with_name("cpu_fused.py"))
 rt = _load("moec_runtime_under_test", _RUNTIME_PATH)
 
 METHODS = ["grouped_mm", "split", "padded_bmm", "auto"]
@@ -586,8 +586,8 @@ def test_runtime_imports_only_torch_and_stdlib():
 
     tree = ast.parse(_RUNTIME_PATH.read_text())
     assert _imported_roots(_RUNTIME_PATH) <= {"torch", "__future__", "math", "typing", "collections", "functools",
-                                              "dataclasses", "threading", "moec_cpu_kernels"}
-    assert _imported_roots(_RUNTIME_PATH.with_name("cpu_kernels.py")) <= {
+                                              "dataclasses", "threading", "moec_cpu_fused"}
+    assert _imported_roots(_RUNTIME_PATH.with_name("cpu_fused.py")) <= {
         "torch", "__future__", "ctypes", "hashlib", "os", "platform", "shutil", "subprocess", "tempfile",
         "threading", "pathlib", "collections"}
     doc = ast.get_docstring(tree)
@@ -878,7 +878,7 @@ def test_attention_experts_sorted_matches_dense(bias, kv_heads, rope, qk_norm, t
         attn(x)
 
 
-# ---- compiled SwiGLU epilogue (moec_cpu_kernels) ---------------------------------------------------
+# ---- compiled SwiGLU epilogue (moec_cpu_fused) ---------------------------------------------------
 def _swiglu_reference(g, u, w, dhw):
     """fp64 formulas of the fused epilogue: h = silu(g) u, du, dg and the routing weight's gradient."""
     g, u, w, dhw = (t.double() for t in (g, u, w, dhw))
@@ -891,7 +891,7 @@ def _swiglu_reference(g, u, w, dhw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n, f", [(1, 1), (3, 13), (40, 256), (130, 200)], ids=str)
 @pytest.mark.parametrize("weighted", [True, False])
-def test_cpu_kernels_match_formulas(dtype, n, f, weighted):
+def test_cpu_fused_match_formulas(dtype, n, f, weighted):
     """Both kernels against the fp64 formulas, with odd widths (vector tails), sizes under and over
     the threading threshold, and pre-activations far out in both tails (exp's clamped argument)."""
     if not kernels.available(dtype):
@@ -929,11 +929,11 @@ def test_split_path_without_compiled_kernels(monkeypatch, d, f, bias):
         torch.testing.assert_close(grad, fused[2][name], rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_kernels_fall_back_cleanly(tmp_path):
+def test_cpu_fused_fall_back_cleanly(tmp_path):
     """Without a working compiler, or when disabled, the kernels report why and the split path
     still computes the same result with torch ops (fresh process: the library loads once)."""
     script = (f"import sys, torch; sys.path.insert(0, {str(_RUNTIME_PATH.parent)!r})\n"
-              "import cpu_kernels as k\n"
+              "import cpu_fused as k\n"
               "print(k.available(torch.float32)); print(k.status())\n")
     for env, expect in (({"CC": str(tmp_path / "no-such-cc")}, "failed"),
                         ({"MOEC_CPU_KERNELS": "0"}, "disabled by MOEC_CPU_KERNELS=0")):

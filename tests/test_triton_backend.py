@@ -35,8 +35,10 @@ def compile_triton(path: str, out: str, text: str | None = None):
             fh.write(text)
     assert main(["compile", path, "--target", "triton", "-o", out]) == 0
     files = sorted(os.listdir(out))
-    runtimes = sorted((f for f in files if f.startswith("moec_")), key=lambda f: f != "moec_runtime.py")
-    for f in runtimes:  # shared by every generated model, imported by name (moec_runtime first)
+    # shared by every generated model, imported by name: moec_cpu_fused, then moec_runtime, then the rest
+    runtimes = sorted((f for f in files if f.startswith("moec_")),
+                      key=lambda f: (f != "moec_cpu_fused.py", f != "moec_runtime.py"))
+    for f in runtimes:
         _import(f[:-3], os.path.join(out, f))
     (kernels_file,) = [f for f in files if f.endswith("_kernels.py")]
     kernels = _import(kernels_file[:-3], os.path.join(out, kernels_file))

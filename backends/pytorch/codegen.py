@@ -23,7 +23,7 @@ from moec.ir import Graph, Value
 
 # The runtime modules shipped next to every generated file: module -> (source file, names it exports)
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "moec_cpu_kernels": ("cpu_kernels.py", ()),  # imported by moec_runtime, so first
+    "moec_cpu_fused": ("cpu_fused.py", ()),  # imported by moec_runtime, so first
     "moec_runtime": ("runtime.py", (
         "Attention", "AttentionExperts", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
         "PerModality", "RMSNorm", "activate", "modality_rows",

@@ -168,9 +168,9 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 try:  # inside the moec package
-    from . import cpu_kernels as _cpu_kernels
-except ImportError:  # shipped next to generated code, beside moec_cpu_kernels.py
-    import moec_cpu_kernels as _cpu_kernels
+    from . import cpu_fused as _cpu_fused
+except ImportError:  # shipped next to generated code, beside moec_cpu_fused.py
+    import moec_cpu_fused as _cpu_fused
 
 __all__ = [
     "ACTIVATIONS",
@@ -633,11 +633,11 @@ def free_gradient_buffers() -> None:
 
 def _fused_swiglu(act_name: str, x: Tensor, stacks: tuple) -> bool:
     """Whether the split path runs its SwiGLU epilogue (forward and backward) as one compiled
-    loop per expert (``moec_cpu_kernels``) instead of separate torch ops."""
+    loop per expert (``moec_cpu_fused``) instead of separate torch ops."""
     gates = stacks[2::len(_STACK)]
     return (act_name == "silu" and x.device.type == "cpu" and all(g is not None for g in gates)
             and all(t is None or t.dtype == x.dtype for t in stacks) and not torch.compiler.is_compiling()
-            and _cpu_kernels.available(x.dtype))
+            and _cpu_fused.available(x.dtype))
 
 
 class _SplitExperts(torch.autograd.Function):
@@ -683,7 +683,7 @@ class _SplitExperts(torch.autograd.Function):
                     g += gb
             w = ws[e]
             if fused:
-                h = _cpu_kernels.swiglu_forward(g, u, w, weighted=weight_first)
+                h = _cpu_fused.swiglu_forward(g, u, w, weighted=weight_first)
             else:
                 h = _fresh(act, g if g is not None else u)
                 if g is not None:
@@ -750,7 +750,7 @@ class _SplitExperts(torch.autograd.Function):
             dhw = dy @ down.t()
             # d down = (h w)^T dy with the routing weight on the narrower side; d w = <dhw, h> per row
             if ctx.fused:  # one loop: dhw <- h (times w if weight_first), u <- du, g <- dg, and d w
-                _cpu_kernels.swiglu_backward_(dhw, g, u, w, None if dws is None else dws[e], weighted=weight_first)
+                _cpu_fused.swiglu_backward_(dhw, g, u, w, None if dws is None else dws[e], weighted=weight_first)
                 h, du, dg = dhw, u, g
                 if gdown is not None:
                     torch.mm(h.t(), dy, out=gdown) if weight_first else torch.mm(h.t(), dy * w, out=gdown)
@@ -1208,7 +1208,7 @@ class RMSNorm(nn.RMSNorm):
 
 class _DenseSwiGLU(torch.autograd.Function):
     """``(silu(x Wg^T + bg) * (x Wu^T + bu)) Wd^T + bd`` for 2-D ``x`` (``nn.Linear`` weights), with
-    the elementwise work between the GEMMs as one compiled loop per direction (``moec_cpu_kernels``):
+    the elementwise work between the GEMMs as one compiled loop per direction (``moec_cpu_fused``):
     keeps x and the two pre-activations for backward, where the eager form keeps five tensors."""
 
     @staticmethod
@@ -1216,7 +1216,7 @@ class _DenseSwiGLU(torch.autograd.Function):
         g, u = F.linear(x, gate_w, gate_b), F.linear(x, up_w, up_b)
         ctx.save_for_backward(x, g, u, up_w, gate_w, down_w)
         ctx.biases = (up_b is not None, gate_b is not None, down_b is not None)
-        return F.linear(_cpu_kernels.swiglu_forward(g, u), down_w, down_b)
+        return F.linear(_cpu_fused.swiglu_forward(g, u), down_w, down_b)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -1224,7 +1224,7 @@ class _DenseSwiGLU(torch.autograd.Function):
         x, g, u, up_w, gate_w, down_w = ctx.saved_tensors
         dy = dy.contiguous()
         h = dy @ down_w  # d h, then (in place) h itself; g and u become their gradients
-        _cpu_kernels.swiglu_backward_(h, g, u)
+        _cpu_fused.swiglu_backward_(h, g, u)
         du, dg = u, g
         dx = torch.addmm(du @ up_w, dg, gate_w)
         up_b, gate_b, down_b = ctx.biases
@@ -1261,7 +1261,7 @@ class FeedForward(nn.Module):
         tensors = [t for layer in (self.up_proj, self.gate_proj, self.down_proj) for t in (layer.weight, layer.bias)
                    if t is not None]
         return (all(t.dtype == x.dtype and t.device == x.device for t in tensors)
-                and not torch.compiler.is_compiling() and _cpu_kernels.available(x.dtype))
+                and not torch.compiler.is_compiling() and _cpu_fused.available(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fused(x):

@@ -1,6 +1,6 @@
 """moec fused CPU kernels: the SwiGLU epilogue of the split expert path in one pass per row.
 
-This file is copied verbatim next to generated model code as ``moec_cpu_kernels.py``, beside
+This file is copied verbatim next to generated model code as ``moec_cpu_fused.py``, beside
 ``moec_runtime.py`` (which calls it). It depends only on ``torch`` and the standard library.
 
 The eager split path spends a good part of its non-GEMM time in elementwise passes over each
