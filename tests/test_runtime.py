@@ -596,27 +596,41 @@ def test_runtime_imports_only_torch_and_stdlib():
 
 
 @pytest.mark.parametrize("glu,bias", [(True, False), (False, True), (True, True)])
-def test_inference_path_equals_training_path(glu, bias):
-    """Under no_grad the split method takes a fused per-expert path; it must give the same result."""
+@pytest.mark.parametrize("d, f", [(8, 12), (12, 8)], ids=["d<f", "d>f"])
+@pytest.mark.parametrize("method", ["split", "grouped_mm"])
+def test_inference_path_equals_training_path(monkeypatch, method, d, f, glu, bias):
+    """Under no_grad the split method keeps nothing for backward, and grouped_mm with SwiGLU
+    experts runs the compiled epilogue with the routing weight (``_weighted_swiglu_rows``); both
+    must give the training path's result."""
+    dtype = torch.float64 if method == "split" else torch.float32  # grouped_mm: no fp64 on the CPU
+    if method == "grouped_mm" and not rt.grouped_mm_available("cpu", dtype):
+        pytest.skip("torch._grouped_mm does not run here")
+    fused_calls = []
+    monkeypatch.setattr(rt, "_weighted_swiglu_rows", lambda *a: fused_calls.append(1) or weighted_rows(*a))
     g = torch.Generator().manual_seed(3)
-    T, d, f, E, k = 37, 8, 12, 6, 2
-    x = torch.randn(T, d, generator=g, dtype=torch.float64)
+    T, E, k = 37, 6, 2
+    x = torch.randn(T, d, generator=g, dtype=dtype)
     ids = torch.randint(0, E, (T, k), generator=g)
     ids[:5, 1] = -1  # dropped slots
     ids[ids == 3] = 2  # an empty expert
-    w = torch.rand(T, k, generator=g, dtype=torch.float64)
-    up, down = torch.randn(E, d, f, generator=g, dtype=torch.float64), torch.randn(E, f, d, generator=g, dtype=torch.float64)
-    gate = torch.randn(E, d, f, generator=g, dtype=torch.float64) if glu else None
+    w = torch.rand(T, k, generator=g, dtype=dtype)
+    up, down = torch.randn(E, d, f, generator=g, dtype=dtype), torch.randn(E, f, d, generator=g, dtype=dtype)
+    gate = torch.randn(E, d, f, generator=g, dtype=dtype) if glu else None
     biases = {}
     if bias:
-        biases = {"up_bias": torch.randn(E, f, generator=g, dtype=torch.float64),
-                  "down_bias": torch.randn(E, d, generator=g, dtype=torch.float64)}
+        biases = {"up_bias": torch.randn(E, f, generator=g, dtype=dtype),
+                  "down_bias": torch.randn(E, d, generator=g, dtype=dtype)}
         if glu:
-            biases["gate_bias"] = torch.randn(E, f, generator=g, dtype=torch.float64)
+            biases["gate_bias"] = torch.randn(E, f, generator=g, dtype=dtype)
     train = rt.moe_experts(x.requires_grad_(), ids, w, up, down, gate_proj=gate, method="split", **biases)
     with torch.no_grad():
-        infer = rt.moe_experts(x, ids, w, up, down, gate_proj=gate, method="split", **biases)
-    torch.testing.assert_close(infer, train.detach(), rtol=1e-12, atol=1e-12)
+        infer = rt.moe_experts(x, ids, w, up, down, gate_proj=gate, method=method, **biases)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(infer, train.detach(), rtol=tol, atol=tol)
+    assert len(fused_calls) == (method == "grouped_mm" and glu and rt._cpu_fused.available(dtype))
+
+
+weighted_rows = rt._weighted_swiglu_rows
 
 
 def test_split_second_backward_is_a_clear_error():
