@@ -650,11 +650,22 @@ def _ref_rms_norm(x, w, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
 
 
+@pytest.fixture(params=["compiled", "torch ops"])
+def norm_kernels(request, monkeypatch):
+    """Run a test with the compiled RMSNorm kernels and again with the torch-op path."""
+    if request.param == "torch ops":
+        monkeypatch.setattr(rt._cpu_fused, "available", lambda dtype: False)
+    elif not rt._cpu_fused.available(torch.float32):
+        pytest.skip(f"compiled kernels unavailable: {rt._cpu_fused.status()}")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16), (0, 16), (1, 1), (300, 1024)])
-def test_rms_norm_matches_reference(dtype, shape):
-    """The CPU path of ``RMSNorm`` (hand-written backward) against the formula in fp64; (300, 1024)
-    runs the backward in three chunks of rows, the last one partial."""
+@pytest.mark.parametrize("shape", [(7, 16), (2, 5, 16), (0, 16), (1, 1), (300, 1024), (2000, 96)])
+def test_rms_norm_matches_reference(norm_kernels, dtype, shape):
+    """The CPU path of ``RMSNorm`` (hand-written backward) against the formula in fp64; with torch
+    ops (300, 1024) runs the backward in three chunks of rows, the last one partial; compiled,
+    (2000, 96) splits the rows between threads (per-thread weight-gradient sums)."""
     g = torch.Generator().manual_seed(5)
     d = shape[-1]
     norm = rt.RMSNorm(d, eps=1e-5).to(dtype)
@@ -674,7 +685,7 @@ def test_rms_norm_matches_reference(dtype, shape):
     torch.testing.assert_close(norm.weight.grad.double(), w64.grad, **tol)
 
 
-def test_rms_norm_gradcheck_and_partial_grads():
+def test_rms_norm_gradcheck_and_partial_grads(norm_kernels):
     g = torch.Generator().manual_seed(6)
     x = torch.randn(4, 3, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(8, generator=g, dtype=torch.float64, requires_grad=True)
@@ -704,7 +715,7 @@ def test_rms_norm_other_dtypes_and_default_eps_follow_nn_rmsnorm():
     assert isinstance(rt.RMSNorm(4), torch.nn.RMSNorm)  # same parameters, state dict and repr
 
 
-def test_rms_norm_double_backward():
+def test_rms_norm_double_backward(norm_kernels):
     """create_graph=True (e.g. a gradient penalty) differentiates through the hand-written backward."""
     g = torch.Generator().manual_seed(8)
     x = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)

@@ -1,4 +1,5 @@
-"""moec fused CPU kernels: the SwiGLU epilogue of the split expert path in one pass per row.
+"""moec fused CPU kernels: the SwiGLU epilogue of the split expert path and RMSNorm, in one pass
+per row.
 
 This file is copied verbatim next to generated model code as ``moec_cpu_fused.py``, beside
 ``moec_runtime.py`` (which calls it). It depends only on ``torch`` and the standard library.
@@ -14,6 +15,11 @@ one C loop over the rows:
   ``dhw <- h * w`` (``weighted``) or ``h``, ``u <- du``, ``g <- dg`` and ``dw[i] = <dhw_i, h_i>``
   (``dw`` may be None), where ``du = dhw * w * silu(g)`` and ``dg = dhw * w * u * silu'(g)``.
   Without routing weights (a dense FFN) ``w`` is None: w = 1.
+* ``rms_norm_forward(x, weight, eps)`` -> ``(y, rstd)``, ``y = x * rstd * weight`` with
+  ``rstd = 1 / sqrt(mean(x^2) + eps)`` per row; ``rms_norm_backward(grad, x, weight, rstd, need_x,
+  need_weight)`` -> ``(dx, dweight)``: one read of ``x`` (and ``grad``) per direction where the
+  torch ops make three to five passes. Sums of squares, dot products and the weight gradient
+  accumulate in double precision.
 
 The C source below is compiled on first use with the system C compiler (``$CC``, else ``cc`` or
 ``gcc``) for the running CPU (``-O3 -march=native``; ``-ffast-math`` at compile time only, so that
@@ -83,6 +89,55 @@ void swiglu_backward_##SUFFIX(T *dhw, T *g, T *u, const T *w, T *dw, int64_t n, 
 
 DEFINE_SWIGLU(float, f32, expf, fminf, 80.0f)
 DEFINE_SWIGLU(double, f64, exp, fmin, 700.0)
+
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_NUM omp_get_thread_num()
+#else
+#define THREAD_NUM 0
+#endif
+
+/* y = x r w per row, r = 1 / sqrt(mean(x^2) + eps), stored in rstd */
+#define DEFINE_RMS_NORM(T, SUFFIX)                                                                   \
+void rms_norm_forward_##SUFFIX(const T *x, const T *w, T *y, T *rstd, int64_t n, int64_t d,       \
+                               double eps, int threads) {                                         \
+    _Pragma("omp parallel for num_threads(threads) if(n * d >= 32768) schedule(static)")          \
+    for (int64_t i = 0; i < n; i++) {                                                             \
+        const T *xi = x + i * d;                                                                  \
+        T *yi = y + i * d;                                                                        \
+        double ss = 0;                                                                            \
+        for (int64_t j = 0; j < d; j++) ss += (double)xi[j] * xi[j];                              \
+        const T r = (T)(1.0 / sqrt(ss / (double)d + eps));                                        \
+        rstd[i] = r;                                                                              \
+        for (int64_t j = 0; j < d; j++) yi[j] = xi[j] * r * w[j];                                 \
+    }                                                                                             \
+}                                                                                                 \
+/* dx = r (g w - x r^2 <g w, x> / d); dw = sum over rows of g x r, one partial sum per thread     \
+   in dw_part [threads, d] (zeroed by the caller). dx or dw_part may be NULL. */                  \
+void rms_norm_backward_##SUFFIX(const T *g, const T *x, const T *w, const T *rstd, T *dx,         \
+                                double *dw_part, int64_t n, int64_t d, int threads) {             \
+    _Pragma("omp parallel num_threads(threads) if(n * d >= 32768)")                               \
+    {                                                                                             \
+        double *dw = dw_part ? dw_part + (int64_t)THREAD_NUM * d : 0;                             \
+        _Pragma("omp for schedule(static)")                                                       \
+        for (int64_t i = 0; i < n; i++) {                                                         \
+            const T *gi = g + i * d, *xi = x + i * d;                                             \
+            const T r = rstd[i];                                                                  \
+            if (dw)                                                                               \
+                for (int64_t j = 0; j < d; j++) dw[j] += (double)(gi[j] * xi[j] * r);             \
+            if (dx) {                                                                             \
+                T *di = dx + i * d;                                                               \
+                double dot = 0;                                                                   \
+                for (int64_t j = 0; j < d; j++) dot += (double)(gi[j] * w[j]) * xi[j];            \
+                const T c = (T)((double)r * r * r * dot / (double)d);                             \
+                for (int64_t j = 0; j < d; j++) di[j] = r * (gi[j] * w[j]) - xi[j] * c;           \
+            }                                                                                     \
+        }                                                                                         \
+    }                                                                                             \
+}
+
+DEFINE_RMS_NORM(float, f32)
+DEFINE_RMS_NORM(double, f64)
 """
 
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
@@ -91,7 +146,7 @@ _OPTIONAL_FLAGS = (("-mprefer-vector-width=512", "-fopenmp"), ("-fopenmp",), ())
 _DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 
 _lock = threading.Lock()
-_kernels: dict[str, Callable] = {}  # "forward_f32" etc. -> the C function, once loaded
+_kernels: dict[str, Callable] = {}  # "swiglu_forward_f32" etc. -> the C function, once loaded
 _status: str | None = None  # None: not tried yet
 
 
@@ -113,7 +168,7 @@ def swiglu_forward(g: Tensor, u: Tensor, w: Tensor | None = None, weighted: bool
     Contiguous CPU tensors of one dtype for which ``available`` is True."""
     n, f = g.shape
     h = torch.empty_like(g)
-    _kernels["forward_" + _DTYPES[g.dtype]](g.data_ptr(), u.data_ptr(), None if w is None else w.data_ptr(),
+    _kernels["swiglu_forward_" + _DTYPES[g.dtype]](g.data_ptr(), u.data_ptr(), None if w is None else w.data_ptr(),
                                              h.data_ptr(), n, f, weighted and w is not None,
                                              torch.get_num_threads())
     return h
@@ -125,10 +180,34 @@ def swiglu_backward_(dhw: Tensor, g: Tensor, u: Tensor, w: Tensor | None = None,
     Contiguous CPU tensors of one dtype for which ``available`` is True; ``w`` [n, 1] and ``dw``
     [n] or None (no routing weight: w = 1)."""
     n, f = g.shape
-    _kernels["backward_" + _DTYPES[g.dtype]](dhw.data_ptr(), g.data_ptr(), u.data_ptr(),
+    _kernels["swiglu_backward_" + _DTYPES[g.dtype]](dhw.data_ptr(), g.data_ptr(), u.data_ptr(),
                                               None if w is None else w.data_ptr(),
                                               None if dw is None else dw.data_ptr(), n, f,
                                               weighted and w is not None, torch.get_num_threads())
+
+
+def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """(``x * rstd * weight``, ``rstd`` [n, 1]) for the rows of a contiguous 2-D CPU tensor ``x``
+    and a contiguous ``weight`` [d] of its dtype, for which ``available`` is True."""
+    n, d = x.shape
+    y, rstd = torch.empty_like(x), x.new_empty(n, 1)
+    _kernels["rms_norm_forward_" + _DTYPES[x.dtype]](x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(),
+                                                      n, d, eps, torch.get_num_threads())
+    return y, rstd
+
+
+def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, need_x: bool = True,
+                      need_weight: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients (of ``x``, of ``weight``; None where not needed) of ``rms_norm_forward``'s output,
+    given ``grad`` of it and its ``rstd``. Contiguous CPU tensors of one dtype."""
+    n, d = x.shape
+    threads = torch.get_num_threads()
+    dx = torch.empty_like(x) if need_x else None
+    partial = torch.zeros(threads, d, dtype=torch.float64) if need_weight else None
+    _kernels["rms_norm_backward_" + _DTYPES[x.dtype]](
+        grad.data_ptr(), x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), None if dx is None else dx.data_ptr(),
+        None if partial is None else partial.data_ptr(), n, d, threads)
+    return dx, None if partial is None else partial.sum(0).to(x.dtype)
 
 
 def _load() -> None:
@@ -141,28 +220,32 @@ def _load() -> None:
 def _build() -> str:
     """Compile (or find in the cache) and load the library; fills ``_kernels``. Returns the status."""
     if os.environ.get("MOEC_CPU_KERNELS", "1") == "0":
-        return "disabled by MOEC_CPU_KERNELS=0; the expert epilogue runs as torch ops"
+        return "disabled by MOEC_CPU_KERNELS=0; the fused CPU kernels run as torch ops"
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
-        return "no C compiler found ($CC, cc, gcc); the expert epilogue runs as torch ops"
+        return "no C compiler found ($CC, cc, gcc); the fused CPU kernels run as torch ops"
     reason = ""
     for optional in _OPTIONAL_FLAGS:
         try:
-            path = _cache_dir() / f"swiglu_{_key(compiler, optional)}.so"
+            path = _cache_dir() / f"cpu_fused_{_key(compiler, optional)}.so"
             if not path.exists():
                 _compile(compiler, optional, path)
             library = ctypes.CDLL(str(path))
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # RuntimeError: no home directory
             reason = (str(err).strip().splitlines() or [type(err).__name__])[-1]
             continue
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        for direction, pointers in (("forward", 4), ("backward", 5)):
+        p, i64, i32, f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
+        signatures = {"swiglu_forward": [p] * 4 + [i64, i64, i32, i32],
+                      "swiglu_backward": [p] * 5 + [i64, i64, i32, i32],
+                      "rms_norm_forward": [p] * 4 + [i64, i64, f64, i32],
+                      "rms_norm_backward": [p] * 6 + [i64, i64, i32]}
+        for name, argtypes in signatures.items():
             for suffix in _DTYPES.values():
-                fn = getattr(library, f"swiglu_{direction}_{suffix}")
-                fn.argtypes, fn.restype = [p] * pointers + [i64, i64, i32, i32], None
-                _kernels[f"{direction}_{suffix}"] = fn
+                fn = getattr(library, f"{name}_{suffix}")
+                fn.argtypes, fn.restype = argtypes, None
+                _kernels[f"{name}_{suffix}"] = fn
         return f"compiled with {compiler} {' '.join(optional)}: {path}"
-    return f"compiling with {compiler} failed ({reason}); the expert epilogue runs as torch ops"
+    return f"compiling with {compiler} failed ({reason}); the fused CPU kernels run as torch ops"
 
 
 def _cache_dir() -> Path:
@@ -185,7 +268,7 @@ def _compile(compiler: str, optional: tuple, path: Path) -> None:
     """Compile and link in a temporary directory, then move the library into place atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        src, obj, lib = (os.path.join(tmp, name) for name in ("swiglu.c", "swiglu.o", "swiglu.so"))
+        src, obj, lib = (os.path.join(tmp, name) for name in ("cpu_fused.c", "cpu_fused.o", "cpu_fused.so"))
         Path(src).write_text(_SOURCE)
         try:
             for command in ([compiler, *_COMPILE_FLAGS, *optional, "-c", src, "-o", obj],
