@@ -1031,7 +1031,50 @@ def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: l
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)  # dropped slots: past every segment
     flat = [t for st in stacks for t in st]
+    if _grouped_forward_per_stack(x, weights, stacks, sizes, k, activation):
+        return _stacks_grouped_forward(x, row_w, tok, sizes, stacks)
     out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(), *flat)
+    return out.to(x.dtype)
+
+
+def _grouped_forward_per_stack(x, weights, stacks, sizes, k, activation) -> bool:
+    """Whether ``moe_experts_groups`` runs a forward without gradients as one ``torch._grouped_mm``
+    per weight stack, with the compiled SwiGLU epilogue: where "auto" would pick grouped_mm for
+    each stack on its own rows (few rows per expert, where it saves split's per-expert dispatch)."""
+    flat = [t for st in stacks for t in st]
+    if _needs_grad(x, weights, *flat) or not _fused_swiglu(activation, x, tuple(flat)):
+        return False
+    first = 0
+    for st in stacks:
+        E = st[0].shape[0]
+        rows = sum(sizes[first:first + E])
+        first += E
+        if rows > _CPU_GROUPED_MAX_ROWS_FORWARD * E or not _grouped_mm_usable(x, k, *st[:3]):
+            return False
+    return True
+
+
+def _stacks_grouped_forward(x, row_w, tok, sizes, stacks) -> Tensor:
+    """The weighted expert outputs summed per token, one grouped GEMM chain per weight stack over
+    its contiguous run of sorted rows (``_weighted_swiglu_rows``)."""
+    out = torch.zeros(x.shape, dtype=row_w.dtype, device=x.device)
+    start = first = 0
+    for st in stacks:
+        E = st[0].shape[0]
+        seg = sizes[first:first + E]
+        n = sum(seg)
+        first += E
+        if not n:
+            continue
+        rows = slice(start, start + n)
+        start += n
+        offs = torch.tensor(seg, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
+        row_e = torch.repeat_interleave(torch.arange(E, device=x.device), torch.tensor(seg, device=x.device),
+                                        output_size=n)
+        biases = [None if b is None else b.index_select(0, row_e) for b in st[3:]]
+        ys = _weighted_swiglu_rows(x.index_select(0, tok[rows]), row_w[rows], *st[:3], *biases,
+                                   lambda a, w: torch._grouped_mm(a, w, offs=offs))  # noqa: B023 (called here)
+        out.index_add_(0, tok[rows], ys)
     return out.to(x.dtype)
 
 
