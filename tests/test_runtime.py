@@ -605,7 +605,7 @@ def test_inference_path_equals_training_path(monkeypatch, method, d, f, glu, bia
     dtype = torch.float64 if method == "split" else torch.float32  # grouped_mm: no fp64 on the CPU
     if method == "grouped_mm" and not rt.grouped_mm_available("cpu", dtype):
         pytest.skip("torch._grouped_mm does not run here")
-    fused_calls = []
+    fused_calls, weighted_rows = [], rt._weighted_swiglu_rows
     monkeypatch.setattr(rt, "_weighted_swiglu_rows", lambda *a: fused_calls.append(1) or weighted_rows(*a))
     g = torch.Generator().manual_seed(3)
     T, E, k = 37, 6, 2
@@ -630,9 +630,6 @@ def test_inference_path_equals_training_path(monkeypatch, method, d, f, glu, bia
     assert len(fused_calls) == (method == "grouped_mm" and glu and rt._cpu_fused.available(dtype))
 
 
-weighted_rows = rt._weighted_swiglu_rows
-
-
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("T", [1, 24, 200])  # 200: too many rows per expert, the split path
 def test_groups_inference_matches_training(monkeypatch, T, bias):
@@ -641,7 +638,7 @@ def test_groups_inference_matches_training(monkeypatch, T, bias):
     slots and biases."""
     if not rt.grouped_mm_available("cpu", torch.float32) or not rt._cpu_fused.available(torch.float32):
         pytest.skip("torch._grouped_mm or the compiled kernels do not run here")
-    per_stack = []
+    per_stack, stacks_forward = [], rt._stacks_grouped_forward
     monkeypatch.setattr(rt, "_stacks_grouped_forward", lambda *a: per_stack.append(1) or stacks_forward(*a))
     g = torch.Generator().manual_seed(4)
     d, f, shapes = 8, 12, (3, 4, 2)  # three stacks; the last one gets no rows
@@ -660,9 +657,6 @@ def test_groups_inference_matches_training(monkeypatch, T, bias):
         infer = rt.moe_experts_groups(x, ids, w, stacks)
     torch.testing.assert_close(infer, train.detach(), rtol=2e-5, atol=2e-5)
     assert len(per_stack) == (T < 200)
-
-
-stacks_forward = rt._stacks_grouped_forward
 
 
 def test_split_second_backward_is_a_clear_error():

@@ -875,6 +875,7 @@ def moe_experts(
     valid = sorted_key < E
     row_w = torch.where(valid, row_w, torch.zeros_like(row_w))  # dropped slot -> weight 0, zero grad
     xs = x.index_select(0, tok)  # gather token rows once
+    contrib = None  # the weighted expert outputs, where a path computes them weighted
 
     if method == "grouped_mm":
         # Dropped rows (sorted last) are appended to the last expert's group so that every
@@ -886,9 +887,9 @@ def moe_experts(
         row_biases = [None if b is None else b.index_select(0, row_e) for b in stacks[3:]]
         grouped = lambda a, w: torch._grouped_mm(a, w, offs=offs)
         if _fused_swiglu(activation, x, stacks) and not _needs_grad(x, weights, *stacks):
-            out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
-            return out.index_add_(0, tok, _weighted_swiglu_rows(xs, row_w, *stacks[:3], *row_biases, grouped))
-        ys = _ffn(xs, act, up_proj, down_proj, gate_proj, *row_biases, grouped)
+            contrib = _weighted_swiglu_rows(xs, row_w, *stacks[:3], *row_biases, grouped)  # weighted already
+        else:
+            ys = _ffn(xs, act, up_proj, down_proj, gate_proj, *row_biases, grouped)
     elif method == "padded_bmm":
         C = max(max(sizes[:E]), 1)  # C >= 1 so that row 0 exists for dropped rows to point at
         starts = counts.cumsum(0) - counts
@@ -914,7 +915,8 @@ def moe_experts(
     else:  # pragma: no cover - resolve_method guarantees one of the above
         raise AssertionError(method)
 
-    contrib = ys.to(acc_dtype) * row_w.unsqueeze(1)  # routing weight multiplied in before the combine
+    if contrib is None:
+        contrib = ys.to(acc_dtype) * row_w.unsqueeze(1)  # routing weight multiplied in before the combine
     out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
     out.index_add_(0, tok, contrib)
     return out.to(x.dtype)
@@ -1031,17 +1033,17 @@ def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: l
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)  # dropped slots: past every segment
     flat = [t for st in stacks for t in st]
-    if _grouped_forward_per_stack(x, weights, stacks, sizes, k, activation):
+    if _grouped_forward_per_stack(x, weights, stacks, flat, sizes, k, activation):
         return _stacks_grouped_forward(x, row_w, tok, sizes, stacks)
     out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(), *flat)
     return out.to(x.dtype)
 
 
-def _grouped_forward_per_stack(x, weights, stacks, sizes, k, activation) -> bool:
+def _grouped_forward_per_stack(x, weights, stacks, flat, sizes, k, activation) -> bool:
     """Whether ``moe_experts_groups`` runs a forward without gradients as one ``torch._grouped_mm``
     per weight stack, with the compiled SwiGLU epilogue: where "auto" would pick grouped_mm for
-    each stack on its own rows (few rows per expert, where it saves split's per-expert dispatch)."""
-    flat = [t for st in stacks for t in st]
+    each stack on its own rows (few rows per expert, where it saves split's per-expert dispatch).
+    ``flat``: the stacks' tensors in one list."""
     if _needs_grad(x, weights, *flat) or not _fused_swiglu(activation, x, tuple(flat)):
         return False
     first = 0
