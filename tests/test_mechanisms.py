@@ -884,7 +884,8 @@ model merged {{
 ])
 def test_modality_groups_in_one_expert_call(tmp_path, groups, merged):
     """Groups that partition the tokens by modality, each routed per token, run as one expert call
-    (one host sync per layer); the others keep a call per group. Both match the reference."""
+    (one host sync per layer) and their routers as one GEMM; the others keep a call per group.
+    Both match the reference."""
     path = _write(tmp_path, MERGED_GROUPS.format(groups=groups))
     torch.manual_seed(31)
     for modality in (torch.randint(0, 3, (2, 9)), torch.zeros(2, 9, dtype=torch.long)):  # and only text
@@ -893,4 +894,5 @@ def test_modality_groups_in_one_expert_call(tmp_path, groups, merged):
     assert main(["compile", path, "--target", "pytorch", "-o", str(out)]) == 0
     source = (out / "merged.py").read_text()
     assert ("moe_experts_groups(" in source) == merged
+    assert source.count("router_logits(") == (1 if merged else 0)  # the groups' routers as one GEMM
     assert ("BBlock: 1 (1 x expert segment sizes)" in source) == merged

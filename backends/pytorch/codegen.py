@@ -30,7 +30,7 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "merge_group_routing", "moe_experts",
         "moe_lora_experts",
-        "moe_experts_groups",
+        "moe_experts_groups", "router_logits",
         "permute", "route_top_k", "scatter_tokens", "select_tokens", "sort_by_expert", "ternarize", "z_loss")),
     "moec_routers": ("routers.py", (
         "BalancedRouter", "Schedule", "apply_capacity", "route_deterministic", "route_dynamic_k",
@@ -581,9 +581,49 @@ class _BlockEmitter:
         self._route(self.assign(node, ["weights", "expert_ids", "probs"]), ins[0], op.router, op.num_experts, path)
 
     def _op_router(self, node, op, ins, path):
-        w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])
-        self._gate(logits, path, op, ins[0], op.router.jitter, score_bias=op.router.kind == "group_limited")
+        shared = self._shared_gates(node)
+        if len(shared) < 2:
+            w, ids, probs, logits = self.assign(node, ["weights", "expert_ids", "probs", "logits"])
+            self._gate(logits, path, op, ins[0], op.router.jitter, score_bias=op.router.kind == "group_limited")
+        else:
+            *outs, logits_value = self.g.outputs(node)
+            w, ids, probs = self.assign_values(outs, ["weights", "expert_ids", "probs"], node)
+            if node == shared[0]:
+                self._shared_gate(shared, ins[0])
+            logits = self.names[logits_value]
         self._route([w, ids, probs], logits, op.router, op.num_experts, path)
+
+    def _shared_gates(self, node: int) -> list[int]:
+        """The plain linear routers (no jitter, no balancing bias) of a merged MoE layer that read
+        the same rows as `node`'s router, in emission order, if `node` is one of them: their
+        logits come from one GEMM."""
+        def plain(n: int) -> bool:
+            op = self.g.op(n)
+            return (op.kind == "router" and not op.router.jitter and not op.balance_rate
+                    and op.router.kind != "group_limited")
+
+        region = self.region(node)
+        if region not in self.merged or not plain(node):
+            return []
+        def rows(n: int) -> Value:  # a merged group's selection passes every token through
+            v = self.g.inputs(n)[0]
+            return self.g.inputs(v.node)[0] if self.g.op(v.node).kind == "select_tokens" else v
+
+        members = self._regions(self.g, self.nodes)[region]
+        return [n for n in members if plain(n) and rows(n) == rows(node)]
+
+    def _shared_gate(self, routers: list[int], x: str) -> None:
+        """`a_logits, b_logits = router_logits(x, [self.a.router, self.b.router])`: the routers of
+        modality groups that each score every token, as one GEMM over their stacked weights."""
+        attrs, names = [], []
+        for n in routers:
+            op, path = self.g.op(n), self.rel(n)
+            attrs.append(self.module(path, f"nn.Linear({op.dim}, {op.num_experts}, bias=False)"))
+            self.routers[self.group_of_path(path)] = attrs[-1]
+            self.names[self.g.outputs(n)[3]] = name = self.fresh(f"{self.group_of(n)}_logits")
+            names.append(name)
+        self.line(f"# the {len(routers)} groups' routers read the same rows: one GEMM")
+        self.line(_call(", ".join(names), "router_logits", [x, "[" + ", ".join(attrs) + "]"]))
 
     def _op_mask_experts(self, node, op, ins, path):
         (ids,) = self.assign(node, ["computed_ids"])
