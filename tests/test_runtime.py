@@ -326,19 +326,16 @@ def test_auto_rule_on_cpu():
     # forward only: grouped_mm up to 32 rows per expert
     assert rt.resolve_method("auto", rows[32], up, down, k=2) == grouped
     assert rt.resolve_method("auto", rows[48], up, down, k=2) == "split"
-    trained = up.clone().requires_grad_()  # a backward will run: grouped_mm up to 64 rows ...
-    assert rt.resolve_method("auto", rows[64], trained, down, k=2) == grouped
-    assert rt.resolve_method("auto", rows[500], trained, down, k=2) == "split"
+    trained = up.clone().requires_grad_()  # a backward will run: grouped_mm while the sorted rows
+    assert rt.resolve_method("auto", rows[500], trained, down, k=2) == grouped  # [T*k, max(d, f)] are small
     with torch.no_grad():
         assert rt.resolve_method("auto", rows[64], trained, down, k=2) == "split"
-    # ... unless an expert matrix is 512 KiB or more (d * f * 4 bytes): then always split
-    big_up = torch.zeros(2, 512, 256, requires_grad=True)
-    big_down = torch.zeros(2, 256, 512)
-    assert rt.resolve_method("auto", torch.zeros(16, 512), big_up, big_down, k=2) == "split"
-    with torch.no_grad():
-        assert rt.resolve_method("auto", torch.zeros(16, 512), big_up, big_down, k=2) == grouped
-    assert rt.resolve_method("auto", torch.zeros(16, 256), torch.zeros(2, 256, 256, requires_grad=True),
-                             torch.zeros(2, 256, 256), k=2) == grouped
+    # ... up to 8 MiB of them (T * k * max(d, f) * 4 bytes), then split
+    big_up, big_down = torch.zeros(8, 512, 1024, requires_grad=True), torch.zeros(8, 1024, 512)
+    assert rt.resolve_method("auto", torch.zeros(1024, 512), big_up, big_down, k=2) == grouped  # 8 MiB
+    assert rt.resolve_method("auto", torch.zeros(1025, 512), big_up, big_down, k=2) == "split"
+    with torch.no_grad():  # forward only: 256 rows per expert
+        assert rt.resolve_method("auto", torch.zeros(1024, 512), big_up, big_down, k=2) == "split"
 
 
 def test_auto_bf16_cpu_uses_counts():
@@ -429,10 +426,19 @@ def test_host_sync_counts(method, dtype, monkeypatch):
             return _orig(self, *a, **kw)
 
         monkeypatch.setattr(torch.Tensor, name, wrapper)
-    rt.moe_experts(*args, method=method)
+    rt.moe_experts(*args, method=method)  # the expert weights require grad: a backward will run
+    training_calls = list(calls)
+    calls.clear()
+    with torch.no_grad():
+        rt.moe_experts(*args, method=method)
     monkeypatch.undo()
-    assert len(calls) == expected, calls
-    assert len(calls) <= rt.HOST_SYNCS[method]
+    assert len(training_calls) == expected, training_calls
+    assert len(training_calls) <= rt.HOST_SYNCS[method]
+    # a forward alone: grouped_mm needs no segment sizes on the host
+    with torch.no_grad():
+        resolved_fwd = rt.resolve_method(method, args[0], args[3], args[4], args[5], k=2)
+    counts_fetched = method == "auto" and dtype == torch.bfloat16
+    assert len(calls) == (0 if resolved_fwd == "grouped_mm" and not counts_fetched else 1), calls
     assert rt.HOST_SYNCS["auto"] == max(rt.HOST_SYNCS[m] for m in CONCRETE)
 
 
@@ -659,11 +665,16 @@ def test_groups_inference_matches_training(monkeypatch, T, bias):
     assert len(per_stack) == (T < 200)
 
 
-def test_split_second_backward_is_a_clear_error():
-    """The split path frees its saved rows in backward: a second backward through the same graph
-    raises an error that says so instead of failing inside the loop."""
-    p = make_problem(T=10, seed=12)
-    out = rt.moe_experts(p["x"], p["ids"], p["w"], p["up"], p["down"], gate_proj=p["gate"], method="split")
+@pytest.mark.parametrize("method", ["split", "grouped_mm"])
+def test_second_backward_is_a_clear_error(method):
+    """The split and CPU grouped_mm paths free their saved rows in backward: a second backward
+    through the same graph raises an error that says so instead of failing inside the loop."""
+    p = {n: t.detach().float().requires_grad_() if t.is_floating_point() else t
+         for n, t in make_problem(T=10, d=8, f=8, seed=12).items() if t is not None}
+    if method == "grouped_mm" and not rt.grouped_mm_available("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    assert rt.resolve_method(method, p["x"], p["up"], p["down"], p["gate"], k=2) == method
+    out = rt.moe_experts(p["x"], p["ids"], p["w"], p["up"], p["down"], gate_proj=p["gate"], method=method)
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.sum().backward()
@@ -749,16 +760,24 @@ def test_rms_norm_double_backward(norm_kernels):
     assert torch.autograd.gradgradcheck(lambda a, b: rt._RMSNormRows.apply(a, b, 1e-6), (x, w))
 
 
-# ---- reused weight-gradient memory of the split path (CPU) ----------------------------------------
-def _split_step(params, ids, seed, loss_scale=1.0):
-    """One split-path fwd+bwd on fp32 Parameters; returns the fp64 reference gradients of
+# ---- reused weight-gradient memory of the split and grouped_mm paths (CPU) -------------------------
+@pytest.fixture(params=["split", "grouped_mm"])
+def grad_method(request):
+    """The CPU paths that write stacked weight gradients into memory kept between steps."""
+    if request.param == "grouped_mm" and not rt.grouped_mm_available("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    return request.param
+
+
+def _expert_step(params, ids, seed, method, loss_scale=1.0):
+    """One fwd+bwd of `method` on fp32 Parameters; returns the fp64 reference gradients of
     (up, down, gate) for the same inputs."""
     T, d = 10, params["up"].shape[1]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, d, generator=g, dtype=torch.float64)
     w = torch.rand(T, ids.shape[1], generator=g, dtype=torch.float64) + 0.1
     out = rt.moe_experts(x.float(), ids, w.float(), params["up"], params["down"],
-                         gate_proj=params["gate"], method="split")
+                         gate_proj=params["gate"], method=method)
     (out.sum() * loss_scale).backward()
     ref_w = [params[n].detach().double().requires_grad_() for n in ("up", "down", "gate")]
     ref = reference_moe(x, ids, w, ref_w[0], ref_w[1], ref_w[2])
@@ -776,32 +795,32 @@ def _check_grads(params, ref, scale=1.0):
         torch.testing.assert_close(params[n].grad.double(), r * scale, rtol=1e-4, atol=1e-5)
 
 
-def test_split_weight_grads_reuse_memory_across_steps():
+def test_weight_grads_reuse_memory_across_steps(grad_method):
     params = _expert_params()
     all_experts = torch.tensor([[0, 1], [1, 2], [2, 0]] * 3 + [[0, 2]])
-    ref = _split_step(params, all_experts, seed=1)
+    ref = _expert_step(params, all_experts, 1, grad_method)
     _check_grads(params, ref)
     first = {n: p.grad.data_ptr() for n, p in params.items()}
     for p in params.values():
         p.grad = None  # zero_grad()
     no_expert_0 = torch.tensor([[1, 2]] * 10)  # expert 0's rows from step 1 must not leak into step 2
-    ref = _split_step(params, no_expert_0, seed=2)
+    ref = _expert_step(params, no_expert_0, 2, grad_method)
     _check_grads(params, ref)
     assert {n: p.grad.data_ptr() for n, p in params.items()} == first
     assert params["up"].grad[0].abs().max() == 0
 
 
-def test_split_weight_grads_not_reused_while_referenced():
+def test_weight_grads_not_reused_while_referenced(grad_method):
     params = _expert_params()
     ids = torch.tensor([[0, 1], [1, 2]] * 5)
-    _split_step(params, ids, seed=1)
+    _expert_step(params, ids, 1, grad_method)
     kept = {n: p.grad for n, p in params.items()}  # e.g. a user keeps last step's gradients
     kept_values = {n: g.clone() for n, g in kept.items()}
     view = params["down"].grad[1]  # a view keeps the memory alive too
     for p in params.values():
         p.grad = None
     del kept["down"]
-    ref = _split_step(params, ids, seed=2)
+    ref = _expert_step(params, ids, 2, grad_method)
     _check_grads(params, ref)
     for n, g in kept.items():
         assert g.data_ptr() != params[n].grad.data_ptr()
@@ -809,57 +828,57 @@ def test_split_weight_grads_not_reused_while_referenced():
     torch.testing.assert_close(view, kept_values["down"][1], rtol=0, atol=0)
 
 
-def test_split_weight_grads_accumulate_without_zero_grad():
+def test_weight_grads_accumulate_without_zero_grad(grad_method):
     params = _expert_params()
     ids = torch.tensor([[0, 2], [1, 2]] * 5)
-    ref1 = _split_step(params, ids, seed=1)
-    ref2 = _split_step(params, ids, seed=2, loss_scale=0.5)  # no zero_grad: .grad accumulates
+    ref1 = _expert_step(params, ids, 1, grad_method)
+    ref2 = _expert_step(params, ids, 2, grad_method, loss_scale=0.5)  # no zero_grad: .grad accumulates
     _check_grads(params, [a + b for a, b in zip(ref1, ref2)])
 
 
-def test_split_weight_grads_from_autograd_grad_stay_valid():
+def test_weight_grads_from_autograd_grad_stay_valid(grad_method):
     params = _expert_params()
     ids = torch.tensor([[0, 1], [2, 1]] * 5)
     x = torch.randn(10, 8)
-    results = []
+    results, method = [], grad_method
     for scale in (1.0, 2.0):
         out = rt.moe_experts(x, ids, torch.full((10, 2), 0.5), params["up"], params["down"],
-                             gate_proj=params["gate"], method="split")
+                             gate_proj=params["gate"], method=method)
         results.append(torch.autograd.grad(out.sum() * scale, list(params.values())))
     for g1, g2 in zip(*results):
         torch.testing.assert_close(g2, 2 * g1)  # the second call did not write into the first's result
 
 
-def test_split_weight_used_twice_in_one_graph():
+def test_weight_used_twice_in_one_graph(grad_method):
     params = _expert_params()
     ids_a, ids_b = torch.tensor([[0, 1]] * 10), torch.tensor([[1, 2]] * 10)
-    ref_a = _split_step(params, ids_a, seed=1)
+    ref_a = _expert_step(params, ids_a, 1, grad_method)
     for p in params.values():
         p.grad = None
-    ref_b = _split_step(params, ids_b, seed=2)
+    ref_b = _expert_step(params, ids_b, 2, grad_method)
     for p in params.values():
         p.grad = None
     g = torch.Generator()
-    total = 0
+    total, method = 0, grad_method
     for ids, seed in ((ids_a, 1), (ids_b, 2)):  # both calls in one graph, one backward
         g.manual_seed(seed)
         x = torch.randn(10, 8, generator=g, dtype=torch.float64)
         w = torch.rand(10, 2, generator=g, dtype=torch.float64) + 0.1
         total = total + rt.moe_experts(x.float(), ids, w.float(), params["up"], params["down"],
-                                       gate_proj=params["gate"], method="split").sum()
+                                       gate_proj=params["gate"], method=method).sum()
     total.backward()
     _check_grads(params, [a + b for a, b in zip(ref_a, ref_b)])
 
 
-def test_split_weight_grads_without_storage_use_count(monkeypatch):
+def test_weight_grads_without_storage_use_count(monkeypatch, grad_method):
     monkeypatch.setattr(rt, "_STORAGE_USE_COUNT", None)  # a torch without the private counter: no reuse
     params = _expert_params()
     ids = torch.tensor([[0, 1], [1, 2]] * 5)
-    _split_step(params, ids, seed=1)
+    _expert_step(params, ids, 1, grad_method)
     first = params["up"].grad
     for p in params.values():
         p.grad = None
-    ref = _split_step(params, ids, seed=2)
+    ref = _expert_step(params, ids, 2, grad_method)
     _check_grads(params, ref)
     assert params["up"].grad.data_ptr() != first.data_ptr()
 

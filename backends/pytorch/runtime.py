@@ -52,7 +52,11 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     scattered back with ``index_add_``.  ``method`` selects the grouped GEMM:
 
     * ``"grouped_mm"``: ``torch._grouped_mm`` with int32 cumulative offsets,
-      0 host syncs.  Used only if a one-time probe (cached per device/dtype)
+      0 host syncs.  On the CPU, when a backward will run, the activations and
+      their gradients run as ``torch._grouped_mm`` but the stacked weight
+      gradients one ``mm`` per expert into memory kept between steps (see
+      ``free_gradient_buffers``; 1 host sync for the segment sizes).
+      Used only if a one-time probe (cached per device/dtype)
       shows it works and the operands satisfy its 16-byte stride alignment
       (``d`` and ``f`` multiples of 4 for fp32, 8 for bf16/fp16) and share
       one dtype; otherwise it silently falls back to ``"split"``.
@@ -122,11 +126,12 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
 
 ``HOST_SYNCS``: dict[str, int]
     Host synchronisations (``.item()``, ``.tolist()``, ``.cpu()``, or a
-    data-dependent output shape) per ``moe_experts`` call, per method:
-    grouped_mm 0 (when it runs natively; its fallback is "split"), split 1
+    data-dependent output shape) per ``moe_experts`` call, per method, at most:
+    grouped_mm 1 (0 when it runs natively on another device or for a forward
+    alone; on the CPU its backward writes the stacked weight gradients per
+    expert and fetches the segment sizes once; its fallback is "split"), split 1
     (``counts.tolist()``), padded_bmm 1 (the same ``tolist``, C = max);
-    "auto" is the upper bound over what it can resolve to: 1 (0 when it
-    resolves to a native grouped_mm and x is not bf16/fp16 on CPU).  ``route_top_k``,
+    "auto" is the upper bound over what it can resolve to: 1.  ``route_top_k``,
     ``expert_counts``, ``load_balance_loss`` and ``z_loss`` make no host sync.
 
 Layers used by generated models: ``RMSNorm`` (``nn.RMSNorm`` with a faster fp32/fp64 CPU path:
@@ -208,7 +213,7 @@ __all__ = [
 ]
 
 HOST_SYNCS: dict[str, int] = {
-    "grouped_mm": 0,
+    "grouped_mm": 1,  # 0 except on the CPU when a backward will run
     "split": 1,
     "padded_bmm": 1,
     "auto": 1,
@@ -265,9 +270,8 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 # split; for a forward alone, grouped_mm if T*k/E <= 32, else split.  Other devices ->
 # grouped_mm (no host sync).  grouped_mm falls back to split if it is unusable (probe failed,
 # misaligned strides, mixed dtypes).
-_CPU_GROUPED_MAX_ROWS_TRAIN = 64  # rows per expert, fwd+bwd
+_CPU_GROUPED_MAX_ROWS_BYTES_TRAIN = 8 << 20  # T * k * max(d, f) * element size, fwd+bwd
 _CPU_GROUPED_MAX_ROWS_FORWARD = 32  # rows per expert, forward only
-_CPU_GROUPED_MAX_EXPERT_BYTES_TRAIN = 512 << 10  # d * f * element size, fwd+bwd
 #
 # bf16 on CPU (same setup, 7 reps): padded_bmm's single batched bf16 bmm beats the per-expert
 # bf16 mm loops clearly while routing is balanced; pad ratio = E * max_count / (T*k):
@@ -500,9 +504,8 @@ def resolve_method(
             training = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, up_proj, down_proj, gate_proj))
             if training:
-                matrix_bytes = up_proj.shape[1] * up_proj.shape[2] * up_proj.element_size()
-                grouped = (rows_per_expert <= _CPU_GROUPED_MAX_ROWS_TRAIN
-                           and matrix_bytes < _CPU_GROUPED_MAX_EXPERT_BYTES_TRAIN)
+                row_bytes = max(up_proj.shape[1], up_proj.shape[2]) * x.element_size()
+                grouped = x.shape[0] * k * row_bytes <= _CPU_GROUPED_MAX_ROWS_BYTES_TRAIN
             else:
                 grouped = rows_per_expert <= _CPU_GROUPED_MAX_ROWS_FORWARD
             if not grouped:
@@ -662,6 +665,41 @@ def _fused_swiglu(act_name: str, x: Tensor, stacks: tuple) -> bool:
             and _cpu_fused.available(x.dtype))
 
 
+def _hidden(act_name: str, fused: bool, g: Tensor | None, u: Tensor, w: Tensor, weight_first: bool) -> Tensor:
+    """The hidden rows ``act(g) * u`` (or ``act(u)`` without a gate), times the routing weight
+    ``w`` [n, 1] if ``weight_first``; one compiled loop when ``fused`` (``_fused_swiglu``)."""
+    if fused:
+        return _cpu_fused.swiglu_forward(g, u, w, weighted=weight_first)
+    h = _fresh(_activation(act_name), g if g is not None else u)
+    if g is not None:
+        h.mul_(u)
+    return h.mul_(w) if weight_first else h
+
+
+def _hidden_backward(act_name: str, fused: bool, dhw: Tensor, g: Tensor | None, u: Tensor, w: Tensor,
+                     dw: Tensor | None, weight_first: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Backward of ``_hidden`` and of the routing weight, given ``dhw = dy @ down^T`` for the
+    down GEMM's input ``h w`` (the weight applied to h, or to h @ down: the same gradient).
+    Returns ``(hw, du, dg)``: the rows the down gradient multiplies (``h w`` if ``weight_first``
+    else ``h``), and the gradients of the up and gate pre-activations; writes ``dw[i] = <dhw_i,
+    h_i>`` (``dw`` may be None). Uses up ``dhw``, ``g`` and ``u`` in place: the hidden rows are
+    recomputed from them instead of kept from the forward."""
+    if fused:  # one loop: dhw <- h (times w if weight_first), u <- du, g <- dg, and d w
+        _cpu_fused.swiglu_backward_(dhw, g, u, w, dw, weighted=weight_first)
+        return dhw, u, g
+    a = _fresh(_activation(act_name), g if g is not None else u)
+    h = a * u if g is not None else a
+    if dw is not None:
+        dw.copy_(torch.linalg.vecdot(dhw, h))
+    dh = dhw.mul_(w)
+    if g is not None:
+        du = a.mul_(dh)
+        dg = _ACT_BACKWARD[act_name](dh.mul_(u), g)
+    else:
+        du, dg = _ACT_BACKWARD[act_name](dh, u), None
+    return (h.mul_(w) if weight_first else h), du, dg
+
+
 class _SplitExperts(torch.autograd.Function):
     """The split path as one autograd node. Forward, per expert: gather its token rows, up (and
     gate) GEMM, activation, routing weight, down GEMM, index_add into the output. It keeps the
@@ -680,7 +718,7 @@ class _SplitExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, row_w, tok, sizes, act_name, acc_dtype, train, *stacks):
-        act = _activation(act_name)
+        _activation(act_name)
         experts = _per_expert(stacks, stacks)
         T, d, f = x.shape[0], x.shape[1], stacks[0].shape[2]
         weight_first = d > f  # the routing weight goes on the narrower side of the down GEMM
@@ -704,14 +742,7 @@ class _SplitExperts(torch.autograd.Function):
                 if gb is not None:
                     g += gb
             w = ws[e]
-            if fused:
-                h = _cpu_fused.swiglu_forward(g, u, w, weighted=weight_first)
-            else:
-                h = _fresh(act, g if g is not None else u)
-                if g is not None:
-                    h.mul_(u)
-                if weight_first:
-                    h.mul_(w)
+            h = _hidden(act_name, fused, g, u, w, weight_first)
             y = h @ down if weight_first else (h @ down).mul_(w)
             if db is not None:
                 y += w * db
@@ -732,7 +763,6 @@ class _SplitExperts(torch.autograd.Function):
         experts = _per_expert(stacks, stacks)
         need_x, need_w = ctx.needs_input_grad[:2]
         need = ctx.needs_input_grad[7:]  # per stack tensor, in `stacks` order
-        act, act_bwd = _activation(ctx.act_name), _ACT_BACKWARD[ctx.act_name]
         sizes = ctx.sizes
         dtype = stacks[0].dtype
         weight_first = stacks[1].shape[2] > stacks[0].shape[2]  # d > f, as in forward
@@ -769,41 +799,13 @@ class _SplitExperts(torch.autograd.Function):
             gup, gdown, ggate, gub, gdb, ggb = expert_grads[e]
             w = ws[e]
             dy = dout.index_select(0, toks[e])
-            dhw = dy @ down.t()
             # d down = (h w)^T dy with the routing weight on the narrower side; d w = <dhw, h> per row
-            if ctx.fused:  # one loop: dhw <- h (times w if weight_first), u <- du, g <- dg, and d w
-                _cpu_fused.swiglu_backward_(dhw, g, u, w, None if dws is None else dws[e], weighted=weight_first)
-                h, du, dg = dhw, u, g
-                if gdown is not None:
-                    torch.mm(h.t(), dy, out=gdown) if weight_first else torch.mm(h.t(), dy * w, out=gdown)
-                if dws is not None and db is not None:
-                    dws[e].add_(dy @ db)
-            else:
-                # recomputed: cheaper than keeping [T*k, f] tensors; h is used up in place by
-                # whichever of d down and d w comes last
-                a = _fresh(act, g if g is not None else u)
-                h = a * u if g is not None else a
-                dw_e = None
-                if weight_first:
-                    if dws is not None:
-                        dw_e = torch.linalg.vecdot(dhw, h)
-                    if gdown is not None:
-                        torch.mm(h.mul_(w).t(), dy, out=gdown)
-                else:
-                    if gdown is not None:
-                        torch.mm(h.t(), dy * w, out=gdown)
-                    if dws is not None:
-                        dw_e = h.mul_(dhw).sum(1)
-                if dw_e is not None:
-                    if db is not None:
-                        dw_e += dy @ db
-                    dws[e].copy_(dw_e)
-                dh = dhw.mul_(w)
-                if g is not None:
-                    du = a.mul_(dh)
-                    dg = act_bwd(dh.mul_(u), g)
-                else:
-                    du, dg = act_bwd(dh, u), None
+            hw, du, dg = _hidden_backward(ctx.act_name, ctx.fused, dy @ down.t(), g, u, w,
+                                          None if dws is None else dws[e], weight_first)
+            if gdown is not None:
+                torch.mm(hw.t(), dy if weight_first else dy * w, out=gdown)
+            if dws is not None and db is not None:
+                dws[e].add_(dy @ db)
             if gdb is not None:
                 torch.sum(dy * w, 0, out=gdb)
             if gup is not None:
@@ -821,6 +823,92 @@ class _SplitExperts(torch.autograd.Function):
                 dx.index_add_(0, toks[e], dxe)
         ctx.segments = None
         return (dx, dw, None, None, None, None, None, *grads)
+
+
+class _GroupedExperts(torch.autograd.Function):
+    """The grouped_mm path on the CPU when a backward will run. The token rows are gathered once,
+    sorted by expert; the up, gate and down projections and their input gradients run as
+    ``torch._grouped_mm`` over the stacked weights (a C++ loop over the experts, where split
+    loops in Python), the elementwise part as ``_hidden`` / ``_hidden_backward``. The stacked
+    weight gradients are written one expert at a time by ``mm(out=)`` into memory kept between
+    steps (``_weight_grad_buffer``): ``torch._grouped_mm``'s own backward allocates them afresh
+    every step, and on the CPU that costs a page fault per 4 KiB. Needs the segment sizes on the
+    host (one sync). Keeps the gathered rows and the pre-activations for backward, as split does."""
+
+    @staticmethod
+    def forward(ctx, x, row_w, tok, sizes, act_name, acc_dtype, up, down, gate, ub, db, gb):
+        (T, d), (E, _, f) = x.shape, up.shape
+        sizes = sizes[:E]
+        n = sum(sizes)  # the valid rows: dropped slots sort last and are left out
+        tok, w = tok[:n], row_w[:n].to(x.dtype).unsqueeze(1)
+        offs = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(device=x.device, dtype=torch.int32)
+        row_e = None  # each row's expert, to align the biases
+        if ub is not None or db is not None or gb is not None:
+            row_e = torch.repeat_interleave(torch.arange(E, device=x.device), torch.tensor(sizes, device=x.device),
+                                            output_size=n)
+        xs = x.index_select(0, tok)
+        u = torch._grouped_mm(xs, up, offs=offs)
+        if ub is not None:
+            u += ub.index_select(0, row_e)
+        g = None
+        if gate is not None:
+            g = torch._grouped_mm(xs, gate, offs=offs)
+            if gb is not None:
+                g += gb.index_select(0, row_e)
+        weight_first = d > f  # the routing weight goes on the narrower side of the down GEMM
+        fused = _fused_swiglu(act_name, x, (up, down, gate, ub, db, gb))
+        y = torch._grouped_mm(_hidden(act_name, fused, g, u, w, weight_first), down, offs=offs)
+        if not weight_first:
+            y.mul_(w)
+        if db is not None:
+            y.addcmul_(db.index_select(0, row_e), w)
+        out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
+        out.index_add_(0, tok, y if y.dtype == acc_dtype else y.to(acc_dtype))
+        ctx.save_for_backward(row_w, tok, up, down, gate, ub, db, gb)
+        ctx.rows = (xs, u, g)
+        ctx.sizes, ctx.offs, ctx.row_e, ctx.act_name, ctx.fused, ctx.x_shape = sizes, offs, row_e, act_name, fused, (T, d)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        row_w, tok, up, down, gate, ub, db, gb = ctx.saved_tensors
+        if ctx.rows is None:
+            raise RuntimeError("moe_experts (grouped_mm path): backward ran twice through the same graph; its "
+                               "saved rows were freed after the first backward (retain_graph=True is not "
+                               "supported on this path)")
+        (xs, u, g), ctx.rows = ctx.rows, None
+        sizes, offs, row_e = ctx.sizes, ctx.offs, ctx.row_e
+        need = ctx.needs_input_grad
+        n, dtype = xs.shape[0], up.dtype
+        tok, w = tok[:n], row_w[:n].to(dtype).unsqueeze(1)
+        weight_first = up.shape[1] > up.shape[2]
+        dy = dout.to(dtype).index_select(0, tok)
+        dw = torch.zeros_like(row_w) if need[1] else None
+        hw, du, dg = _hidden_backward(ctx.act_name, ctx.fused, torch._grouped_mm(dy, down.transpose(1, 2), offs=offs),
+                                      g, u, w, None if dw is None else dw[:n], weight_first)
+        if dw is not None and db is not None:
+            dw[:n] += torch.linalg.vecdot(dy, db.index_select(0, row_e))
+        dyw = dy * w if (db is not None and need[10]) or (not weight_first and need[7]) else None
+        grads = []
+        for weight, needed, a, b in ((up, need[6], xs, du), (down, need[7], hw, dy if weight_first else dyw),
+                                     (gate, need[8], xs, dg)):
+            grad = None
+            if weight is not None and needed:  # one expert at a time, into the memory kept between steps
+                grad = _weight_grad_buffer(weight)
+                for ge, ae, be, m in zip(grad.unbind(0), a.split(sizes), b.split(sizes), sizes):
+                    torch.mm(ae.t(), be, out=ge) if m else ge.zero_()
+            grads.append(grad)
+        for bias, needed, rows in ((ub, need[9], du), (db, need[10], dyw), (gb, need[11], dg)):
+            grads.append(torch.zeros_like(bias).index_add_(0, row_e, rows) if bias is not None and needed else None)
+        dx = None
+        if need[0]:
+            dxs = torch._grouped_mm(du, up.transpose(1, 2), offs=offs)
+            if dg is not None:
+                dxs += torch._grouped_mm(dg, gate.transpose(1, 2), offs=offs)
+            dx = torch.zeros(ctx.x_shape, dtype=dtype, device=dout.device)
+            dx.index_add_(0, tok, dxs)
+        return (dx, dw, None, None, None, None, *grads)
 
 
 def moe_experts(
@@ -869,6 +957,11 @@ def moe_experts(
         out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(),
                                   up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
         return out.to(x.dtype)
+    stacks = (up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
+    if method == "grouped_mm" and x.device.type == "cpu" and _needs_grad(x, weights, *stacks):
+        out = _GroupedExperts.apply(x, row_w, tok, counts.tolist() if sizes is None else sizes, activation,
+                                    acc_dtype, *stacks)
+        return out.to(x.dtype)
     if key is None:
         key = torch.where(flat_ids < 0, torch.full_like(flat_ids, E), flat_ids)
     sorted_key = key.index_select(0, order)
@@ -883,7 +976,6 @@ def moe_experts(
         offs = counts[:E].cumsum(0).to(torch.int32)
         offs[-1] = N
         row_e = sorted_key.clamp(max=E - 1)
-        stacks = (up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
         row_biases = [None if b is None else b.index_select(0, row_e) for b in stacks[3:]]
         grouped = lambda a, w: torch._grouped_mm(a, w, offs=offs)
         if _fused_swiglu(activation, x, stacks) and not _needs_grad(x, weights, *stacks):
