@@ -22,8 +22,10 @@ residual add -> final RMSNorm.  On the same inputs and the same parameter tensor
   mismatch is printed and the script exits with status 1.
 * **floor**: the expert FFNs alone (the GEMMs + the SwiGLU ``silu(g) * u``, nothing else) on token
   rows already gathered and sorted by expert outside the timed region, with per-expert leaf
-  weights: best of (a) one ``mm`` per expert over ``torch.split`` and (b) ``torch._grouped_mm``
-  over stacked weights (if it runs for fp32 on this build).  Shared experts (DeepSeek-like) run
+  weights: best of (a) one ``mm`` per expert over ``torch.split``, (b) ``torch._grouped_mm``
+  over stacked weights (if it runs for fp32 on this build) and, for fwd+bwd, (c) the same with the
+  stacked weight gradients one ``mm`` per expert into memory kept between steps instead of
+  ``torch._grouped_mm``'s fresh allocations ("grouped_kept").  Shared experts (DeepSeek-like) run
   as one dense FFN on all tokens.  fwd+bwd = ``torch.autograd.backward(outputs, fixed grads)``
   (input and weight gradients).  No routing, gather, scatter, combine or norms.
 * **the MoE alone**: the generated layer's block with its RMSNorm replaced by the identity,
@@ -302,6 +304,7 @@ class Floors:
             self.w_split = [tuple(t[e].clone().requires_grad_() for t in (self.up, self.gate, self.down))
                             for e in range(len(sizes))]
             self.offs = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
+            self.kept_grads = tuple(torch.empty_like(t) for t in (self.up, self.gate, self.down))
             self.shared = None
             if c.shared:
                 s = pre + "moe.shared."
@@ -345,8 +348,44 @@ class Floors:
         grads.append(self.g_rows)
         return outs, grads
 
+    def grouped_kept(self):
+        outs, grads = self._shared()
+        outs.append(_GroupedKeptFFN.apply(self.xs, self.up, self.gate, self.down, self.offs, self.sizes,
+                                          self.kept_grads))
+        grads.append(self.g_rows)
+        return outs, grads
+
     def dense_mm(self):
         return torch.mm(self.dense_a, self.dense_b)
+
+
+class _GroupedKeptFFN(torch.autograd.Function):
+    """The expert FFNs on pre-sorted rows as ``torch._grouped_mm`` for the activations and their
+    gradients, with the stacked weight gradients written one ``mm`` per expert into memory kept
+    between calls (``kept``: up, gate, down buffers): ``torch._grouped_mm``'s own backward
+    allocates them afresh every step, which costs page faults on the CPU."""
+
+    @staticmethod
+    def forward(ctx, xs, up, gate, down, offs, sizes, kept):
+        g, u = torch._grouped_mm(xs, gate, offs=offs), torch._grouped_mm(xs, up, offs=offs)
+        ctx.save_for_backward(xs, g, u, up, gate, down)
+        ctx.offs, ctx.sizes, ctx.kept = offs, sizes, kept
+        return torch._grouped_mm(F.silu(g) * u, down, offs=offs)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xs, g, u, up, gate, down = ctx.saved_tensors
+        offs, sizes = ctx.offs, ctx.sizes
+        s = torch.sigmoid(g)
+        a = g * s
+        dh = torch._grouped_mm(dy, down.transpose(1, 2), offs=offs)
+        du, dg = dh * a, dh * u * s * (1 + g * (1 - s))
+        for buf, lhs, rhs in zip(ctx.kept, (xs, xs, a * u), (du, dg, dy)):
+            for be, le, re, n in zip(buf.unbind(0), lhs.split(sizes), rhs.split(sizes), sizes):
+                torch.mm(le.t(), re, out=be) if n else be.zero_()
+        dxs = torch._grouped_mm(du, up.transpose(1, 2), offs=offs) + torch._grouped_mm(dg, gate.transpose(1, 2),
+                                                                                     offs=offs)
+        return dxs, *(t.detach() for t in ctx.kept), None, None, None  # aliases: autograd adopts them
 
 
 # --------------------------------------------------------------------------- timing
@@ -520,18 +559,19 @@ def bench_one(model, c: Config, T: int, budget_s: float, min_reps: int, max_reps
     def calib():  # fixed-size mm in every round: a machine-load indicator comparable across rows
         torch.mm(CALIB_A, CALIB_B)
 
-    kinds = ["split"] + (["grouped"] if grouped_mm_runs() else [])
+    kinds = {"fwd": ["split"] + (["grouped"] if grouped_mm_runs() else [])}  # grouped_kept: grouped's fwd
+    kinds["fb"] = kinds["fwd"] + (["grouped_kept"] if grouped_mm_runs() else [])
     fns = {"gen_fwd": (nothing, gen_fwd), "naive_fwd": (nothing, naive_fwd), "dense": (nothing, dense),
            "calib": (nothing, calib)}
-    fns.update({f"floor_{kd}_fwd": (nothing, floor_fwd(kd)) for kd in kinds})
+    fns.update({f"floor_{kd}_fwd": (nothing, floor_fwd(kd)) for kd in kinds["fwd"]})
     fns.update({"gen_fb": (prep_train, gen_fb), "naive_fb": (prep_train, naive_fb),
                 "wrapper_fb": (prep_train, wrapper_fb), "moe_fb": (prep_train, moe_fb)})
-    fns.update({f"floor_{kd}_fb": (prep_floor, floor_fb(kd)) for kd in kinds})
+    fns.update({f"floor_{kd}_fb": (prep_floor, floor_fb(kd)) for kd in kinds["fb"]})
     ms, faults, reps = time_round_robin(fns, budget_s, min_reps, max_reps)
     clear_grads(trained + flo_leaves)
 
     def best(suffix):
-        name = min(kinds, key=lambda kd: ms[f"floor_{kd}_{suffix}"])
+        name = min(kinds[suffix], key=lambda kd: ms[f"floor_{kd}_{suffix}"])
         return ms[f"floor_{name}_{suffix}"], name
 
     res = {k: v for k, v in ms.items() if not k.startswith("floor_")}
@@ -539,6 +579,7 @@ def bench_one(model, c: Config, T: int, budget_s: float, min_reps: int, max_reps
     res["floor_fb"], res["floor_fb_kind"] = best("fb")
     res["floor_split_fb"] = ms["floor_split_fb"]
     res["floor_grouped_fb"] = ms.get("floor_grouped_fb")
+    res["floor_grouped_kept_fb"] = ms.get("floor_grouped_kept_fb")
     res["gen_fb_faults"], res["floor_fb_faults"] = faults["gen_fb"], faults[f"floor_{res['floor_fb_kind']}_fb"]
     res["gen_fb_fault_ms"] = res["gen_fb_faults"] * fault_ms
     res["floor_fb_nofault"] = res["floor_fb"] - res["floor_fb_faults"] * fault_ms  # compared like for like
@@ -669,18 +710,19 @@ def print_table(rows: list[dict]) -> None:
 
 def print_details(rows: list[dict]) -> None:
     print("\ndetails: GFLOP/s (expert GEMM FLOPs / time; f+b counts 3x the fwd FLOPs), floor variant picked"
-          " (split = per-expert mm, grouped = torch._grouped_mm), reps, calib = GFLOP/s of a fixed 512x512x1024"
+          " (split = per-expert mm, grouped = torch._grouped_mm, grouped_kept = grouped_mm with the weight"
+          " gradients one mm per expert into kept memory), reps, calib = GFLOP/s of a fixed 512x512x1024"
           " mm timed in every round (load indicator), no-grad fwd peak MB, one-time MB of the first call in a"
           " process")
     print(f"{'config':<9}{'T':>6} | {'dense':>7}{'gen fwd':>8}{'gen f+b':>8}{'floor f+b':>10} | "
-          f"{'floor fwd/f+b':>16}{'split f+b':>10}{'grpd f+b':>9} | {'reps':>4}{'calib':>6} | {'fwd MB gen':>10}"
+          f"{'floor fwd/f+b':>21}{'split f+b':>10}{'grpd f+b':>9}{'kept f+b':>9} | {'reps':>4}{'calib':>6} | {'fwd MB gen':>10}"
           f"{'naive':>7} | {'init MB gen':>11}{'naive':>7}")
     for r in rows:
         gf = r["flops_fwd"] / 1e6
         print(f"{r['config']:<9}{r['T']:>6} | {fmt(gf / r['dense'], '.1f', 7)}{fmt(gf / r['gen_fwd'], '.1f')}"
               f"{fmt(3 * gf / r['gen_fb'], '.1f')}{fmt(3 * gf / r['floor_fb'], '.1f', 10)} | "
-              f"{r['floor_fwd_kind'] + '/' + r['floor_fb_kind']:>16}{fmt(r['floor_split_fb'], '.2f', 10)}"
-              f"{fmt(r['floor_grouped_fb'], '.2f', 9)} | {r['reps']:>4}{fmt(r['calib_gflops'], '.0f', 6)} | "
+              f"{r['floor_fwd_kind'] + '/' + r['floor_fb_kind']:>21}{fmt(r['floor_split_fb'], '.2f', 10)}"
+              f"{fmt(r['floor_grouped_fb'], '.2f', 9)}{fmt(r['floor_grouped_kept_fb'], '.2f', 9)} | {r['reps']:>4}{fmt(r['calib_gflops'], '.0f', 6)} | "
               f"{fmt(r.get('mem_gen_fwd'), '.0f', 10)}"
               f"{fmt(r.get('mem_naive_fwd'), '.0f', 7)} | {fmt(r.get('mem_gen_init'), '.0f', 11)}"
               f"{fmt(r.get('mem_naive_init'), '.0f', 7)}")

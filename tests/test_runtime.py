@@ -665,6 +665,48 @@ def test_groups_inference_matches_training(monkeypatch, T, bias):
     assert len(per_stack) == (T < 200)
 
 
+@pytest.mark.parametrize("bias, glu, act", [(False, True, "silu"), (True, True, "silu"), (True, False, "gelu")])
+@pytest.mark.parametrize("T", [20, 300])
+def test_groups_training_matches_reference(monkeypatch, T, bias, glu, act):
+    """``moe_experts_groups`` with gradients against the fp64 reference over the stacks'
+    concatenation: the grouped path at T=20 (one grouped GEMM chain per stack), split at T=300
+    (rows over 8 MiB); with an empty stack, dropped slots, biases, a plain MLP."""
+    if not rt.grouped_mm_available("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm does not run here")
+    grouped, apply = [], rt._GroupedExperts.apply
+    monkeypatch.setattr(rt._GroupedExperts, "apply", lambda *a: grouped.append(1) or apply(*a))
+    monkeypatch.setattr(rt, "_CPU_GROUPED_MAX_ROWS_BYTES_TRAIN", 100 * 2 * 12 * 4)  # 100 tokens at k=2
+    g = torch.Generator().manual_seed(14)
+    d, f, shapes = 8, 12, (3, 4, 2)  # three stacks; the last one gets no rows
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.5
+
+    stacks = []
+    for E in shapes:
+        st = [rnd(E, d, f), rnd(E, f, d), rnd(E, d, f) if glu else None]
+        st += [rnd(E, f), rnd(E, d), rnd(E, f) if glu else None] if bias else [None] * 3
+        stacks.append(st)
+    x, w = rnd(T, d), torch.rand(T, 2, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, shapes[0] + shapes[1], (T, 2), generator=g)
+    ids[: T // 3, 1] = -1  # dropped slots
+    leaves64 = [x, w] + [t for st in stacks for t in st if t is not None]
+    for t in leaves64:
+        t.requires_grad_()
+    cat = [None if st[0] is None else torch.cat(st) for st in zip(*stacks)]
+    ref = reference_moe(x, ids, w, cat[0], cat[1], cat[2], act, cat[3], cat[4], cat[5])
+    gy = torch.randn(T, d, generator=g, dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, leaves64, gy)
+    low = {id(t): t.detach().float().requires_grad_() for t in leaves64}
+    out = rt.moe_experts_groups(low[id(x)], ids, low[id(w)], [[None if t is None else low[id(t)] for t in st]
+                                                             for st in stacks], activation=act)
+    grads = torch.autograd.grad(out, list(low.values()), gy.float())
+    assert grouped == ([1] if T == 20 else [])
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=2e-5, atol=2e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("method", ["split", "grouped_mm"])
 def test_second_backward_is_a_clear_error(method):
     """The split and CPU grouped_mm paths free their saved rows in backward: a second backward

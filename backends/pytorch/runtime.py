@@ -84,17 +84,17 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     ``moe_experts`` runs for these operands (``k`` = slots per token,
     ``counts`` = optional host list of per-expert counts, length E or E+1).
     ``"auto"`` follows measurements recorded in comments next to
-    ``_CPU_GROUPED_MAX_ROWS_TRAIN`` / ``_CPU_LOWP_PADDED_MAX_PAD_RATIO``:
+    ``_CPU_GROUPED_MAX_ROWS_BYTES_TRAIN`` / ``_CPU_LOWP_PADDED_MAX_PAD_RATIO``:
 
     * CPU, bf16/fp16, ``counts`` given: "padded_bmm" if the padding ratio
       ``E * max(counts) / sum(counts)`` is <= 1.75 (``moe_experts`` fetches
       the counts for this case with its single host sync);
     * CPU otherwise, when autograd will run a backward through the call
       (grad mode on and ``x`` or an expert weight requires grad):
-      "grouped_mm" when the average rows per expert ``T*k/E`` is <= 64 and
-      one expert matrix (``d*f`` elements) is under 512 KiB, else "split"
-      (larger stacked weight gradients cost grouped_mm page faults every
-      step; split reuses its gradient memory); for a forward only,
+      "grouped_mm" while the sorted rows are small, ``T*k*max(d, f)`` elements
+      <= 8 MiB, else "split" (grouped_mm saves split's per-expert Python
+      dispatch; with more rows its [T*k, d] and [T*k, f] buffers cost more
+      memory traffic than split's per-expert ones); for a forward only,
       "grouped_mm" when ``T*k/E`` <= 32, else "split";
     * other devices: "grouped_mm" (no host sync).
 
@@ -240,25 +240,35 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 #
 # On CPU torch._grouped_mm is a C++ loop of mm_out calls: it removes split's per-expert Python
 # and autograd-node overhead (~75 us per expert and fwd+bwd here), which dominates with few
-# rows per expert.  But its backward allocates the stacked [E, d, f] weight gradients afresh
-# every step, and glibc maps large allocations anew each time (page faults, ~0.4 us per 4 KiB
-# page inside a step), while split reuses its gradient memory (_weight_grad_buffer).  The
-# faults grow with E*d*f and split's overhead with E, so the expert matrix size d*f decides.
-# fwd+bwd of moe_experts alone (SwiGLU, leaf weights, .grad set to None every step, median ms;
-# "faults" = grouped_mm's page faults per step; split took none):
+# rows per expert.  Through autograd, though, its backward allocates the stacked [E, d, f]
+# weight gradients afresh every step, and glibc maps large allocations anew each time (page
+# faults: 4k-32k per step at 64 experts, 20-25 ms).  So when a backward will run, grouped_mm on
+# the CPU is _GroupedExperts: grouped GEMMs for the activations and their gradients, the weight
+# gradients one mm per expert into memory kept between steps, as split does.  fwd+bwd of
+# moe_experts alone (SwiGLU, leaf weights, .grad set to None every step, median ms;
+# "autograd" = torch._grouped_mm differentiated by autograd, the rule before _GroupedExperts):
 #
-#   E    k  T     d    f    rows/e  d*f*4 B  grouped_mm  split   faults
-#   32   4  256   64   64     32     16 KiB     2.69      4.73      192
-#   256  8  512   128  64     16     32 KiB    17.12     37.26        0
-#   64   8  256   128  128    32     64 KiB     9.15     14.03     1024
-#   64   8  256   256  256    32    256 KiB    25.67     30.65     4096
-#   128  4  1024  256  256    32    256 KiB    57.59     61.30    16386
-#   16   2  512   256  256    64    256 KiB     7.34      9.28        0
-#   64   8  512   256  256    64    256 KiB    34.03     39.36     4096
-#   64   8  64    512  256     8    512 KiB    37.39     35.48    16386
-#   64   8  256   512  256    32    512 KiB    62.96     51.17    32253
-#   8    2  64    512  1024   16      2 MiB    18.21     14.37     8160
-#   8    2  256   512  1024   64      2 MiB    28.86     27.91     4096
+#   E    k  T     d    f    T*k*max(d,f)*4  split   autograd  _GroupedExperts
+#   32   4  256   64   64       256 KiB      4.14     2.59       2.48
+#   256  8  512   128  64       2 MiB       35.59    24.38      20.96
+#   64   8  256   256  256      2 MiB       27.59    29.39      22.64
+#   128  4  1024  256  256      4 MiB       56.85    66.59      48.68
+#   64   8  64    512  256      1 MiB       30.13    45.56      24.92
+#   64   8  256   512  256      4 MiB       45.71    63.38      39.68
+#   64   8  512   512  256      8 MiB       66.39    94.01      61.40
+#   64   8  1024  512  256     16 MiB       96.89   116.96      97.99
+#   64   8  2048  512  256     32 MiB      168.55   294.88     219.74
+#   64   8  4096  512  256     64 MiB      303.68   528.99     410.78
+#   64   6  256   512  256      3 MiB       41.97    58.73      35.64
+#   64   6  1024  512  256     12 MiB       80.64   109.33      80.59
+#   8    2  64    512  1024    512 KiB     15.00    21.61      13.31
+#   8    2  256   512  1024     2 MiB      28.22    27.78      27.52
+#   8    2  1024  512  1024     8 MiB      74.87    77.58      72.22
+#   8    2  2048  512  1024    16 MiB     134.00   150.46     138.63
+#   8    2  4096  512  1024    32 MiB     252.66   299.45     261.65
+#
+# Past ~8 MiB of sorted rows the [T*k, d] / [T*k, f] buffers of the grouped path cost more
+# memory traffic than split's per-expert ones, which stay in cache.
 #
 # Forward alone (no gradients, no faults), whole benchmarks/moe_layer.py layer, grouped_mm /
 # split: E=64 k=8 d=512 f=256 at 8 / 32 / 64 rows per expert 8.2 / 10.3, 14.4 / 15.0,
@@ -266,10 +276,10 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 #
 # padded_bmm wins some small balanced fp32 shapes but its [E, max_count, d] buffer degenerates
 # with skewed routing, so for fp32 auto never picks it.  Rule on CPU: when a backward will run
-# through the call, grouped_mm if T*k/E <= 64 and an expert matrix is under 512 KiB, else
-# split; for a forward alone, grouped_mm if T*k/E <= 32, else split.  Other devices ->
-# grouped_mm (no host sync).  grouped_mm falls back to split if it is unusable (probe failed,
-# misaligned strides, mixed dtypes).
+# through the call, grouped_mm while T*k*max(d, f) elements take at most 8 MiB, else split;
+# for a forward alone, grouped_mm if T*k/E <= 32, else split.  Other devices -> grouped_mm (no
+# host sync).  grouped_mm falls back to split if it is unusable (probe failed, misaligned
+# strides, mixed dtypes).
 _CPU_GROUPED_MAX_ROWS_BYTES_TRAIN = 8 << 20  # T * k * max(d, f) * element size, fwd+bwd
 _CPU_GROUPED_MAX_ROWS_FORWARD = 32  # rows per expert, forward only
 #
@@ -833,82 +843,109 @@ class _GroupedExperts(torch.autograd.Function):
     weight gradients are written one expert at a time by ``mm(out=)`` into memory kept between
     steps (``_weight_grad_buffer``): ``torch._grouped_mm``'s own backward allocates them afresh
     every step, and on the CPU that costs a page fault per 4 KiB. Needs the segment sizes on the
-    host (one sync). Keeps the gathered rows and the pre-activations for backward, as split does."""
+    host (one sync). Keeps the gathered rows and the pre-activations for backward, as split does.
+    Like ``_SplitExperts`` it takes one or more weight stacks (six tensors each, `_STACK`), global
+    expert ids running through them in order: one grouped GEMM chain per stack."""
 
     @staticmethod
-    def forward(ctx, x, row_w, tok, sizes, act_name, acc_dtype, up, down, gate, ub, db, gb):
-        (T, d), (E, _, f) = x.shape, up.shape
-        sizes = sizes[:E]
-        n = sum(sizes)  # the valid rows: dropped slots sort last and are left out
-        tok, w = tok[:n], row_w[:n].to(x.dtype).unsqueeze(1)
-        offs = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(device=x.device, dtype=torch.int32)
-        row_e = None  # each row's expert, to align the biases
-        if ub is not None or db is not None or gb is not None:
-            row_e = torch.repeat_interleave(torch.arange(E, device=x.device), torch.tensor(sizes, device=x.device),
-                                            output_size=n)
-        xs = x.index_select(0, tok)
-        u = torch._grouped_mm(xs, up, offs=offs)
-        if ub is not None:
-            u += ub.index_select(0, row_e)
-        g = None
-        if gate is not None:
-            g = torch._grouped_mm(xs, gate, offs=offs)
-            if gb is not None:
-                g += gb.index_select(0, row_e)
-        weight_first = d > f  # the routing weight goes on the narrower side of the down GEMM
-        fused = _fused_swiglu(act_name, x, (up, down, gate, ub, db, gb))
-        y = torch._grouped_mm(_hidden(act_name, fused, g, u, w, weight_first), down, offs=offs)
-        if not weight_first:
-            y.mul_(w)
-        if db is not None:
-            y.addcmul_(db.index_select(0, row_e), w)
+    def forward(ctx, x, row_w, tok, sizes, act_name, acc_dtype, *stacks):
+        T, d = x.shape
         out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
-        out.index_add_(0, tok, y if y.dtype == acc_dtype else y.to(acc_dtype))
-        ctx.save_for_backward(row_w, tok, up, down, gate, ub, db, gb)
-        ctx.rows = (xs, u, g)
-        ctx.sizes, ctx.offs, ctx.row_e, ctx.act_name, ctx.fused, ctx.x_shape = sizes, offs, row_e, act_name, fused, (T, d)
+        fused = _fused_swiglu(act_name, x, stacks)
+        saved = []  # per stack: its rows' offsets, experts and the tensors backward needs, or None
+        for (up, down, gate, ub, db, gb), rows, seg in _stack_segments(stacks, sizes):
+            if rows is None:
+                saved.append(None)
+                continue
+            E, f = up.shape[0], up.shape[2]
+            t, w = tok[rows], row_w[rows].to(x.dtype).unsqueeze(1)
+            offs = torch.tensor(seg, dtype=torch.int64).cumsum(0).to(device=x.device, dtype=torch.int32)
+            row_e = None  # each row's expert, to align the biases
+            if ub is not None or db is not None or gb is not None:
+                row_e = torch.repeat_interleave(torch.arange(E, device=x.device), torch.tensor(seg, device=x.device),
+                                                output_size=t.shape[0])
+            xs = x.index_select(0, t)
+            u = torch._grouped_mm(xs, up, offs=offs)
+            if ub is not None:
+                u += ub.index_select(0, row_e)
+            g = None
+            if gate is not None:
+                g = torch._grouped_mm(xs, gate, offs=offs)
+                if gb is not None:
+                    g += gb.index_select(0, row_e)
+            weight_first = d > f  # the routing weight goes on the narrower side of the down GEMM
+            y = torch._grouped_mm(_hidden(act_name, fused, g, u, w, weight_first), down, offs=offs)
+            if not weight_first:
+                y.mul_(w)
+            if db is not None:
+                y.addcmul_(db.index_select(0, row_e), w)
+            out.index_add_(0, t, y if y.dtype == acc_dtype else y.to(acc_dtype))
+            saved.append((xs, u, g, offs, row_e))
+        ctx.save_for_backward(row_w, tok, *stacks)
+        ctx.rows, ctx.sizes, ctx.act_name, ctx.fused, ctx.x_shape = saved, sizes, act_name, fused, (T, d)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        row_w, tok, up, down, gate, ub, db, gb = ctx.saved_tensors
+        row_w, tok, *stacks = ctx.saved_tensors
         if ctx.rows is None:
             raise RuntimeError("moe_experts (grouped_mm path): backward ran twice through the same graph; its "
                                "saved rows were freed after the first backward (retain_graph=True is not "
                                "supported on this path)")
-        (xs, u, g), ctx.rows = ctx.rows, None
-        sizes, offs, row_e = ctx.sizes, ctx.offs, ctx.row_e
-        need = ctx.needs_input_grad
-        n, dtype = xs.shape[0], up.dtype
-        tok, w = tok[:n], row_w[:n].to(dtype).unsqueeze(1)
-        weight_first = up.shape[1] > up.shape[2]
-        dy = dout.to(dtype).index_select(0, tok)
-        dw = torch.zeros_like(row_w) if need[1] else None
-        hw, du, dg = _hidden_backward(ctx.act_name, ctx.fused, torch._grouped_mm(dy, down.transpose(1, 2), offs=offs),
-                                      g, u, w, None if dw is None else dw[:n], weight_first)
-        if dw is not None and db is not None:
-            dw[:n] += torch.linalg.vecdot(dy, db.index_select(0, row_e))
-        dyw = dy * w if (db is not None and need[10]) or (not weight_first and need[7]) else None
+        saved, ctx.rows = ctx.rows, None
+        need_x, need_w, need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[6:]
+        dtype = stacks[0].dtype
+        dout = dout.to(dtype)
+        dx = torch.zeros(ctx.x_shape, dtype=dtype, device=dout.device) if need_x else None
+        dw = torch.zeros_like(row_w) if need_w else None
         grads = []
-        for weight, needed, a, b in ((up, need[6], xs, du), (down, need[7], hw, dy if weight_first else dyw),
-                                     (gate, need[8], xs, dg)):
-            grad = None
-            if weight is not None and needed:  # one expert at a time, into the memory kept between steps
-                grad = _weight_grad_buffer(weight)
-                for ge, ae, be, m in zip(grad.unbind(0), a.split(sizes), b.split(sizes), sizes):
-                    torch.mm(ae.t(), be, out=ge) if m else ge.zero_()
-            grads.append(grad)
-        for bias, needed, rows in ((ub, need[9], du), (db, need[10], dyw), (gb, need[11], dg)):
-            grads.append(torch.zeros_like(bias).index_add_(0, row_e, rows) if bias is not None and needed else None)
-        dx = None
-        if need[0]:
-            dxs = torch._grouped_mm(du, up.transpose(1, 2), offs=offs)
-            if dg is not None:
-                dxs += torch._grouped_mm(dg, gate.transpose(1, 2), offs=offs)
-            dx = torch.zeros(ctx.x_shape, dtype=dtype, device=dout.device)
-            dx.index_add_(0, tok, dxs)
+        for j, (stack, rows, seg) in enumerate(_stack_segments(stacks, ctx.sizes)):
+            up, down, gate, ub, db, gb = stack
+            wanted = [t is not None and need[len(_STACK) * j + i] for i, t in enumerate(stack)]
+            if rows is None:  # no rows in this stack: zero gradients
+                grads += [_weight_grad_buffer(t).zero_() if ok and i < 3 else torch.zeros_like(t) if ok else None
+                          for i, (t, ok) in enumerate(zip(stack, wanted))]
+                continue
+            xs, u, g, offs, row_e = saved[j]
+            t, w = tok[rows], row_w[rows].to(dtype).unsqueeze(1)
+            weight_first = up.shape[1] > up.shape[2]
+            dy = dout.index_select(0, t)
+            hw, du, dg = _hidden_backward(ctx.act_name, ctx.fused, torch._grouped_mm(dy, down.transpose(1, 2), offs=offs),
+                                          g, u, w, None if dw is None else dw[rows], weight_first)
+            if dw is not None and db is not None:
+                dw[rows] += torch.linalg.vecdot(dy, db.index_select(0, row_e))
+            dyw = dy * w if wanted[4] or (wanted[1] and not weight_first) else None
+            for weight, ok, a, b in ((up, wanted[0], xs, du), (down, wanted[1], hw, dy if weight_first else dyw),
+                                     (gate, wanted[2], xs, dg)):
+                grad = None
+                if ok:  # one expert at a time, into the memory kept between steps
+                    grad = _weight_grad_buffer(weight)
+                    for ge, ae, be, m in zip(grad.unbind(0), a.split(seg), b.split(seg), seg):
+                        torch.mm(ae.t(), be, out=ge) if m else ge.zero_()
+                grads.append(grad)
+            for bias, ok, r in ((ub, wanted[3], du), (db, wanted[4], dyw), (gb, wanted[5], dg)):
+                grads.append(torch.zeros_like(bias).index_add_(0, row_e, r) if ok else None)
+            if dx is not None:
+                dxs = torch._grouped_mm(du, up.transpose(1, 2), offs=offs)
+                if dg is not None:
+                    dxs += torch._grouped_mm(dg, gate.transpose(1, 2), offs=offs)
+                dx.index_add_(0, t, dxs)
         return (dx, dw, None, None, None, None, *grads)
+
+
+def _stack_segments(stacks: tuple, sizes: list[int]):
+    """Per weight stack (six tensors each, `_STACK`): the stack, the slice of its rows among the
+    rows sorted by global expert id (None if it has none) and its experts' segment sizes."""
+    n_stack = len(_STACK)
+    start = first = 0
+    for j in range(0, len(stacks), n_stack):
+        E = stacks[j].shape[0]
+        seg = sizes[first:first + E]
+        first += E
+        n = sum(seg)
+        yield tuple(stacks[j:j + n_stack]), (slice(start, start + n) if n else None), seg
+        start += n
 
 
 def moe_experts(
@@ -1116,8 +1153,9 @@ def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: l
     """``moe_experts`` over the experts of several groups in one call: ``stacks`` holds each
     group's ``(up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)`` (None where absent)
     and ``expert_ids`` run through the groups' experts in order (``merge_group_routing``). On the
-    CPU the split path reads every group's weights where they are (one host sync for the whole
-    layer); elsewhere the stacks are concatenated for the grouped GEMM."""
+    CPU the grouped path (where "auto" picks grouped_mm for every stack) or the split path reads
+    every group's weights where they are (one host sync for the whole layer); elsewhere the
+    stacks are concatenated for the grouped GEMM."""
     stacks = [tuple(st) + (None,) * (len(_STACK) - len(st)) for st in stacks]
     if x.device.type != "cpu":
         cat = [None if st[0] is None else torch.cat(list(st)) for st in zip(*stacks)]
@@ -1137,6 +1175,9 @@ def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: l
     flat = [t for st in stacks for t in st]
     if _grouped_forward_per_stack(x, weights, stacks, flat, sizes, k, activation):
         return _stacks_grouped_forward(x, row_w, tok, sizes, stacks)
+    if _needs_grad(x, weights, *flat) and all(resolve_method("auto", x, *st[:3], k=k) == "grouped_mm"
+                                              for st in stacks):
+        return _GroupedExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, *flat).to(x.dtype)
     out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(), *flat)
     return out.to(x.dtype)
 
