@@ -330,12 +330,12 @@ def test_auto_rule_on_cpu():
     assert rt.resolve_method("auto", rows[500], trained, down, k=2) == grouped  # [T*k, max(d, f)] are small
     with torch.no_grad():
         assert rt.resolve_method("auto", rows[64], trained, down, k=2) == "split"
-    # ... up to 8 MiB of them (T * k * max(d, f) * 4 bytes), then split
+    # ... up to 4 MiB of them (T * k * max(d, f) * 4 bytes), then split
     big_up, big_down = torch.zeros(8, 512, 1024, requires_grad=True), torch.zeros(8, 1024, 512)
-    assert rt.resolve_method("auto", torch.zeros(1024, 512), big_up, big_down, k=2) == grouped  # 8 MiB
-    assert rt.resolve_method("auto", torch.zeros(1025, 512), big_up, big_down, k=2) == "split"
-    with torch.no_grad():  # forward only: 256 rows per expert
-        assert rt.resolve_method("auto", torch.zeros(1024, 512), big_up, big_down, k=2) == "split"
+    assert rt.resolve_method("auto", torch.zeros(512, 512), big_up, big_down, k=2) == grouped  # 4 MiB
+    assert rt.resolve_method("auto", torch.zeros(513, 512), big_up, big_down, k=2) == "split"
+    with torch.no_grad():  # forward only: 128 rows per expert
+        assert rt.resolve_method("auto", torch.zeros(512, 512), big_up, big_down, k=2) == "split"
 
 
 def test_auto_bf16_cpu_uses_counts():
@@ -670,7 +670,7 @@ def test_groups_inference_matches_training(monkeypatch, T, bias):
 def test_groups_training_matches_reference(monkeypatch, T, bias, glu, act):
     """``moe_experts_groups`` with gradients against the fp64 reference over the stacks'
     concatenation: the grouped path at T=20 (one grouped GEMM chain per stack), split at T=300
-    (rows over 8 MiB); with an empty stack, dropped slots, biases, a plain MLP."""
+    (rows over the limit); with an empty stack, dropped slots, biases, a plain MLP."""
     if not rt.grouped_mm_available("cpu", torch.float32):
         pytest.skip("torch._grouped_mm does not run here")
     grouped, apply = [], rt._GroupedExperts.apply

@@ -92,9 +92,10 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     * CPU otherwise, when autograd will run a backward through the call
       (grad mode on and ``x`` or an expert weight requires grad):
       "grouped_mm" while the sorted rows are small, ``T*k*max(d, f)`` elements
-      <= 8 MiB, else "split" (grouped_mm saves split's per-expert Python
+      <= 4 MiB, else "split" (grouped_mm saves split's per-expert Python
       dispatch; with more rows its [T*k, d] and [T*k, f] buffers cost more
-      memory traffic than split's per-expert ones); for a forward only,
+      memory traffic, and more peak memory, than split's per-expert ones);
+      for a forward only,
       "grouped_mm" when ``T*k/E`` <= 32, else "split";
     * other devices: "grouped_mm" (no host sync).
 
@@ -268,7 +269,10 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 #   8    2  4096  512  1024    32 MiB     252.66   299.45     261.65
 #
 # Past ~8 MiB of sorted rows the [T*k, d] / [T*k, f] buffers of the grouped path cost more
-# memory traffic than split's per-expert ones, which stay in cache.
+# memory traffic than split's per-expert ones, which stay in cache; they also raise the peak
+# memory of a training step (its backward holds [T*k, d] and [T*k, f] gradients at once: at
+# E=8 k=2 T=1024 d=512 f=1024, 104-110 MB against split's 93 MB and the benchmark's per-expert
+# loop's 82-129 MB), so the limit is 4 MiB, where the peak stays within a few MB of split's.
 #
 # Forward alone (no gradients, no faults), whole benchmarks/moe_layer.py layer, grouped_mm /
 # split: E=64 k=8 d=512 f=256 at 8 / 32 / 64 rows per expert 8.2 / 10.3, 14.4 / 15.0,
@@ -276,11 +280,11 @@ ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "identity")
 #
 # padded_bmm wins some small balanced fp32 shapes but its [E, max_count, d] buffer degenerates
 # with skewed routing, so for fp32 auto never picks it.  Rule on CPU: when a backward will run
-# through the call, grouped_mm while T*k*max(d, f) elements take at most 8 MiB, else split;
+# through the call, grouped_mm while T*k*max(d, f) elements take at most 4 MiB, else split;
 # for a forward alone, grouped_mm if T*k/E <= 32, else split.  Other devices -> grouped_mm (no
 # host sync).  grouped_mm falls back to split if it is unusable (probe failed, misaligned
 # strides, mixed dtypes).
-_CPU_GROUPED_MAX_ROWS_BYTES_TRAIN = 8 << 20  # T * k * max(d, f) * element size, fwd+bwd
+_CPU_GROUPED_MAX_ROWS_BYTES_TRAIN = 4 << 20  # T * k * max(d, f) * element size, fwd+bwd
 _CPU_GROUPED_MAX_ROWS_FORWARD = 32  # rows per expert, forward only
 #
 # bf16 on CPU (same setup, 7 reps): padded_bmm's single batched bf16 bmm beats the per-expert
@@ -907,31 +911,42 @@ class _GroupedExperts(torch.autograd.Function):
                 grads += [_weight_grad_buffer(t).zero_() if ok and i < 3 else torch.zeros_like(t) if ok else None
                           for i, (t, ok) in enumerate(zip(stack, wanted))]
                 continue
-            xs, u, g, offs, row_e = saved[j]
+            (xs, u, g, offs, row_e), saved[j] = saved[j], None  # freed as the backward goes
             t, w = tok[rows], row_w[rows].to(dtype).unsqueeze(1)
             weight_first = up.shape[1] > up.shape[2]
             dy = dout.index_select(0, t)
             hw, du, dg = _hidden_backward(ctx.act_name, ctx.fused, torch._grouped_mm(dy, down.transpose(1, 2), offs=offs),
                                           g, u, w, None if dw is None else dw[rows], weight_first)
+            del u, g
             if dw is not None and db is not None:
                 dw[rows] += torch.linalg.vecdot(dy, db.index_select(0, row_e))
-            dyw = dy * w if wanted[4] or (wanted[1] and not weight_first) else None
-            for weight, ok, a, b in ((up, wanted[0], xs, du), (down, wanted[1], hw, dy if weight_first else dyw),
-                                     (gate, wanted[2], xs, dg)):
-                grad = None
-                if ok:  # one expert at a time, into the memory kept between steps
-                    grad = _weight_grad_buffer(weight)
-                    for ge, ae, be, m in zip(grad.unbind(0), a.split(seg), b.split(seg), seg):
-                        torch.mm(ae.t(), be, out=ge) if m else ge.zero_()
-                grads.append(grad)
-            for bias, ok, r in ((ub, wanted[3], du), (db, wanted[4], dyw), (gb, wanted[5], dg)):
-                grads.append(torch.zeros_like(bias).index_add_(0, row_e, r) if ok else None)
-            if dx is not None:
-                dxs = torch._grouped_mm(du, up.transpose(1, 2), offs=offs)
+            bias_grads = [torch.zeros_like(bias).index_add_(0, row_e, r) if ok else None
+                          for bias, ok, r in ((ub, wanted[3], du), (db, wanted[4], dy * w if wanted[4] else None),
+                                              (gb, wanted[5], dg))]
+            # the inputs of each GEMM freed once used: a smaller peak than keeping them to the end
+            grad_down = _stacked_weight_grad(down, wanted[1], hw if weight_first else hw.mul_(w), dy, seg)
+            del hw, dy
+            grad_up = _stacked_weight_grad(up, wanted[0], xs, du, seg)
+            grad_gate = _stacked_weight_grad(gate, wanted[2], xs, dg, seg)
+            del xs
+            grads += [grad_up, grad_down, grad_gate, *bias_grads]
+            if dx is not None:  # d x, one projection at a time (no second [rows, d] buffer)
+                dx.index_add_(0, t, torch._grouped_mm(du, up.transpose(1, 2), offs=offs))
+                del du
                 if dg is not None:
-                    dxs += torch._grouped_mm(dg, gate.transpose(1, 2), offs=offs)
-                dx.index_add_(0, t, dxs)
+                    dx.index_add_(0, t, torch._grouped_mm(dg, gate.transpose(1, 2), offs=offs))
         return (dx, dw, None, None, None, None, *grads)
+
+
+def _stacked_weight_grad(weight: Tensor | None, wanted: bool, a: Tensor, b: Tensor, seg: list[int]) -> Tensor | None:
+    """The gradient of a stacked weight, ``a_e^T b_e`` over each expert's rows, written one expert
+    at a time into the memory kept for it between steps (zeros for an expert without rows)."""
+    if weight is None or not wanted:
+        return None
+    grad = _weight_grad_buffer(weight)
+    for ge, ae, be, m in zip(grad.unbind(0), a.split(seg), b.split(seg), seg):
+        torch.mm(ae.t(), be, out=ge) if m else ge.zero_()
+    return grad
 
 
 def _stack_segments(stacks: tuple, sizes: list[int]):
