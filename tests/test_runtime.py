@@ -638,31 +638,32 @@ def test_inference_path_equals_training_path(monkeypatch, method, d, f, glu, bia
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("T", [1, 24, 200])  # 200: too many rows per expert, the split path
-def test_groups_inference_matches_training(monkeypatch, T, bias):
+def test_groups_inference_matches_reference(monkeypatch, T, bias):
     """``moe_experts_groups`` without gradients runs one grouped GEMM chain per weight stack
-    (few rows per expert); it must give the training path's result, with an empty stack, dropped
-    slots and biases."""
+    (``_GroupedExperts``, few rows per expert) or split (T=200); both must give the fp64
+    reference over the stacks' concatenation, with an empty stack, dropped slots and biases."""
     if not rt.grouped_mm_available("cpu", torch.float32) or not rt._cpu_fused.available(torch.float32):
         pytest.skip("torch._grouped_mm or the compiled kernels do not run here")
-    per_stack, stacks_forward = [], rt._stacks_grouped_forward
-    monkeypatch.setattr(rt, "_stacks_grouped_forward", lambda *a: per_stack.append(1) or stacks_forward(*a))
+    grouped, apply = [], rt._GroupedExperts.apply
+    monkeypatch.setattr(rt._GroupedExperts, "apply", lambda *a: grouped.append(1) or apply(*a))
     g = torch.Generator().manual_seed(4)
     d, f, shapes = 8, 12, (3, 4, 2)  # three stacks; the last one gets no rows
     stacks = []
     for E in shapes:
         st = [torch.randn(E, d, f, generator=g), torch.randn(E, f, d, generator=g), torch.randn(E, d, f, generator=g)]
-        if bias:
-            st += [torch.randn(E, f, generator=g), torch.randn(E, d, generator=g), torch.randn(E, f, generator=g)]
+        st += [torch.randn(E, f, generator=g), torch.randn(E, d, generator=g), torch.randn(E, f, generator=g)] \
+            if bias else [None] * 3
         stacks.append(tuple(st))
     x = torch.randn(T, d, generator=g)
     ids = torch.randint(0, shapes[0] + shapes[1], (T, 2), generator=g)
     ids[: T // 3, 1] = -1  # dropped slots
     w = torch.rand(T, 2, generator=g)
-    train = rt.moe_experts_groups(x.requires_grad_(), ids, w, stacks)
     with torch.no_grad():
         infer = rt.moe_experts_groups(x, ids, w, stacks)
-    torch.testing.assert_close(infer, train.detach(), rtol=2e-5, atol=2e-5)
-    assert len(per_stack) == (T < 200)
+    cat = [None if st[0] is None else torch.cat(st).double() for st in zip(*stacks)]
+    ref = reference_moe(x.double(), ids, w.double(), cat[0], cat[1], cat[2], "silu", cat[3], cat[4], cat[5])
+    torch.testing.assert_close(infer.double(), ref, rtol=2e-5, atol=2e-5)
+    assert len(grouped) == (T < 200)
 
 
 @pytest.mark.parametrize("bias, glu, act", [(False, True, "silu"), (True, True, "silu"), (True, False, "gelu")])

@@ -847,15 +847,17 @@ class _GroupedExperts(torch.autograd.Function):
     weight gradients are written one expert at a time by ``mm(out=)`` into memory kept between
     steps (``_weight_grad_buffer``): ``torch._grouped_mm``'s own backward allocates them afresh
     every step, and on the CPU that costs a page fault per 4 KiB. Needs the segment sizes on the
-    host (one sync). Keeps the gathered rows and the pre-activations for backward, as split does.
-    Like ``_SplitExperts`` it takes one or more weight stacks (six tensors each, `_STACK`), global
+    host (one sync). Keeps the gathered rows and the pre-activations for backward, as split does
+    (``train``: only when a backward will run; ``moe_experts_groups`` runs its forward alone here
+    too). Like ``_SplitExperts`` it takes one or more weight stacks (six tensors each, `_STACK`), global
     expert ids running through them in order: one grouped GEMM chain per stack."""
 
     @staticmethod
-    def forward(ctx, x, row_w, tok, sizes, act_name, acc_dtype, *stacks):
+    def forward(ctx, x, row_w, tok, sizes, act_name, acc_dtype, train, *stacks):
         T, d = x.shape
         out = torch.zeros(T, d, dtype=acc_dtype, device=x.device)
         fused = _fused_swiglu(act_name, x, stacks)
+        keep = train and any(ctx.needs_input_grad)  # save what backward needs only when it will run
         saved = []  # per stack: its rows' offsets, experts and the tensors backward needs, or None
         for (up, down, gate, ub, db, gb), rows, seg in _stack_segments(stacks, sizes):
             if rows is None:
@@ -884,9 +886,10 @@ class _GroupedExperts(torch.autograd.Function):
             if db is not None:
                 y.addcmul_(db.index_select(0, row_e), w)
             out.index_add_(0, t, y if y.dtype == acc_dtype else y.to(acc_dtype))
-            saved.append((xs, u, g, offs, row_e))
-        ctx.save_for_backward(row_w, tok, *stacks)
-        ctx.rows, ctx.sizes, ctx.act_name, ctx.fused, ctx.x_shape = saved, sizes, act_name, fused, (T, d)
+            saved.append((xs, u, g, offs, row_e) if keep else None)
+        if keep:
+            ctx.save_for_backward(row_w, tok, *stacks)
+            ctx.rows, ctx.sizes, ctx.act_name, ctx.fused, ctx.x_shape = saved, sizes, act_name, fused, (T, d)
         return out
 
     @staticmethod
@@ -898,7 +901,7 @@ class _GroupedExperts(torch.autograd.Function):
                                "saved rows were freed after the first backward (retain_graph=True is not "
                                "supported on this path)")
         saved, ctx.rows = ctx.rows, None
-        need_x, need_w, need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[6:]
+        need_x, need_w, need = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[7:]
         dtype = stacks[0].dtype
         dout = dout.to(dtype)
         dx = torch.zeros(ctx.x_shape, dtype=dtype, device=dout.device) if need_x else None
@@ -935,7 +938,7 @@ class _GroupedExperts(torch.autograd.Function):
                 del du
                 if dg is not None:
                     dx.index_add_(0, t, torch._grouped_mm(dg, gate.transpose(1, 2), offs=offs))
-        return (dx, dw, None, None, None, None, *grads)
+        return (dx, dw, None, None, None, None, None, *grads)
 
 
 def _stacked_weight_grad(weight: Tensor | None, wanted: bool, a: Tensor, b: Tensor, seg: list[int]) -> Tensor | None:
@@ -1012,7 +1015,7 @@ def moe_experts(
     stacks = (up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
     if method == "grouped_mm" and x.device.type == "cpu" and _needs_grad(x, weights, *stacks):
         out = _GroupedExperts.apply(x, row_w, tok, counts.tolist() if sizes is None else sizes, activation,
-                                    acc_dtype, *stacks)
+                                    acc_dtype, True, *stacks)
         return out.to(x.dtype)
     if key is None:
         key = torch.where(flat_ids < 0, torch.full_like(flat_ids, E), flat_ids)
@@ -1188,54 +1191,24 @@ def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: l
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     row_w = weights.reshape(-1).index_select(0, order).to(acc_dtype)  # dropped slots: past every segment
     flat = [t for st in stacks for t in st]
-    if _grouped_forward_per_stack(x, weights, stacks, flat, sizes, k, activation):
-        return _stacks_grouped_forward(x, row_w, tok, sizes, stacks)
-    if _needs_grad(x, weights, *flat) and all(resolve_method("auto", x, *st[:3], k=k) == "grouped_mm"
-                                              for st in stacks):
-        return _GroupedExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, *flat).to(x.dtype)
-    out = _SplitExperts.apply(x, row_w, tok, sizes, activation, acc_dtype, torch.is_grad_enabled(), *flat)
-    return out.to(x.dtype)
+    train = torch.is_grad_enabled()
+    experts = _GroupedExperts if _grouped_per_stack(x, weights, stacks, flat, sizes, k, activation) else _SplitExperts
+    return experts.apply(x, row_w, tok, sizes, activation, acc_dtype, train, *flat).to(x.dtype)
 
 
-def _grouped_forward_per_stack(x, weights, stacks, flat, sizes, k, activation) -> bool:
-    """Whether ``moe_experts_groups`` runs a forward without gradients as one ``torch._grouped_mm``
-    per weight stack, with the compiled SwiGLU epilogue: where "auto" would pick grouped_mm for
-    each stack on its own rows (few rows per expert, where it saves split's per-expert dispatch).
-    ``flat``: the stacks' tensors in one list."""
-    if _needs_grad(x, weights, *flat) or not _fused_swiglu(activation, x, tuple(flat)):
+def _grouped_per_stack(x, weights, stacks, flat, sizes, k, activation) -> bool:
+    """Whether ``moe_experts_groups`` runs ``_GroupedExperts`` (one grouped GEMM chain per weight
+    stack) rather than split: when a backward will run, where "auto" picks grouped_mm for every
+    stack; for a forward alone, with the compiled SwiGLU epilogue, where every stack has at most
+    ``_CPU_GROUPED_MAX_ROWS_FORWARD`` rows per expert of its own (where grouped_mm saves split's
+    per-expert dispatch). ``flat``: the stacks' tensors in one list."""
+    if _needs_grad(x, weights, *flat):
+        return all(resolve_method("auto", x, *st[:3], k=k) == "grouped_mm" for st in stacks)
+    if not _fused_swiglu(activation, x, tuple(flat)):
         return False
-    first = 0
-    for st in stacks:
-        E = st[0].shape[0]
-        rows = sum(sizes[first:first + E])
-        first += E
-        if rows > _CPU_GROUPED_MAX_ROWS_FORWARD * E or not _grouped_mm_usable(x, k, *st[:3]):
-            return False
-    return True
-
-
-def _stacks_grouped_forward(x, row_w, tok, sizes, stacks) -> Tensor:
-    """The weighted expert outputs summed per token, one grouped GEMM chain per weight stack over
-    its contiguous run of sorted rows (``_weighted_swiglu_rows``)."""
-    out = torch.zeros(x.shape, dtype=row_w.dtype, device=x.device)
-    start = first = 0
-    for st in stacks:
-        E = st[0].shape[0]
-        seg = sizes[first:first + E]
-        n = sum(seg)
-        first += E
-        if not n:
-            continue
-        rows = slice(start, start + n)
-        start += n
-        offs = torch.tensor(seg, dtype=torch.int32, device=x.device).cumsum(0, dtype=torch.int32)
-        row_e = torch.repeat_interleave(torch.arange(E, device=x.device), torch.tensor(seg, device=x.device),
-                                        output_size=n)
-        biases = [None if b is None else b.index_select(0, row_e) for b in st[3:]]
-        ys = _weighted_swiglu_rows(x.index_select(0, tok[rows]), row_w[rows], *st[:3], *biases,
-                                   lambda a, w: torch._grouped_mm(a, w, offs=offs))  # noqa: B023 (called here)
-        out.index_add_(0, tok[rows], ys)
-    return out.to(x.dtype)
+    return all(_grouped_mm_usable(x, k, *st[:3])
+               and (rows is None or rows.stop - rows.start <= _CPU_GROUPED_MAX_ROWS_FORWARD * len(seg))
+               for st, rows, seg in _stack_segments(tuple(flat), sizes))
 
 
 # ---- unfused primitives (one per IR op of an unfused MoE lowering) ---------------------------------
