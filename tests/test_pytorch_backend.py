@@ -302,12 +302,13 @@ def test_fused_and_unfused_ir_give_the_same_model(example):
     assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
 
 
-@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma"])
+@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma", "mixture_of_transformers", "dynamic_k",
+                                     "deepseek_v3_style"])
 def test_static_form_matches_dynamic_and_exports(example):
     path = os.path.join(EXAMPLES, f"{example}.moe")
     dynamic, static = moec.load(path).double(), moec.load(path, static=True).double()
     torch.manual_seed(6)
-    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    x = torch.randn(2, 5, dynamic.d_model, dtype=torch.float64)
     modality = torch.randint(0, len(dynamic.modalities), (2, 5))
     a, b = dynamic(x, modality), static(x, modality)
     torch.testing.assert_close(a.output, b.output, rtol=1e-12, atol=1e-12)

@@ -289,6 +289,26 @@ def test_dynamic_k_ties_lowest_id_first():
     torch.testing.assert_close(w, torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 2, dtype=torch.float64))
 
 
+def test_dynamic_k_exported_matches_eager_with_ties():
+    """Under torch.export the sort becomes comparisons (no dialect lowers a stable sort): the same
+    routing, ties in expert-id order included, gradients too."""
+
+    class DynamicK(torch.nn.Module):
+        def forward(self, logits):
+            return R.route_dynamic_k(logits, 0.6, k_min=1, k_max=4)
+
+    logits = _logits(12, 6, 5)
+    logits[0] = 0.0  # six-way tie
+    logits[1, 1] = logits[1, 4]  # a tie between two experts
+    logits[2, :3] = 2.0
+    exported = torch.export.export(DynamicK(), (logits,))
+    assert not any("sort" in str(n.target) for n in exported.graph.nodes)
+    eager = R.route_dynamic_k(logits, 0.6, k_min=1, k_max=4)
+    for a, b in zip(eager, exported.module()(logits)):
+        assert torch.equal(a, b)
+    assert eager[1][0].tolist() == [0, 1, 2, 3]
+
+
 def test_dynamic_k_empty_and_errors():
     w, ids, probs = R.route_dynamic_k(torch.zeros(0, 5), 0.5, k_max=3)
     assert w.shape == ids.shape == (0, 3) and probs.shape == (0, 5)

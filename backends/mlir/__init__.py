@@ -28,9 +28,11 @@ torch-mlir is optional: ``pip install torch-mlir==20261001`` (or ``pip install
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -119,9 +121,63 @@ def _flat_module(model):
     return FlatOutputs(model)
 
 
-def _first_error(text: str) -> str:
+_ILLEGAL_OP = re.compile(r"failed to legalize operation '([\w.]+)'(?:.*?name = \"([\w.]+)\")?")
+_LOCATION = re.compile(r'loc\((?:callsite\()?"([^"]+)":(\d+)')
+
+
+def _failure(exc: Exception, diagnostics: str) -> str:
+    """What went wrong, in one line: the op torch-mlir could not lower and the line of model code
+    it comes from (from the MLIR diagnostics it prints), else the first error line of the exception."""
+    found = _ILLEGAL_OP.search(diagnostics)
+    if found:
+        op = (found.group(2) or found.group(1)).removeprefix("torch.")
+        where = _LOCATION.search(diagnostics[:found.start()].rsplit("\n", 1)[-1] + diagnostics[found.start():])
+        line = ""
+        if where and os.path.isfile(where.group(1)):
+            with open(where.group(1)) as src:
+                lines = src.read().splitlines()
+            n = int(where.group(2))
+            if 0 < n <= len(lines):
+                line = f", from `{lines[n - 1].strip()}` ({os.path.basename(where.group(1))}:{n})"
+        return f"torch-mlir has no lowering for `{op}`{line}"
+    text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() and ln.strip()]
-    return lines[0] if lines else (text.strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: " + (lines[0] if lines else (text.strip().splitlines() or [""])[0])
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Collects what is written to file descriptor 2 (MLIR prints its diagnostics there, from C++)
+    into the yielded list's only element."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    captured = [""]
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured[0] = sink.read().decode(errors="replace")
+
+
+@contextlib.contextmanager
+def _buffers_persistent(model):
+    """Every buffer of ``model`` persistent while it is exported. torch-mlir freezes buffers from
+    the exported program's state dict, which leaves out non-persistent buffers (e.g. a balancing
+    router's per-step counts): without this, import fails with "Could not find state mapping for
+    buffer". The modules' own settings come back afterwards."""
+    saved = [(m, set(m._non_persistent_buffers_set)) for m in model.modules()]
+    try:
+        for m, _ in saved:
+            m._non_persistent_buffers_set.clear()
+        yield
+    finally:
+        for m, names in saved:
+            m._non_persistent_buffers_set.update(names)
 
 
 def lower(model, example_inputs: tuple, dialect: str = "linalg-on-tensors"):
@@ -131,18 +187,24 @@ def lower(model, example_inputs: tuple, dialect: str = "linalg-on-tensors"):
     ot = output_type(dialect)
     fx = _import_fx()
     wrapped = _flat_module(model)
+    diagnostics = [""]
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with (_stderr_captured() as diagnostics, warnings.catch_warnings(), torch.no_grad(),
+              _buffers_persistent(wrapped)):
             warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-            return fx.export_and_import(wrapped, *tuple(example_inputs), output_type=ot)
-    except MlirUnavailableError:
-        raise
+            module = fx.export_and_import(wrapped, *tuple(example_inputs), output_type=ot)
     except Exception as exc:  # torch.export or torch-mlir pass failures
-        raise MlirLoweringError(
-            f"lowering to {ot} failed: {type(exc).__name__}: {_first_error(str(exc))}\n"
-            "(the model must be in static-shape form: moec compile --static; the dialects are "
-            f"{', '.join(sorted(set(DIALECTS.values())))})"
-        ) from exc
+        raise _lowering_error(ot, exc, diagnostics[0]) from exc
+    sys.stderr.write(diagnostics[0])  # the warnings of a lowering that worked are passed on
+    return module
+
+
+def _lowering_error(output_type: str, exc: Exception, diagnostics: str) -> MlirLoweringError:
+    if "DataDependent" in type(exc).__name__ or "data-dependent" in str(exc):
+        return MlirLoweringError(
+            f"lowering to {output_type} failed: torch.export met a shape that depends on the data "
+            f"({type(exc).__name__}); the model must be in static-shape form: moec compile --static")
+    return MlirLoweringError(f"lowering to {output_type} failed: {_failure(exc, diagnostics)}")
 
 
 def emit(model, example_inputs: tuple, out_path: str, dialect: str = "linalg-on-tensors") -> str:

@@ -26,7 +26,7 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_cpu_fused": ("cpu_fused.py", ()),  # imported by moec_runtime, so first
     "moec_runtime": ("runtime.py", (
         "Attention", "AttentionExperts", "Container", "Experts", "FeedForward", "LatentAttention", "LoRAExperts", "ModelOutput",
-        "PerModality", "RMSNorm", "activate", "modality_rows",
+        "PerModality", "RMSNorm", "activate", "modality_masks", "modality_rows",
         "check_modality", "combine", "expert_counts", "expert_offsets", "gather_rows", "grouped_linear",
         "identity_experts", "load_balance_loss", "mask_experts", "merge_group_routing", "moe_experts",
         "moe_lora_experts",
@@ -818,9 +818,12 @@ class _StaticBlockEmitter(_BlockEmitter):
         return [f"token_mask={mask}"] if mask else []
 
     def modality_rows(self, ids_name: str, op: O.OpBase) -> str:
-        """Per-modality copies read the ids tensor itself (the rows have data-dependent sizes)."""
-        self.view.sync_notes += ["tokens of each modality"] * len(op.per_modality)
-        return ids_name
+        """Per-modality copies get each modality's token mask (rows would have data-dependent sizes)."""
+        key = (ids_name, op.per_modality)
+        if key not in self.rows_of_modalities:
+            self.rows_of_modalities[key] = name = self.fresh("masks")
+            self.line(f"{name} = modality_masks({ids_name}, {tuple(op.per_modality)!r})")
+        return self.rows_of_modalities[key]
 
     def _op_select_tokens(self, node, op, ins, path):
         xs, idx = self.g.outputs(node)

@@ -26,7 +26,8 @@ Tie rules (which of several equal scores is selected):
   experts win is ``torch.topk``'s choice (deterministic for a given build, device and shape; not
   "lowest index first" on CPU).
 * ``route_expert_choice`` selects tokens with ``torch.topk`` along the token axis (same caveat).
-* ``route_dynamic_k`` sorts with a *stable* descending sort: ties keep the lower expert id first.
+* ``route_dynamic_k`` sorts with a *stable* descending sort: ties keep the lower expert id first
+  (under ``torch.export``, the same order from comparisons).
 * ``apply_capacity`` ranks with stable sorts: see its docstring.
 
 Public API
@@ -211,6 +212,24 @@ def route_expert_choice(
 # --------------------------------------------------------------------------- dynamic k
 
 
+def _sorted_descending(probs: Tensor, K: int) -> tuple[Tensor, Tensor]:
+    """The K largest entries of each row and their indices, in descending order, ties in index
+    order: a stable descending sort. Under ``torch.export`` (the static form, which torch-mlir
+    lowers, and no dialect lowers a stable sort) the same order comes from comparisons: entry e's
+    place is the number of entries above it plus the equal ones before it, O(E^2) per row."""
+    if not torch.compiler.is_exporting():
+        vals, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+        return vals[:, :K], idx[:, :K]
+    E = probs.shape[1]
+    ids = torch.arange(E, device=probs.device)
+    before = (probs.unsqueeze(1) > probs.unsqueeze(2)) | (
+        (probs.unsqueeze(1) == probs.unsqueeze(2)) & (ids.unsqueeze(1) > ids.unsqueeze(0)))  # [T, e, j]: j first
+    place = before.sum(dim=2)  # [T, E]
+    at = place.unsqueeze(2) == torch.arange(K, device=probs.device)  # [T, E, K]: entry e goes to place p
+    idx = (at * ids.view(1, E, 1)).sum(dim=1)  # [T, K]
+    return probs.gather(1, idx), idx
+
+
 def route_dynamic_k(
     logits: Tensor,
     threshold: float,
@@ -241,8 +260,7 @@ def route_dynamic_k(
         raise ValueError(f"route_dynamic_k: threshold must be in [0, 1], got {threshold}")
     probs = _scores("route_dynamic_k", logits, score)
     K = k_max
-    vals, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-    vals, idx = vals[:, :K], idx[:, :K]
+    vals, idx = _sorted_descending(probs, K)
     csum = vals.detach().cumsum(dim=-1)
     exclusive = torch.cat([torch.zeros_like(csum[:, :1]), csum[:, :-1]], dim=-1)
     n_keep = (exclusive < threshold).sum(dim=-1).clamp(min=k_min, max=k_max)

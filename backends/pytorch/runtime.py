@@ -389,12 +389,13 @@ def identity_experts(x: Tensor, weights: Tensor, expert_ids: Tensor, first: int,
 # --------------------------------------------------------------------------- losses
 
 
-def load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int) -> Tensor:
-    """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e`` (fp32 scalar)."""
+def load_balance_loss(probs: Tensor, expert_ids: Tensor, num_experts: int, counts: Tensor | None = None) -> Tensor:
+    """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e`` (fp32 scalar); ``counts``:
+    ``expert_counts(expert_ids, num_experts)`` if already computed."""
     probs32 = _at_least_fp32(probs)
     if probs.shape[0] == 0:
         return probs32.sum() * 0.0
-    counts = expert_counts(expert_ids, num_experts).to(probs32.dtype)
+    counts = (expert_counts(expert_ids, num_experts) if counts is None else counts).to(probs32.dtype)
     frac = counts / counts.sum().clamp_min(1.0)
     mean_prob = probs32.mean(dim=0)
     return num_experts * (frac * mean_prob).sum()
@@ -1558,12 +1559,20 @@ def modality_rows(modality: Tensor, ids: tuple[int, ...]) -> dict[int, Tensor]:
     return {i: segments[i] for i in ids}
 
 
+def modality_masks(modality: Tensor, ids: tuple[int, ...]) -> dict[int, Tensor]:
+    """Per modality id in `ids`, which flat tokens have it (bool [N]): ``modality_rows`` of the
+    static form, where no shape may depend on the data (no host sync)."""
+    mods = modality.reshape(-1)
+    return {i: mods == i for i in ids}
+
+
 class PerModality(nn.Module):
     """One copy of a token-wise module per modality (Mixture-of-Transformers): each token goes
     through the copy of its modality. ``ids`` are the modality ids the copies serve, in the order
     of ``copies`` (their names are the modality names). ``modality`` is the ids tensor (one host
     sync per modality) or the rows of ``modality_rows`` computed once per block; a modality without
-    tokens costs nothing."""
+    tokens costs nothing. Given ``modality_masks`` instead (the static form), every copy runs on
+    all tokens and each token keeps its own copy's output: fixed shapes, n copies' work."""
 
     def __init__(self, ids: tuple[int, ...], **copies: nn.Module):
         super().__init__()
@@ -1580,12 +1589,21 @@ class PerModality(nn.Module):
             rows = {i: (mods == i).nonzero().squeeze(1) for i in self.ids}
         else:
             rows = modality
+        if all(r.dtype == torch.bool for r in rows.values()):
+            return self._masked(flat, rows).reshape(*x.shape[:-1], -1)
         parts = [(rows[i], module(flat.index_select(0, rows[i]))) for i, module in zip(self.ids, self.children())]
         width = parts[0][1].shape[-1]
         out = flat.new_zeros(flat.shape[0], width, dtype=parts[0][1].dtype)
         for idx, y in parts:
             out = out.index_copy(0, idx, y)
         return out.reshape(*x.shape[:-1], width)
+
+    def _masked(self, flat: Tensor, masks: dict[int, Tensor]) -> Tensor:
+        out = None
+        for i, module in zip(self.ids, self.children()):
+            y = module(flat)
+            out = torch.where(masks[i].unsqueeze(1), y, torch.zeros_like(y) if out is None else out)
+        return out
 
 
 class Attention(nn.Module):
@@ -1795,11 +1813,14 @@ class AttentionExperts(nn.Module):
         if self.o_bias is not None:
             y = y + (g * self.o_bias[ids]).sum(1)
         aux = logits.new_zeros((), dtype=probs.dtype)
+        # dense dispatch is also the export form: counts by comparison there (no scatter, which TOSA lacks)
+        counts = (ids.reshape(-1, 1) == torch.arange(self.num_experts, device=ids.device)).sum(0) if dense else \
+            expert_counts(ids, self.num_experts)
         if self.load_balance:
-            aux = aux + self.load_balance * load_balance_loss(probs, ids, self.num_experts)
+            aux = aux + self.load_balance * load_balance_loss(probs, ids, self.num_experts, counts=counts)
         if self.z_loss:
             aux = aux + self.z_loss * z_loss(logits)
-        return y.reshape(shape), aux, expert_counts(ids, self.num_experts)
+        return y.reshape(shape), aux, counts
 
     def _dense_queries(self, flat: Tensor, ids: Tensor) -> Tensor:
         """Queries of every expert in one GEMM, then each (token, slot) takes its expert's."""
