@@ -125,6 +125,11 @@ def cmd_csim(args) -> int:
     return 0 if result.ok else 1
 
 
+# the compile options that only some targets take (--static: mlir always exports the static form)
+_COMPILE_OPTIONS = {"static": ("pytorch", "triton", "mlir"), "plan": ("pytorch", "triton"), "dialect": ("mlir",),
+                    "tokens": ("mlir",), "batch": ("mlir",), "seed": ("hls",)}
+
+
 def cmd_compile(args) -> int:
     from moec.backends import targets
     from moec.driver import compile_model
@@ -135,6 +140,15 @@ def cmd_compile(args) -> int:
         diags.error("E0401", f"unknown target `{args.target}`", None,
                     did_you_mean(args.target, available) or f"targets: {', '.join(sorted(available))}")
         return _fail(diags)
+    misplaced = [name for name, targets_of in _COMPILE_OPTIONS.items()
+                 if getattr(args, name) is not None and getattr(args, name) is not False
+                 and args.target not in targets_of]
+    if misplaced:
+        uses = "; ".join(f"--{name} is for {' / '.join(_COMPILE_OPTIONS[name])}" for name in misplaced)
+        print(f"moec: error: {', '.join('--' + name for name in misplaced)} "
+              f"{'does' if len(misplaced) == 1 else 'do'} not apply to --target {args.target} ({uses})",
+              file=sys.stderr)
+        return 1
     comp = compile_model(args.file, pipeline=args.pipeline)
     plan = None
     if args.plan:
@@ -145,9 +159,9 @@ def cmd_compile(args) -> int:
             print(f"moec: error: cannot read placement plan `{args.plan}`: {exc}", file=sys.stderr)
             return 1
     options = {"static": args.static, "plan": plan} if args.target in ("pytorch", "triton") else {
-        "dialect": args.dialect, "batch": args.batch, "tokens": args.tokens}
+        "dialect": args.dialect or "linalg", "batch": args.batch or 1, "tokens": args.tokens or 8}
     if args.target == "hls":
-        options = {"seed": args.seed}
+        options = {"seed": 0 if args.seed is None else args.seed}
     from moec.backends import BackendError
     from moec.backends.mlir import MlirLoweringError, MlirUnavailableError
 
@@ -231,15 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="generate code for a target")
     c.add_argument("file")
-    c.add_argument("--target", "-t", default="pytorch", help="pytorch (default), triton, or mlir (needs torch-mlir)")
+    c.add_argument("--target", "-t", default="pytorch",
+                   help="pytorch (default), triton, mlir (needs torch-mlir) or hls (Vitis-HLS-style C++ project)")
     c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
     c.add_argument("--static", action="store_true", help="pytorch: static-shape (capacity-padded) export form")
     c.add_argument("--plan", metavar="JSON", help="pytorch: expert-parallel form for a plan from `moec place`")
-    c.add_argument("--dialect", default="linalg", choices=["linalg", "stablehlo", "tosa", "torch", "raw"],
+    c.add_argument("--dialect", choices=["linalg", "stablehlo", "tosa", "torch", "raw"],
                    help="mlir: output dialect (default linalg-on-tensors)")
-    c.add_argument("--tokens", type=_positive, default=8, help="mlir: sequence length of the exported shapes")
-    c.add_argument("--batch", type=_positive, default=1, help="mlir: batch size of the exported shapes")
-    c.add_argument("--seed", type=int, default=0, help="hls: seed of the PyTorch weights written to the project")
+    c.add_argument("--tokens", type=_positive, help="mlir: sequence length of the exported shapes (default 8)")
+    c.add_argument("--batch", type=_positive, help="mlir: batch size of the exported shapes (default 1)")
+    c.add_argument("--seed", type=int, help="hls: seed of the PyTorch weights written to the project (default 0)")
     _pipeline_option(c)
     c.set_defaults(func=cmd_compile)
 

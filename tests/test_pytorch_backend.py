@@ -325,6 +325,19 @@ def test_static_form_matches_dynamic_and_exports(example):
     assert "total per forward: 0" in source
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--target", "hls", "--static"], "--static does not apply to --target hls (--static is for pytorch / triton / mlir)"),
+    (["--dialect", "tosa", "--seed", "0"], ("--dialect, --seed do not apply to --target pytorch (--dialect is for "
+                                            "mlir; --seed is for hls)")),
+    (["--target", "mlir", "--seed", "1"], "--seed does not apply to --target mlir"),
+])
+def test_compile_options_of_another_target_are_errors(args, message, capsys, tmp_path):
+    out = tmp_path / "o"
+    assert main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), *args, "-o", str(out)]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_static_requires_fused_pipeline(capsys, tmp_path):
     rc = main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), "--static", "--pipeline", "unfused",
                "-o", str(tmp_path / "o")])
