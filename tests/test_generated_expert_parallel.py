@@ -50,7 +50,8 @@ def _rank(rank, world, path, plan, tokens_per_rank):
 
 
 @pytest.mark.parametrize(("example", "redundant", "tokens"), [("mixtral", 2, (6, 5)), ("moma", 0, (7, 0)),
-                                                           ("moma_depth", 2, (7, 4)), ("recurrent_router", 0, (5, 6))])
+                                                           ("moma_depth", 2, (7, 4)), ("recurrent_router", 0, (5, 6)),
+                                                           ("chain_of_experts", 0, (5, 6))])  # experts shared by 2 steps
 def test_generated_expert_parallel_matches_single_device(tmp_path, capsys, example, redundant, tokens):
     path = os.path.join(EXAMPLES, f"{example}.moe")
     plan_file = tmp_path / "plan.json"

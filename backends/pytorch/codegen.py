@@ -177,6 +177,7 @@ class _BlockEmitter:
         self.g, self.view, self.expert_parallel = graph, view, expert_parallel
         self.modalities = graph.op(graph.find("input")[0]).modalities  # declared, in id order
         self.expert_offset: dict[str, int] = {}  # MoE region -> experts of its groups emitted so far
+        self.expert_start: dict[tuple, int] = {}  # module path of an expert group -> its first expert id
         self.nodes = nodes  # the layer's ops in topological order
         self.in_layer = set(self.nodes)
         self.names: dict[Value, str] = {}
@@ -767,8 +768,10 @@ class _BlockEmitter:
         if e.weights == "ternary" or e.lora_rank is not None:
             raise BackendError(f"{'ternary' if e.weights == 'ternary' else 'LoRA'} experts have no expert-parallel "
                                "form yet")
-        start = self.expert_offset.get(region, 0)
-        self.expert_offset[region] = start + op.num_experts
+        if tuple(path) not in self.expert_start:  # (a chain's later iterations reuse the same experts)
+            self.expert_start[tuple(path)] = self.expert_offset.get(region, 0)
+            self.expert_offset[region] = self.expert_start[tuple(path)] + op.num_experts
+        start = self.expert_start[tuple(path)]
         attr = self.module(path, f"ExpertParallelExperts.from_plan(ep['plan'], f'layers.{{layer}}.{region}', "
                                  f"ep['rank'], ep['world_size'], dim={e.dim}, hidden={e.hidden}, "
                                  f"glu={e.form == 'glu'}, bias={e.bias}, experts=({start}, {op.num_experts}))")
