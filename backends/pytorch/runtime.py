@@ -487,6 +487,8 @@ def _grouped_mm_usable(
         return False
     if not all(_gmm_stride_ok(m) for m in mats):
         return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its tracing (meta) form takes bf16 only
+        return False
     return grouped_mm_available(x.device, x.dtype)
 
 
