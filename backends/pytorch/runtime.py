@@ -487,9 +487,15 @@ def _grouped_mm_usable(
         return False
     if not all(_gmm_stride_ok(m) for m in mats):
         return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its tracing (meta) form takes bf16 only
+    return _grouped_mm_runs(x.device, x.dtype)
+
+
+def _grouped_mm_runs(device: torch.device, dtype: torch.dtype) -> bool:
+    """``grouped_mm_available``, and traceable: while torch.compile / torch.export trace, its meta
+    kernel takes bf16 only."""
+    if torch.compiler.is_compiling() and dtype != torch.bfloat16:
         return False
-    return grouped_mm_available(x.device, x.dtype)
+    return grouped_mm_available(device, dtype)
 
 
 def _auto_wants_counts(x: Tensor) -> bool:
@@ -1085,7 +1091,7 @@ class _ExpertSegments:
         el = rows.element_size()
         aligned = (weight.shape[1] * el) % 16 == 0 and (weight.shape[2] * el) % 16 == 0 and _gmm_stride_ok(weight)
         if (aligned and rows.dtype == weight.dtype and rows.device == weight.device and 0 < rows.shape[0] < 2**31
-                and grouped_mm_available(rows.device, rows.dtype)):
+                and _grouped_mm_runs(rows.device, rows.dtype)):
             offs = self.counts.cumsum(0).to(torch.int32)
             offs[-1] = rows.shape[0]
             return torch._grouped_mm(rows, weight, offs=offs)
