@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 _RUNTIME_PATH = Path(__file__).resolve().parents[1] / "backends" / "pytorch" / "runtime.py"
@@ -721,6 +722,53 @@ def test_second_backward_is_a_clear_error(method):
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("method", ["split", "grouped_mm", "auto", "groups"])
+def test_autocast_runs_the_experts_in_its_dtype(method):
+    """Under CPU bf16 autocast the expert GEMMs run in bf16, as F.linear would: the same result
+    and gradients as the call on bf16 copies of the inputs, with fp32 leaves receiving the
+    gradients. The compiled SwiGLU kernels have no bf16 variant; they are not reached."""
+    p = {n: t.detach().float().requires_grad_() if t.is_floating_point() else t
+         for n, t in make_problem(T=40, d=16, f=16, E=4, seed=13, bias=True).items()}
+    leaves = [p[n] for n in ("x", "w", "up", "down", "gate", "ub", "db", "gb")]
+
+    def call(x, w, up, down, gate, ub, db, gb):
+        if method == "groups":  # two stacks of two experts: the modality-groups call
+            halves = [tuple(t[:2] for t in (up, down, gate, ub, db, gb)), tuple(t[2:] for t in (up, down, gate, ub, db, gb))]
+            return rt.moe_experts_groups(x, p["ids"], w, halves)
+        return rt.moe_experts(x, p["ids"], w, up, down, gate_proj=gate, up_bias=ub, down_bias=db, gate_bias=gb,
+                              method=method)
+
+    if method == "grouped_mm" and not rt.grouped_mm_available("cpu", torch.bfloat16):
+        pytest.skip("torch._grouped_mm does not run bf16 on this CPU build")
+    gy = torch.randn(40, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = call(*leaves)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out, leaves, gy.bfloat16())
+    cast = [t.detach().bfloat16().requires_grad_() if t is not p["w"] else t.detach().clone().requires_grad_()
+            for t in leaves]
+    want = call(*cast)
+    want_grads = torch.autograd.grad(want, cast, gy.bfloat16())
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    for got, ref, leaf in zip(grads, want_grads, leaves):
+        assert got.dtype == leaf.dtype == torch.float32
+        torch.testing.assert_close(got, ref.float(), rtol=0, atol=0)
+
+
+def test_autocast_dense_swiglu():
+    """A dense SwiGLU FFN (shared experts) under CPU bf16 autocast: bf16 GEMMs through torch ops."""
+    ffn = rt.FeedForward(16, 32, glu=True, activation="silu")
+    x = torch.randn(6, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ffn(x)
+        want = F.linear(F.silu(F.linear(x, ffn.gate_proj.weight)) * F.linear(x, ffn.up_proj.weight),
+                        ffn.down_proj.weight)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, want, rtol=0, atol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and ffn.up_proj.weight.grad.dtype == torch.float32
 
 
 # --------------------------------------------------------------------------- RMSNorm

@@ -587,6 +587,12 @@ def _ffn(xs, act, up, down, gate, ub, db, gb, mm):
     return y
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast gives matrix products on x's device; None where autocast is off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def _needs_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd will record an op on these tensors."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -994,6 +1000,13 @@ def moe_experts(
 
     ``order`` / ``offsets`` (from ``permute``) reuse a sort already done (dropped slots last)."""
     _check_shapes(x, expert_ids, weights, up_proj, down_proj, gate_proj, up_bias, down_bias, gate_bias)
+    cast = _autocast_dtype(x)
+    if cast is not None:  # the expert GEMMs in autocast's dtype, as F.linear would run them
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_experts(x.to(cast), expert_ids, weights,
+                               *(None if t is None else t.to(cast) for t in (up_proj, down_proj, gate_proj)),
+                               activation, *(None if t is None else t.to(cast) for t in (up_bias, down_bias, gate_bias)),
+                               method, order, offsets)
     act = _activation(activation)
     T, d = x.shape
     k = expert_ids.shape[1]
@@ -1184,6 +1197,11 @@ def moe_experts_groups(x: Tensor, expert_ids: Tensor, weights: Tensor, stacks: l
     every group's weights where they are (one host sync for the whole layer); elsewhere the
     stacks are concatenated for the grouped GEMM."""
     stacks = [tuple(st) + (None,) * (len(_STACK) - len(st)) for st in stacks]
+    cast = _autocast_dtype(x)
+    if cast is not None:  # the expert GEMMs in autocast's dtype, as F.linear would run them
+        with torch.autocast(x.device.type, enabled=False):
+            return moe_experts_groups(x.to(cast), expert_ids, weights,
+                                      [tuple(None if t is None else t.to(cast) for t in st) for st in stacks], activation)
     if x.device.type != "cpu":
         cat = [None if st[0] is None else torch.cat(list(st)) for st in zip(*stacks)]
         return moe_experts(x, expert_ids, weights, cat[0], cat[1], gate_proj=cat[2], activation=activation,
@@ -1472,7 +1490,8 @@ class FeedForward(nn.Module):
         tensors = [t for layer in (self.up_proj, self.gate_proj, self.down_proj) for t in (layer.weight, layer.bias)
                    if t is not None]
         return (all(t.dtype == x.dtype and t.device == x.device for t in tensors)
-                and not torch.compiler.is_compiling() and _cpu_fused.available(x.dtype))
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+                and _cpu_fused.available(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         if self._fused(x):
