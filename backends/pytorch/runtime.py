@@ -44,7 +44,9 @@ activation="silu", up_bias=None, down_bias=None, gate_bias=None, method="auto")`
     weight receives a zero gradient).  Differentiable w.r.t. ``x``,
     ``weights`` and all expert tensors.  The result has ``x.dtype``; the
     weighted combine is accumulated with ``index_add_`` in fp32 (fp64 if
-    ``x`` is fp64), whatever the dtype of ``weights``.
+    ``x`` is fp64), whatever the dtype of ``weights``.  Under ``torch.autocast``
+    ``x`` and the expert tensors are cast to its dtype first (the result has
+    that dtype), as ``F.linear`` would.
     Dispatch: the flat (token, slot) pairs are sorted by expert (stable
     argsort), per-expert counts/offsets are computed on the device, token rows
     are gathered once, the projections run as grouped GEMMs over the stacked
