@@ -302,8 +302,10 @@ def test_fused_and_unfused_ir_give_the_same_model(example):
     assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
 
 
-@pytest.mark.parametrize("example", ["mixtral", "deepseek_moe", "moma", "mixture_of_transformers", "dynamic_k",
-                                     "deepseek_v3_style"])
+NO_STATIC_FORM = {"moma_depth", "progressive_depth", "video_depth", "moma_expert_choice"}  # data-dependent sizes
+
+
+@pytest.mark.parametrize("example", [e for e in ALL_EXAMPLES if e not in NO_STATIC_FORM])
 def test_static_form_matches_dynamic_and_exports(example):
     path = os.path.join(EXAMPLES, f"{example}.moe")
     dynamic, static = moec.load(path).double(), moec.load(path, static=True).double()
@@ -314,13 +316,15 @@ def test_static_form_matches_dynamic_and_exports(example):
     torch.testing.assert_close(a.output, b.output, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(a.aux_loss, b.aux_loss, rtol=1e-12, atol=1e-14)
     assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
-    ga = torch.autograd.grad(a.output.sum() + a.aux_loss, list(dynamic.parameters()))
-    gb = torch.autograd.grad(b.output.sum() + b.aux_loss, list(static.parameters()))
+    ga = torch.autograd.grad(a.output.sum() + a.aux_loss, [p for p in dynamic.parameters() if p.requires_grad])
+    gb = torch.autograd.grad(b.output.sum() + b.aux_loss, [p for p in static.parameters() if p.requires_grad])
     for p, q in zip(ga, gb):
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
     exported = torch.export.export(static.float().eval(), (x.float(), modality))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert not any(bad in t for t in targets for bad in ("nonzero", "bincount", "_grouped_mm", "sort.stable"))
+    # none of the ops some MLIR dialect cannot lower (stable sort: none; sort, scatter_add, index_add: TOSA)
+    assert not any(bad in t for t in targets for bad in ("nonzero", "bincount", "_grouped_mm", "sort", "scatter_add",
+                                                        "index_add")), sorted(targets)
     source = inspect.getsource(inspect.getmodule(type(static)))
     assert "total per forward: 0" in source
 
