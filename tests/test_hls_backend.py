@@ -232,6 +232,12 @@ def test_csim_command_with_npy_inputs_and_cached_build(tmp_path, capsys):
     np.save(task, np.array([[0, 1, 2, 0, 7], [2, 2, 2, 2, 2]]))  # task 7 has no expert
     assert main(args) == 1
     assert "moec: error: task ids must lie in [0, 3)" in capsys.readouterr().err
+    np.save(x, np.full((5, 32), np.nan, dtype="float32"))
+    assert main(["csim", example("task_experts"), "--input", str(x)]) == 1
+    assert "moec: error: input has NaN or infinite values" in capsys.readouterr().err
+    np.save(x, np.zeros((5, 31), dtype="float32"))
+    assert main(["csim", example("task_experts"), "--input", str(x)]) == 1
+    assert "input must be [T, 32] or [B, T, 32], got (5, 31)" in capsys.readouterr().err
 
 
 def test_missing_headers_are_named(monkeypatch, tmp_path):

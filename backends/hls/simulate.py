@@ -229,10 +229,12 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
         n = tokens or min(16, cfg.max_tokens)
         x = S.example_inputs(project, comp, tokens=n, seed=seed)["x"]
     x = torch.as_tensor(x, dtype=torch.float32)
+    if x.dim() not in (2, 3) or x.shape[-1] != project.dim:
+        raise BackendError(f"input must be [T, {project.dim}] or [B, T, {project.dim}], got {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise BackendError("input has NaN or infinite values; the fixed-point project cannot represent them")
     if x.dim() == 2:
         x = x.unsqueeze(0)
-    if x.dim() != 3 or x.shape[-1] != project.dim:
-        raise BackendError(f"input must be [T, {project.dim}] or [B, T, {project.dim}], got {tuple(x.shape)}")
     b, t = x.shape[:2]
     carried = [project.modalities.index(m) for m in comp.spec.input_modalities]
     if modality is None:
