@@ -100,6 +100,37 @@ def test_depth_router_keeps_the_highest_scores():
     torch.testing.assert_close(route.weight, torch.sigmoid(torch.tensor([3.0, 2.0, 5.0])))
 
 
+def test_every_token_route_is_static_and_exports_with_ties():
+    """Without `modalities` each sequence keeps ceil(ratio * S) tokens: no padding, no host sync.
+    Under torch.export the positions come from comparisons, equal to the stable sort's, ties (the
+    earlier token first) included."""
+
+    class Route(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.depth = DepthRouter(dim=4, ratio=0.5)
+
+        def forward(self, x):
+            r = self.depth(x, torch.zeros(x.shape[:-1], dtype=torch.long))
+            return r.rows, r.slots, r.positions, r.weight
+
+    module = Route()
+    with torch.no_grad():
+        module.depth.router.weight.copy_(torch.tensor([[1.0, 0, 0, 0]]))
+    x = torch.zeros(3, 7, 4)
+    x[0, :, 0] = torch.tensor([0.1, 3.0, -1.0, 2.0, 5.0, 1.0, 1.0])  # the 4th place ties: the earlier wins
+    x[2, :, 0] = torch.randn(7)  # sequence 1: all scores tie
+    exported = torch.export.export(module, (x,))
+    assert not any(op in str(n.target) for n in exported.graph.nodes for op in ("sort", "nonzero", "item"))
+    eager = module(x)
+    for a, b in zip(eager, exported.module()(x)):
+        assert torch.equal(a, b)
+    rows = eager[0].tolist()  # ceil(0.5 * 7) = 4 per sequence
+    assert rows[:8] == [1, 3, 4, 5, 7, 8, 9, 10] and eager[1].tolist() == [0, 1, 2, 3] * 3
+    route = module.depth(x, None)
+    assert route.full and route.attention_mask(causal=True) is None and route.max_kept == 4
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_attention_among_kept_tokens_equals_masked_full_attention(causal):
     """The padded attention of the kept rows (rotary at their original positions) equals attention

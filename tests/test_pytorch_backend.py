@@ -302,7 +302,7 @@ def test_fused_and_unfused_ir_give_the_same_model(example):
     assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
 
 
-NO_STATIC_FORM = {"moma_depth", "progressive_depth", "video_depth", "moma_expert_choice"}  # data-dependent sizes
+NO_STATIC_FORM = {"progressive_depth", "video_depth", "moma_expert_choice"}  # data-dependent sizes
 
 
 @pytest.mark.parametrize("example", [e for e in ALL_EXAMPLES if e not in NO_STATIC_FORM])

@@ -403,7 +403,8 @@ class _BlockEmitter:
         weight = f", weight={op.weight!r}" if op.weight != "sigmoid" else ""
         attr = self.module(path, f"DepthRouter(dim={op.dim}, ratio=ratio{mods}{weight})")
         self.view.init_params.append("ratio")
-        self.view.sync_notes += ["Mixture-of-Depths token selection"] * 2
+        if op.modalities:  # the kept rows and the padded length; without modalities both are static
+            self.view.sync_notes += ["Mixture-of-Depths token selection"] * 2
         route, x, modality, task = self.g.outputs(node)
         (r,) = self.assign_values([route], ["route"], node)
         self.line(f"{r} = {attr}({ins[0]}, {ins[1]})")
@@ -882,8 +883,17 @@ class _StaticBlockEmitter(_BlockEmitter):
         raise BackendError("the static form needs the fused pipeline (drop --pipeline unfused)")
 
     def _op_depth_route(self, node, op, ins, path):
-        raise BackendError(f"the static form has no Mixture-of-Depths ({op.name}): the number of tokens a "
-                           "block keeps per sequence depends on the data; use the dynamic form")
+        if op.modalities:
+            raise BackendError(f"the static form has no Mixture-of-Depths over some modalities ({op.name}): how "
+                               "many tokens a sequence keeps depends on its modality ids; use the dynamic form "
+                               "(keep_top without `modalities` has a static form)")
+        super()._op_depth_route(node, op, ins, path)
+
+    def _op_attention(self, node, op, ins, path):
+        if op.kept_tokens and op.per_modality:
+            raise BackendError(f"the static form has no per-modality attention inside a Mixture-of-Depths block "
+                               f"({op.name}): its projections would select rows of data-dependent sizes")
+        super()._op_attention(node, op, ins, path)
 
     _op_sort_by_expert = _op_expert_offsets = _unfused
     _op_gather_rows = _op_expert_gemm = _op_activation = _op_combine = _unfused

@@ -4,6 +4,9 @@ Shipped next to generated files as ``moec_depth.py`` (it imports only torch).
 
 A block with a depth router runs its sublayers on the rows of the tokens it keeps, in sequence
 order; attention pads them back into per-sequence rows (``DepthRoute.pad``) and masks the padding.
+Without ``modalities`` every sequence keeps the same number of tokens: no padding, no host sync,
+and the route exports (the static form); with them, two host syncs per layer (the kept rows and
+the padded length).
 """
 
 from __future__ import annotations
@@ -41,22 +44,35 @@ class DepthRoute:
         """The kept tokens' entries [N] of per-token ids [..., S]."""
         return ids.reshape(-1).index_select(0, self.rows)
 
+    @property
+    def full(self) -> bool:
+        """Every sequence kept the same number of tokens (always so without `modalities`): the
+        padded form is a reshape, with no padding to mask."""
+        return self.rows.shape[0] == self.sequences * self.max_kept
+
     def pad(self, rows: Tensor) -> Tensor:
         """Kept rows [N, ...] -> [sequences, max_kept, ...] in sequence order (zeros after each
         sequence's kept tokens)."""
+        if self.full:
+            return rows.reshape(self.sequences, self.max_kept, *rows.shape[1:])
         out = rows.new_zeros((self.sequences, self.max_kept, *rows.shape[1:]))
         return out.index_put((self.sequence, self.slots), rows)
 
     def unpad(self, padded: Tensor) -> Tensor:
+        if self.full:
+            return padded.reshape(self.rows.shape[0], *padded.shape[2:])
         return padded[self.sequence, self.slots]
 
     def padded_positions(self) -> Tensor:
         return self.pad(self.positions)
 
-    def attention_mask(self, causal: bool) -> Tensor:
+    def attention_mask(self, causal: bool) -> Tensor | None:
         """[sequences, 1, max_kept, max_kept] booleans (True: may attend): kept tokens attend to the
         kept tokens of their sequence (earlier or equal positions when causal); padding queries see
-        everything, so no row is fully masked."""
+        everything, so no row is fully masked. None when there is no padding (`full`): plain
+        (causal) attention over the kept tokens."""
+        if self.full:
+            return None
         counts = torch.bincount(self.sequence, minlength=self.sequences)
         slot = torch.arange(self.max_kept, device=self.rows.device)
         valid = slot[None, :] < counts[:, None]  # [sequences, max_kept]
@@ -88,11 +104,10 @@ class DepthRouter(nn.Module):
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
         sequences = math.prod(x.shape[:-2]) if x.dim() > 2 else 1
         scores = self.router(x.reshape(sequences, seq_len, x.shape[-1])).squeeze(-1)  # [B, S]
-        if self.modalities:
-            ids = torch.tensor(self.modalities, device=x.device)
-            candidate = torch.isin(modality.reshape(sequences, seq_len), ids)
-        else:
-            candidate = torch.ones(sequences, seq_len, dtype=torch.bool, device=x.device)
+        if not self.modalities:
+            return self._route_every_token(scores, sequences, seq_len)
+        # candidates of some modalities: how many tokens a sequence keeps depends on its ids
+        candidate = torch.isin(modality.reshape(sequences, seq_len), torch.tensor(self.modalities, device=x.device))
         quota = torch.ceil(candidate.sum(1).double() * self.ratio - 1e-9)  # [B]
         ranked = scores.detach().masked_fill(~candidate, float("-inf"))
         order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
@@ -109,8 +124,41 @@ class DepthRouter(nn.Module):
                           max_kept=int(kept.max()) if sequences else 0)  # host sync: the padded length
 
 
+    def _route_every_token(self, scores: Tensor, sequences: int, seq_len: int) -> DepthRoute:
+        """Every token a candidate: each sequence keeps the same number of tokens, k = ceil(ratio *
+        seq_len), so no size depends on the data (no host sync; the static form exports it)."""
+        k = min(max(math.ceil(seq_len * self.ratio - 1e-9), 0), seq_len)
+        positions = _top_positions(scores.detach(), k)  # [B, k], ascending
+        gate = torch.sigmoid(scores) if self.weight == "sigmoid" else torch.tanh(scores)
+        first = torch.arange(sequences, device=scores.device).unsqueeze(1)
+        return DepthRoute(rows=(positions + first * seq_len).reshape(-1), sequence=first.expand(-1, k).reshape(-1),
+                          positions=positions.reshape(-1),
+                          slots=torch.arange(k, device=scores.device).expand(sequences, k).reshape(-1),
+                          weight=gate.gather(1, positions).reshape(-1), sequences=sequences, seq_len=seq_len,
+                          max_kept=k)
+
+
+def _top_positions(scores: Tensor, k: int) -> Tensor:
+    """Per row of scores [B, S], the positions of its k highest scores (ties: the earlier position),
+    in ascending order. A stable sort; under torch.export (which no MLIR dialect lowers a stable
+    sort from) the same positions from comparisons: O(S^2) per row, as attention itself."""
+    if not torch.compiler.is_exporting():
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+        return order.sort(dim=1).values
+    S = scores.shape[1]
+    pos = torch.arange(S, device=scores.device)
+    earlier = pos.unsqueeze(0) < pos.unsqueeze(1)  # [s, j]: j before s
+    ahead = (scores.unsqueeze(1) > scores.unsqueeze(2)) | ((scores.unsqueeze(1) == scores.unsqueeze(2)) & earlier)
+    kept = ahead.sum(2) < k  # [B, S]
+    slot = (kept.unsqueeze(1) & earlier).sum(2)  # kept tokens before s
+    at = kept.unsqueeze(2) & (slot.unsqueeze(2) == torch.arange(k, device=scores.device))  # [B, S, k]
+    return (at * pos.view(1, S, 1)).sum(1)
+
+
 def depth_combine(x: Tensor, kept: Tensor, route: DepthRoute) -> Tensor:
-    """x with each kept token's row moved by weight * (block output - x); skipped tokens keep x."""
+    """x with each kept token's row moved by weight * (block output - x); skipped tokens keep x.
+    The kept rows are distinct: written with index_copy (which every MLIR dialect lowers)."""
     flat = x.reshape(-1, x.shape[-1])
-    delta = (kept - flat.index_select(0, route.rows)) * route.weight.to(kept.dtype)[:, None]
-    return flat.index_add(0, route.rows, delta).reshape(x.shape)
+    before = flat.index_select(0, route.rows)
+    moved = before + (kept - before) * route.weight.to(kept.dtype)[:, None]
+    return flat.index_copy(0, route.rows, moved).reshape(x.shape)
