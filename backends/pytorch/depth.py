@@ -123,7 +123,6 @@ class DepthRouter(nn.Module):
                           sequences=sequences, seq_len=seq_len,
                           max_kept=int(kept.max()) if sequences else 0)  # host sync: the padded length
 
-
     def _route_every_token(self, scores: Tensor, sequences: int, seq_len: int) -> DepthRoute:
         """Every token a candidate: each sequence keeps the same number of tokens, k = ceil(ratio *
         seq_len), so no size depends on the data (no host sync; the static form exports it)."""
