@@ -72,11 +72,13 @@ def build(name: str, out: str):
     target = os.path.join(out, name)
     if main(["compile", path, "--target", "triton", "-o", target]) != 0:
         raise SystemExit(1)
-    # imported by name in dependency order: moec_cpu_fused, then moec_runtime, then the rest
-    files = sorted(os.listdir(target), key=lambda f: (f != "moec_cpu_fused.py", f != "moec_runtime.py"))
-    for file in files:
-        if file.startswith("moec_") or file.endswith("_kernels.py"):
-            _import(file[:-3], os.path.join(target, file))
+    # imported by name in dependency order (RUNTIME_MODULES order, the Triton launcher, the kernels)
+    from moec.backends.pytorch.codegen import RUNTIME_MODULES
+
+    order = [*RUNTIME_MODULES, "moec_triton"]
+    files = [f for f in os.listdir(target) if f.startswith("moec_") or f.endswith("_kernels.py")]
+    for file in sorted(files, key=lambda f: order.index(f[:-3]) if f[:-3] in order else len(order)):
+        _import(file[:-3], os.path.join(target, file))
     generated = _import(f"bench_triton_{name}", os.path.join(target, f"bench_{name}.py"))
     ref = moec.load(path)
     tri = generated.Model()

@@ -15,6 +15,7 @@ pytest.importorskip("numpy")  # the interpreter needs it
 
 import moec
 import torch
+from moec.backends.pytorch.codegen import RUNTIME_MODULES
 from moec.cli import main
 
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
@@ -35,9 +36,9 @@ def compile_triton(path: str, out: str, text: str | None = None):
             fh.write(text)
     assert main(["compile", path, "--target", "triton", "-o", out]) == 0
     files = sorted(os.listdir(out))
-    # shared by every generated model, imported by name: moec_cpu_fused, then moec_runtime, then the rest
-    runtimes = sorted((f for f in files if f.startswith("moec_")),
-                      key=lambda f: (f != "moec_cpu_fused.py", f != "moec_runtime.py"))
+    # shared by every generated model, imported by name, in RUNTIME_MODULES order (each after its imports)
+    order = [*RUNTIME_MODULES, "moec_triton"]
+    runtimes = sorted((f for f in files if f.startswith("moec_")), key=lambda f: order.index(f[:-3]))
     for f in runtimes:
         _import(f[:-3], os.path.join(out, f))
     (kernels_file,) = [f for f in files if f.endswith("_kernels.py")]

@@ -21,7 +21,8 @@ from moec import ops as O
 from moec.backends import BackendError
 from moec.ir import Graph, Value
 
-# The runtime modules shipped next to every generated file: module -> (source file, names it exports)
+# The runtime modules shipped next to every generated file: module -> (source file, names it exports),
+# in import order (each after the runtime modules it imports: moec.load imports them in this order)
 RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_cpu_fused": ("cpu_fused.py", ()),  # imported by moec_runtime, so first
     "moec_runtime": ("runtime.py", (

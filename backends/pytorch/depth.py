@@ -1,6 +1,6 @@
 """Mixture-of-Depths for generated models: which tokens go through a block, and putting them back.
 
-Shipped next to generated files as ``moec_depth.py`` (it imports only torch).
+Shipped next to generated files as ``moec_depth.py`` (it imports torch and ``moec_routers``).
 
 A block with a depth router runs its sublayers on the rows of the tokens it keeps, in sequence
 order; attention pads them back into per-sequence rows (``DepthRoute.pad``) and masks the padding.
@@ -16,6 +16,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+try:  # inside the moec package
+    from .routers import descending_rank
+except ImportError:  # shipped next to generated code, beside moec_routers.py
+    from moec_routers import descending_rank
 
 __all__ = ["DepthRoute", "DepthRouter", "depth_combine"]
 
@@ -109,9 +114,7 @@ class DepthRouter(nn.Module):
         # candidates of some modalities: how many tokens a sequence keeps depends on its ids
         candidate = torch.isin(modality.reshape(sequences, seq_len), torch.tensor(self.modalities, device=x.device))
         quota = torch.ceil(candidate.sum(1).double() * self.ratio - 1e-9)  # [B]
-        ranked = scores.detach().masked_fill(~candidate, float("-inf"))
-        order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(seq_len, device=x.device).expand_as(order))
+        rank = descending_rank(scores.detach().masked_fill(~candidate, float("-inf")))
         keep = ~candidate | (rank < quota[:, None])
         gate = torch.sigmoid(scores) if self.weight == "sigmoid" else torch.tanh(scores)
         weight = torch.where(candidate, gate, torch.ones_like(gate))
@@ -139,17 +142,15 @@ class DepthRouter(nn.Module):
 
 def _top_positions(scores: Tensor, k: int) -> Tensor:
     """Per row of scores [B, S], the positions of its k highest scores (ties: the earlier position),
-    in ascending order. A stable sort; under torch.export (which no MLIR dialect lowers a stable
-    sort from) the same positions from comparisons: O(S^2) per row, as attention itself."""
+    in ascending order. Under torch.export (no MLIR dialect lowers a sort) from ``descending_rank``
+    and comparisons: O(S^2) per row, as attention itself."""
     if not torch.compiler.is_exporting():
         order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
         return order.sort(dim=1).values
     S = scores.shape[1]
     pos = torch.arange(S, device=scores.device)
-    earlier = pos.unsqueeze(0) < pos.unsqueeze(1)  # [s, j]: j before s
-    ahead = (scores.unsqueeze(1) > scores.unsqueeze(2)) | ((scores.unsqueeze(1) == scores.unsqueeze(2)) & earlier)
-    kept = ahead.sum(2) < k  # [B, S]
-    slot = (kept.unsqueeze(1) & earlier).sum(2)  # kept tokens before s
+    kept = descending_rank(scores) < k  # [B, S]
+    slot = (kept.unsqueeze(1) & (pos.unsqueeze(0) < pos.unsqueeze(1))).sum(2)  # kept tokens before s
     at = kept.unsqueeze(2) & (slot.unsqueeze(2) == torch.arange(k, device=scores.device))  # [B, S, k]
     return (at * pos.view(1, S, 1)).sum(1)
 

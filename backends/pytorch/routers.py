@@ -54,6 +54,8 @@ score="sigmoid")``
     constant / linear / cosine schedules (Python floats) for dense-to-sparse gates.
 ``route_top_k_temperature(logits, k, temperature, renormalize=False)``
     Top-k of a tempered softmax.  K = k.
+``descending_rank(scores)``
+    Each entry's place in its row's stable descending order (comparisons under ``torch.export``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ __all__ = [
     "BalancedRouter",
     "apply_capacity",
     "capacity",
+    "descending_rank",
     "route_deterministic",
     "route_dynamic_k",
     "route_expert_choice",
@@ -212,21 +215,29 @@ def route_expert_choice(
 # --------------------------------------------------------------------------- dynamic k
 
 
+def descending_rank(scores: Tensor) -> Tensor:
+    """Each entry's place in its row's descending order (int64, shaped like ``scores``), ties in
+    index order: a stable sort's. Under ``torch.export`` (the static form, which torch-mlir
+    lowers, and no dialect lowers a stable sort) the places come from comparisons instead: the
+    entries above, plus the equal ones before; O(S^2) per row."""
+    S = scores.shape[-1]
+    ids = torch.arange(S, device=scores.device)
+    if not torch.compiler.is_exporting():
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        return torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
+    other, entry = scores.unsqueeze(-2), scores.unsqueeze(-1)  # [..., 1, S] and [..., S, 1]
+    return ((other > entry) | ((other == entry) & (ids < ids.unsqueeze(1)))).sum(-1)
+
+
 def _sorted_descending(probs: Tensor, K: int) -> tuple[Tensor, Tensor]:
     """The K largest entries of each row and their indices, in descending order, ties in index
-    order: a stable descending sort. Under ``torch.export`` (the static form, which torch-mlir
-    lowers, and no dialect lowers a stable sort) the same order comes from comparisons: entry e's
-    place is the number of entries above it plus the equal ones before it, O(E^2) per row."""
+    order; under ``torch.export`` from ``descending_rank`` (no sort)."""
     if not torch.compiler.is_exporting():
         vals, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
         return vals[:, :K], idx[:, :K]
     E = probs.shape[1]
-    ids = torch.arange(E, device=probs.device)
-    before = (probs.unsqueeze(1) > probs.unsqueeze(2)) | (
-        (probs.unsqueeze(1) == probs.unsqueeze(2)) & (ids.unsqueeze(1) > ids.unsqueeze(0)))  # [T, e, j]: j first
-    place = before.sum(dim=2)  # [T, E]
-    at = place.unsqueeze(2) == torch.arange(K, device=probs.device)  # [T, E, K]: entry e goes to place p
-    idx = (at * ids.view(1, E, 1)).sum(dim=1)  # [T, K]
+    at = descending_rank(probs).unsqueeze(2) == torch.arange(K, device=probs.device)  # [T, E, K]: e at place p
+    idx = (at * torch.arange(E, device=probs.device).view(1, E, 1)).sum(dim=1)  # [T, K]
     return probs.gather(1, idx), idx
 
 

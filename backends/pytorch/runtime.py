@@ -365,10 +365,13 @@ def _counts_with_dropped(flat_ids: Tensor, num_experts: int) -> tuple[Tensor, Te
 
 def expert_counts(expert_ids: Tensor, num_experts: int, token_mask: Tensor | None = None) -> Tensor:
     """Assignments per expert (LongTensor[E]); -1 entries, and the slots of tokens outside
-    ``token_mask`` ([T] bool) when given, are ignored; no host sync."""
+    ``token_mask`` ([T] bool) when given, are ignored; no host sync. Under ``torch.export`` the
+    counts come from comparisons (a [T*k, E] one-hot sum): TOSA has no scatter_add."""
     if token_mask is not None:
         expert_ids = torch.where(token_mask.unsqueeze(1), expert_ids, -1)
     flat = expert_ids.reshape(-1).long()
+    if torch.compiler.is_exporting():
+        return (flat.unsqueeze(1) == torch.arange(num_experts, device=flat.device)).sum(0)
     return _counts_with_dropped(flat, num_experts)[1][:num_experts]
 
 
@@ -1492,7 +1495,7 @@ class FeedForward(nn.Module):
         tensors = [t for layer in (self.up_proj, self.gate_proj, self.down_proj) for t in (layer.weight, layer.bias)
                    if t is not None]
         return (all(t.dtype == x.dtype and t.device == x.device for t in tensors)
-                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+                and not torch.compiler.is_compiling() and _autocast_dtype(x) is None
                 and _cpu_fused.available(x.dtype))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -1842,9 +1845,7 @@ class AttentionExperts(nn.Module):
         if self.o_bias is not None:
             y = y + (g * self.o_bias[ids]).sum(1)
         aux = logits.new_zeros((), dtype=probs.dtype)
-        # dense dispatch is also the export form: counts by comparison there (no scatter, which TOSA lacks)
-        counts = (ids.reshape(-1, 1) == torch.arange(self.num_experts, device=ids.device)).sum(0) if dense else \
-            expert_counts(ids, self.num_experts)
+        counts = expert_counts(ids, self.num_experts)
         if self.load_balance:
             aux = aux + self.load_balance * load_balance_loss(probs, ids, self.num_experts, counts=counts)
         if self.z_loss:
