@@ -45,27 +45,61 @@ def by_modality(fn, prefix: str, x, names):
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def attention(op: O.AttentionOp, p: dict, prefix: str, x, names=None):
+def rms_vector(u, weight, eps: float):
+    return u / torch.sqrt((u * u).mean() + eps) * weight
+
+
+def rotate(u, pos: int, theta: float | None):
+    """Rotate-half rotary embedding of one head vector u at position pos (none when theta is None)."""
+    if theta is None:
+        return u
+    hd = u.shape[0]
+    out = u.clone()
+    for i in range(hd // 2):  # the angle in float32, as transformers (and the runtime) compute it
+        inv_freq = 1.0 / torch.tensor(theta, dtype=torch.float32) ** torch.tensor(2 * i / hd)
+        angle = torch.tensor(float(pos), dtype=torch.float32) * inv_freq
+        c, s = float(angle.cos()), float(angle.sin())
+        out[i] = u[i] * c - u[i + hd // 2] * s
+        out[i + hd // 2] = u[i + hd // 2] * c + u[i] * s
+    return out
+
+
+def attention(op: O.AttentionOp, p: dict, prefix: str, x, names=None, positions=None):
+    """Per sequence of x [..., seq, d], head by head: q/k norms (per head or per projection),
+    rotary at `positions` (0..seq-1 unless given), causal or full softmax attention."""
     seq = x.shape[-2]
     xs = x.reshape(-1, seq, x.shape[-1])
+    positions = list(range(seq)) if positions is None else positions
     out = torch.zeros(xs.shape[0], seq, op.heads * op.head_dim, dtype=x.dtype)
+    hd = op.head_dim
 
     def proj(name, v):
         return by_modality(lambda pre, r: linear(p, pre, r), f"{prefix}.{name}", v, names)
 
+    def heads_of(u, n, norm_name):  # [seq, n * hd] -> n tensors [seq, hd], normed and rotated
+        rows = []
+        for t in range(seq):
+            v = u[t]
+            if op.qk_norm == "projection":
+                v = rms_vector(v, p[f"{prefix}.{norm_name}.weight"], op.norm_eps)
+            parts = [v[h * hd:(h + 1) * hd] for h in range(n)]
+            if op.qk_norm == "head":
+                parts = [rms_vector(w, p[f"{prefix}.{norm_name}.weight"], op.norm_eps) for w in parts]
+            rows.append([rotate(w, positions[t], op.rope_theta) for w in parts])
+        return [torch.stack([r[h] for r in rows]) for h in range(n)]
+
     q, k, v = proj("q_proj", xs), proj("k_proj", xs), proj("v_proj", xs)
     group = op.heads // op.kv_heads
     for b in range(xs.shape[0]):
+        qs, ks = heads_of(q[b], op.heads, "q_norm"), heads_of(k[b], op.kv_heads, "k_norm")
         for h in range(op.heads):
             kv = h // group
-            qh = q[b, :, h * op.head_dim:(h + 1) * op.head_dim]
-            kh = k[b, :, kv * op.head_dim:(kv + 1) * op.head_dim]
-            vh = v[b, :, kv * op.head_dim:(kv + 1) * op.head_dim]
-            scores = qh @ kh.T / math.sqrt(op.head_dim)
+            vh = v[b, :, kv * hd:(kv + 1) * hd]
+            scores = qs[h] @ ks[kv].T / math.sqrt(hd)
             if op.causal:
                 mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1)
                 scores = scores.masked_fill(mask, float("-inf"))
-            out[b, :, h * op.head_dim:(h + 1) * op.head_dim] = torch.softmax(scores, -1) @ vh
+            out[b, :, h * hd:(h + 1) * hd] = torch.softmax(scores, -1) @ vh
     if op.routed_heads is not None:  # mixture-of-heads: each token weights its heads
         weights = [[head_weights(op, p, prefix, xs[b, t]) for t in range(seq)] for b in range(xs.shape[0])]
         scale = torch.stack([torch.stack([torch.stack(w).repeat_interleave(op.head_dim) for w in row])
@@ -97,19 +131,7 @@ def attention_experts(op: O.AttentionExpertsOp, p: dict, prefix: str, x):
     hd, group, E = op.head_dim, op.heads // op.kv_heads, op.num_experts
 
     def rms(u, name):
-        return u / torch.sqrt((u * u).mean() + op.norm_eps) * p[f"{prefix}.{name}.weight"]
-
-    def rotate(u, pos):  # rotate-half rotary embedding of one head vector at position pos
-        if op.rope_theta is None:
-            return u
-        out = u.clone()
-        for i in range(hd // 2):  # the angle in float32, as transformers (and the runtime) compute it
-            inv_freq = 1.0 / torch.tensor(op.rope_theta, dtype=torch.float32) ** torch.tensor(2 * i / hd)
-            angle = torch.tensor(float(pos), dtype=torch.float32) * inv_freq
-            c, s = float(angle.cos()), float(angle.sin())
-            out[i] = u[i] * c - u[i + hd // 2] * s
-            out[i + hd // 2] = u[i + hd // 2] * c + u[i] * s
-        return out
+        return rms_vector(u, p[f"{prefix}.{name}.weight"], op.norm_eps)
 
     def heads_of(u, n, norm_name):  # split a projection into n head vectors, normed as configured
         if op.qk_norm == "projection":
@@ -121,7 +143,7 @@ def attention_experts(op: O.AttentionExpertsOp, p: dict, prefix: str, x):
     count = torch.zeros(E, dtype=torch.long)
     probs_all, logits_all = [], []
     for b in range(xs.shape[0]):
-        keys = [[rotate(v, s) for v in heads_of(linear(p, f"{prefix}.k_proj", xs[b, s]), op.kv_heads, "k_norm")]
+        keys = [[rotate(v, s, op.rope_theta) for v in heads_of(linear(p, f"{prefix}.k_proj", xs[b, s]), op.kv_heads, "k_norm")]
                 for s in range(seq)]
         values = [linear(p, f"{prefix}.v_proj", xs[b, s]) for s in range(seq)]
         for t in range(seq):
@@ -141,7 +163,7 @@ def attention_experts(op: O.AttentionExpertsOp, p: dict, prefix: str, x):
                     q = q + p[f"{prefix}.q_bias"][e]
                 context = []
                 for h, qh in enumerate(heads_of(q, op.heads, "q_norm")):
-                    qh, kv = rotate(qh, t), h // group
+                    qh, kv = rotate(qh, t, op.rope_theta), h // group
                     visible = range(t + 1) if op.causal else range(seq)
                     scores = torch.stack([qh @ keys[s][kv] / math.sqrt(hd) for s in visible])
                     a = torch.softmax(scores, -1)
@@ -475,7 +497,8 @@ def depth_block(spec, block, i: int, params: dict, x, modality, task, step):
             idx = [j for j, (bb, _) in enumerate(kept) if bb == b]
             if idx:
                 sub_names = [names[j] for j in idx] if names is not None else None
-                out[idx] = attention(op, params, prefix, h[idx].unsqueeze(0), sub_names)[0]
+                positions = [kept[j][1] for j in idx]  # rotary at the original positions
+                out[idx] = attention(op, params, prefix, h[idx].unsqueeze(0), sub_names, positions)[0]
         return out
 
     y, aux, counts, _ = sublayers(spec, block, i, params, rows, row_mods, row_tasks, step, attend)

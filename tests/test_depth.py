@@ -38,8 +38,39 @@ def _model(tmp_path, depth="keep_top(0.5)", settings="", attention="attention(he
     return _write(tmp_path, DEPTH.format(depth=depth, settings=settings, attention=attention, ffn=ffn), name)
 
 
+GROUPED_MOE = ("moe { group text { experts 3 x glu(d, 8); router top_k(k = 2) }\n"
+               "      group image { experts 3 x glu(d, 8); router top_k(k = 1) }\n"
+               "      loss load_balance(0.1), z_loss(0.01) }")
+SHARED_MOE = ("moe { experts 4 x glu(d, 8); shared 1 x glu(d, 8); router top_k(k = 2)\n"
+              "      loss load_balance(0.1), z_loss(0.01) }")
+
+
+@pytest.mark.parametrize("depth,settings,attention,ffn", [
+    ("keep_top(0.4, modalities = [image], weight = tanh)", "", "attention(heads = 4, kv_heads = 2)", "mlp(d, 20)"),
+    ("keep_top(0.6, modalities = [text])", "residual = post_norm", "attention(heads = 2, causal = false)",
+     "glu(d, 24)"),
+    ("keep_top(0.5, modalities = [image])", "per_modality = true", "attention(heads = 2, bias = true)", "glu(d, 24)"),
+    ("keep_top(0.5)", "per_modality = true", "attention(heads = 2, rope_theta = 100.0)", "glu(d, 24)"),
+    ("keep_top(0.5, modalities = [image])", "", 'attention(heads = 2, rope_theta = 100.0, qk_norm = "head")',
+     GROUPED_MOE),
+    ("keep_top(0.3, modalities = [text])", "", "attention(heads = 4, shared_heads = 1, routed_heads = 2)",
+     SHARED_MOE),
+])
+def test_static_depth_blocks_match_reference(tmp_path, depth, settings, attention, ffn):
+    """The static form: every token goes through the block, the kept ones' results are used, and
+    the MoE layers count, route and balance only the kept tokens. A text-only sequence, an
+    image-only one and a mixed one."""
+    path = _model(tmp_path, depth, settings, attention, ffn)
+    torch.manual_seed(26)
+    modality = torch.stack([torch.zeros(10, dtype=torch.long), torch.ones(10, dtype=torch.long),
+                            torch.randint(0, 2, (10,))])
+    _check(path, torch.randn(3, 10, 16), modality, static=True)
+
+
 @pytest.mark.parametrize("depth,settings,attention,ffn", [
     ("keep_top(0.5)", "", "attention(heads = 2)", "glu(d, 24)"),
+    ("keep_top(0.5, modalities = [image])", "",
+     'attention(heads = 4, kv_heads = 2, rope_theta = 100.0, qk_norm = "projection")', "glu(d, 24)"),
     ("keep_top(0.4, modalities = [image], weight = tanh)", "", "attention(heads = 4, kv_heads = 2)", "mlp(d, 20)"),
     ("keep_top(0.6, modalities = [text])", "residual = post_norm", "attention(heads = 2, causal = false)",
      "glu(d, 24)"),
@@ -203,13 +234,10 @@ def test_generated_code_reads_like_mixture_of_depths(tmp_path):
     assert "DecoderBlock: 2 (2 x Mixture-of-Depths token selection)" in source
 
 
-@pytest.mark.parametrize("target,message", [
-    (["--target", "pytorch", "--static"], "the static form has no Mixture-of-Depths"),
-    (["--target", "hls"], "does not support Mixture-of-Depths"),
-])
-def test_targets_without_depth_routing_say_so(tmp_path, capsys, target, message):
-    assert main(["compile", os.path.join(EXAMPLES, "video_depth.moe"), *target, "-o", str(tmp_path / "o")]) == 1
-    assert message in capsys.readouterr().err
+def test_hls_says_it_has_no_depth_routing(tmp_path, capsys):
+    assert main(["compile", os.path.join(EXAMPLES, "video_depth.moe"), "--target", "hls",
+                 "-o", str(tmp_path / "o")]) == 1
+    assert "does not support Mixture-of-Depths" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -256,3 +284,51 @@ def test_a_block_setting_given_twice_is_an_error(tmp_path):
     diags = check(_write(tmp_path, src))
     assert [d.code for d in diags.items] == ["E0203"] and "`depth` is already given" in diags.items[0].message
 
+
+
+MASKED_MOE = """
+model masked {
+  const d = 16
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  expert ffn = glu(d, 24)
+  block grouped {
+    depth = keep_top(0.5, modalities = [image], weight = tanh)
+    attention(heads = 2)
+    moe {
+      group text { experts 4 x ffn; router group_limited(k = 2, groups = 2, top_groups = 1, bias_update = 0.01) }
+      group image { experts 4 x ffn; router top_k(k = 1) }
+      loss load_balance(0.01)
+    }
+  }
+  block plain {
+    depth = keep_top(0.4, modalities = [text])
+    attention(heads = 2)
+    moe { experts 4 x ffn; router group_limited(k = 2, groups = 2, top_groups = 2, bias_update = 0.01) }
+  }
+  layers { grouped plain }
+}
+"""
+
+
+def test_static_depth_over_some_modalities_balances_and_exports(tmp_path):
+    """The static form runs every token through a block whose route covers some modalities; the
+    balancing bias counts only the kept tokens of each group (as the dynamic form's), in training;
+    the model exports without nonzero or sort."""
+    path = _write(tmp_path, MASKED_MOE, "masked.moe")
+    dynamic, static = moec.load(path).double(), moec.load(path, static=True).double()
+    torch.manual_seed(27)
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    modality = torch.tensor([[1] * 9, [0, 1, 1, 0, 1, 1, 1, 0, 0]])
+    a, b = dynamic(x, modality), static(x, modality)
+    torch.testing.assert_close(a.output, b.output, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.aux_loss, b.aux_loss, rtol=1e-12, atol=1e-14)
+    assert all(torch.equal(p, q) for p, q in zip(a.expert_counts, b.expert_counts))
+    routed = {n: t for n, t in dynamic.named_buffers() if n.endswith("routed")}
+    assert len(routed) == 2 and all(t.sum() > 0 for t in routed.values())
+    for name, t in static.named_buffers():
+        if name.endswith("routed"):
+            assert torch.equal(t, routed[name]), name
+    exported = torch.export.export(static.float().eval(), (x.float(), modality))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert not any(bad in t for t in targets for bad in ("nonzero", "sort", "index_add", "scatter_add")), targets

@@ -503,7 +503,8 @@ def test_emit_compilation_static_moma(tmp_path):
                                                         ("mixture_of_transformers", "stablehlo",
                                                          "stablehlo.dot_general"),
                                                         ("attention_experts", "tosa", "tosa.matmul"),
-                                                        ("moma_depth", "tosa", "tosa.matmul")])
+                                                        ("moma_depth", "tosa", "tosa.matmul"),
+                                                        ("video_depth", "tosa", "tosa.matmul")])
 def test_cli_mlir_target(example, dialect, op, tmp_path, capsys):
     pytest.importorskip("torch_mlir")
     import os

@@ -167,6 +167,7 @@ class _BlockEmitter:
     """Emits the class of the block kind that layer `layer` instantiates."""
 
     merges_groups = True  # modality groups that partition the tokens run as one expert call
+    static = False  # the static-shape form: no shape depends on the data
 
     def __init__(self, graph: Graph, nodes: list[int], view: BlockView, expert_parallel: bool = False):
         merging = self.merges_groups and not expert_parallel
@@ -402,9 +403,10 @@ class _BlockEmitter:
     def _op_depth_route(self, node, op, ins, path):
         mods = f", modalities={tuple(op.modalities)!r}" if op.modalities else ""
         weight = f", weight={op.weight!r}" if op.weight != "sigmoid" else ""
-        attr = self.module(path, f"DepthRouter(dim={op.dim}, ratio=ratio{mods}{weight})")
+        static = ", static=True" if op.modalities and self.static else ""  # every row, a mask of the kept
+        attr = self.module(path, f"DepthRouter(dim={op.dim}, ratio=ratio{mods}{weight}{static})")
         self.view.init_params.append("ratio")
-        if op.modalities:  # the kept rows and the padded length; without modalities both are static
+        if op.modalities and not self.static:  # the kept rows and the padded length (else both static)
             self.view.sync_notes += ["Mixture-of-Depths token selection"] * 2
         route, x, modality, task = self.g.outputs(node)
         (r,) = self.assign_values([route], ["route"], node)
@@ -430,9 +432,9 @@ class _BlockEmitter:
             names = {py_name(self.modalities[i]): i for i in op.per_modality}
             head, args = ctor.split("(", 1)
             ctor = f"{head}(\n            {args[:-1]},\n            per_modality={names!r},\n        )"
-            if op.kept_tokens:  # the projections see the padded kept tokens: they select their rows
+            if op.kept_tokens and not self.static:  # the projections select rows of the padded kept tokens
                 self.view.sync_notes += ["tokens of each modality"] * 4 * len(op.per_modality)
-            else:
+            else:  # the static form's route pads nothing: the kept rows' masks fit the padded rows
                 ins = [ins[0], self.modality_rows(ins[1], op), *ins[2:]]
         attr = self.module(path, ctor)
         (h,) = self.assign(node, ["h"])
@@ -525,7 +527,10 @@ class _BlockEmitter:
     def group_of_path(self, path: list[str]) -> str:
         return ".".join(path[:-1])
 
-    def _route(self, outs: list[str], source: str, r: O.RouterSpec, num_experts: int, path: list[str]) -> None:
+    def _route(self, outs: list[str], source: str, r: O.RouterSpec, num_experts: int, path: list[str],
+               mask: list[str]) -> None:
+        """Routes the rows `source` (logits or tokens); `mask`: the token_mask argument of the tokens
+        whose choices a balancing bias counts (the static form's group rows are all tokens)."""
         w, ids, probs = outs
         lhs = f"{w}, {ids}, {probs}"
         e = num_experts
@@ -563,7 +568,7 @@ class _BlockEmitter:
                 source, f"k={r.k}", f"num_groups={r.groups}", f"topk_groups={r.top_groups}",
                 f"bias={router}.score_bias", f"scale={r.scale!r}", f"renormalize={r.renormalize}",
                 f"score={r.score!r}"]))
-            self.line(f"{router}.observe({ids})")
+            self.line(f"{router}.observe({', '.join([ids, *mask])})")
         else:  # pragma: no cover - the checker admits only the kinds above
             raise BackendError(f"no PyTorch lowering for router `{r.kind}`")
 
@@ -581,7 +586,8 @@ class _BlockEmitter:
         self._gate(logits, path, op, ins[0], op.jitter, score_bias=self._feeds_group_limited(node))
 
     def _op_route(self, node, op, ins, path):
-        self._route(self.assign(node, ["weights", "expert_ids", "probs"]), ins[0], op.router, op.num_experts, path)
+        self._route(self.assign(node, ["weights", "expert_ids", "probs"]), ins[0], op.router, op.num_experts, path,
+                    self.mask_arg(node))
 
     def _op_router(self, node, op, ins, path):
         shared = self._shared_gates(node)
@@ -594,7 +600,7 @@ class _BlockEmitter:
             if node == shared[0]:
                 self._shared_gate(shared, ins[0])
             logits = self.names[logits_value]
-        self._route([w, ids, probs], logits, op.router, op.num_experts, path)
+        self._route([w, ids, probs], logits, op.router, op.num_experts, path, self.mask_arg(node))
 
     def _shared_gates(self, node: int) -> list[int]:
         """The plain linear routers (no jitter, no balancing bias) of a merged MoE layer that read
@@ -813,10 +819,11 @@ class _StaticBlockEmitter(_BlockEmitter):
     no nonzero, no sort): what torch.export and torch-mlir need."""
 
     merges_groups = False
+    static = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.masks: dict[str | None, str] = {}
+        self.masks: dict[str | None, str] = {}  # group (None: ungrouped) -> its token mask
 
     def mask_arg(self, node: int) -> list[str]:
         mask = self.masks.get(self.group_of(node))
@@ -840,7 +847,8 @@ class _StaticBlockEmitter(_BlockEmitter):
         self.names[idx] = mask
         self.masks[self.group_of(node)] = mask
         self.selections[(ins[1], op.modalities)] = mask
-        self.line(f"{mask} = token_mask_for({ins[1]}, {tuple(op.modalities)!r})")
+        kept = f" & {self.masks[None]}" if self.masks.get(None) else ""  # in a masked depth block
+        self.line(f"{mask} = token_mask_for({ins[1]}, {tuple(op.modalities)!r}){kept}")
 
     def _op_scatter_tokens(self, node, op, ins, path):
         self.names[self.g.outputs(node)[0]] = ins[0]  # already [T, d], zero outside the mask
@@ -856,10 +864,13 @@ class _StaticBlockEmitter(_BlockEmitter):
     def _check_group_routing(self, node: int, r: O.RouterSpec) -> None:
         """Masked groups see all T tokens: routers whose choices depend on the group's token count
         (expert capacity) would rank the other modalities' tokens too."""
-        if self.masks.get(self.group_of(node)) and (r.kind == "expert_choice" or r.capacity is not None):
+        group = self.group_of(node)
+        if self.masks.get(group) and (r.kind == "expert_choice" or r.capacity is not None):
             what = "expert_choice routing" if r.kind == "expert_choice" else "a top_k capacity"
-            raise BackendError(f"the static form has no {what} inside a modality group (the capacity depends "
-                               "on the group's token count); use the dynamic form")
+            where = ("a modality group (the capacity depends on the group's token count)" if group else
+                     "a Mixture-of-Depths block over some modalities (the capacity depends on how many "
+                     "tokens the block keeps)")
+            raise BackendError(f"the static form has no {what} inside {where}; use the dynamic form")
 
     def _op_permute(self, node, op, ins, path):
         order, counts, offsets = self.g.outputs(node)
@@ -884,17 +895,13 @@ class _StaticBlockEmitter(_BlockEmitter):
         raise BackendError("the static form needs the fused pipeline (drop --pipeline unfused)")
 
     def _op_depth_route(self, node, op, ins, path):
-        if op.modalities:
-            raise BackendError(f"the static form has no Mixture-of-Depths over some modalities ({op.name}): how "
-                               "many tokens a sequence keeps depends on its modality ids; use the dynamic form "
-                               "(keep_top without `modalities` has a static form)")
         super()._op_depth_route(node, op, ins, path)
+        if op.modalities:  # every token goes through the block; MoE layers count only the kept ones
+            self.masks[None] = f"{self.names[self.g.outputs(node)[0]]}.kept"
 
-    def _op_attention(self, node, op, ins, path):
-        if op.kept_tokens and op.per_modality:
-            raise BackendError(f"the static form has no per-modality attention inside a Mixture-of-Depths block "
-                               f"({op.name}): its projections would select rows of data-dependent sizes")
-        super()._op_attention(node, op, ins, path)
+    def _op_depth_combine(self, node, op, ins, path):
+        super()._op_depth_combine(node, op, ins, path)
+        self.masks.pop(None, None)
 
     _op_sort_by_expert = _op_expert_offsets = _unfused
     _op_gather_rows = _op_expert_gemm = _op_activation = _op_combine = _unfused

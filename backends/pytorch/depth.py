@@ -6,11 +6,13 @@ A block with a depth router runs its sublayers on the rows of the tokens it keep
 order; attention pads them back into per-sequence rows (``DepthRoute.pad``) and masks the padding.
 Without ``modalities`` every sequence keeps the same number of tokens: no padding, no host sync,
 and the route exports (the static form); with them, two host syncs per layer (the kept rows and
-the padded length).
+the padded length). The static form of a route over some modalities (``DepthRouter(static=True)``)
+keeps every token's row and a mask of the kept ones instead: fixed shapes, the whole block's work.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,6 +42,7 @@ class DepthRoute:
     sequences: int
     seq_len: int
     max_kept: int  # the most tokens any sequence kept (the padded length for attention)
+    kept: Tensor | None = None  # static form: rows are all tokens, kept[i] says if the router kept row i
 
     def select_rows(self, x: Tensor) -> Tensor:
         """The kept tokens' rows [N, d] of x [..., S, d]."""
@@ -75,7 +78,15 @@ class DepthRoute:
         """[sequences, 1, max_kept, max_kept] booleans (True: may attend): kept tokens attend to the
         kept tokens of their sequence (earlier or equal positions when causal); padding queries see
         everything, so no row is fully masked. None when there is no padding (`full`): plain
-        (causal) attention over the kept tokens."""
+        (causal) attention over the kept tokens. In the static form (`kept`) a token the router
+        skipped is no key for the others; as a query (its output is dropped) it sees itself too."""
+        if self.kept is not None:
+            slot = torch.arange(self.seq_len, device=self.rows.device)
+            keys = self.kept.reshape(self.sequences, 1, self.seq_len)
+            allowed = keys | (slot[:, None] == slot[None, :])  # [sequences, S, S]
+            if causal:
+                allowed = allowed & (slot[None, :] <= slot[:, None])
+            return allowed[:, None]
         if self.full:
             return None
         counts = torch.bincount(self.sequence, minlength=self.sequences)
@@ -91,19 +102,26 @@ class DepthRouter(nn.Module):
     """Scores each token with one linear unit; per sequence keeps the ceil(ratio * n) highest-scoring
     of its n candidate tokens (tokens of `modalities`; all tokens when empty; ties go to the
     earlier position). Tokens of other modalities are always kept, with weight 1; a kept candidate's
-    weight is sigmoid(score) or tanh(score)."""
+    weight is sigmoid(score) or tanh(score). ``static=True`` (with `modalities`): the route keeps
+    every token's row with a mask of the kept ones (``DepthRoute.kept``), so no shape depends on the
+    modality ids (no host sync; torch.export works)."""
 
-    def __init__(self, dim: int, ratio: float, modalities: tuple[int, ...] = (), weight: str = "sigmoid"):
+    def __init__(self, dim: int, ratio: float, modalities: tuple[int, ...] = (), weight: str = "sigmoid",
+                 static: bool = False):
         super().__init__()
         if not 0 < ratio <= 1:
             raise ValueError(f"DepthRouter: ratio must be in (0, 1], got {ratio}")
         if weight not in ("sigmoid", "tanh"):
             raise ValueError(f"DepthRouter: weight must be 'sigmoid' or 'tanh', got {weight!r}")
         self.router = nn.Linear(dim, 1, bias=False)
-        self.ratio, self.modalities, self.weight = ratio, tuple(modalities), weight
+        self.ratio, self.modalities, self.weight, self.static = ratio, tuple(modalities), weight, static
 
     def extra_repr(self) -> str:
-        return f"ratio={self.ratio}, modalities={self.modalities}, weight={self.weight}"
+        return f"ratio={self.ratio}, modalities={self.modalities}, weight={self.weight}, static={self.static}"
+
+    def quota(self, candidates: int) -> int:
+        """How many of a sequence's `candidates` tokens it keeps: ceil(ratio * candidates)."""
+        return _quotas(self.ratio, candidates)[candidates]
 
     def forward(self, x: Tensor, modality: Tensor) -> DepthRoute:
         seq_len = x.shape[-2] if x.dim() >= 2 else 1
@@ -112,12 +130,19 @@ class DepthRouter(nn.Module):
         if not self.modalities:
             return self._route_every_token(scores, sequences, seq_len)
         # candidates of some modalities: how many tokens a sequence keeps depends on its ids
-        candidate = torch.isin(modality.reshape(sequences, seq_len), torch.tensor(self.modalities, device=x.device))
-        quota = torch.ceil(candidate.sum(1).double() * self.ratio - 1e-9)  # [B]
+        mods = modality.reshape(sequences, seq_len)
+        candidate = functools.reduce(torch.logical_or, [mods == m for m in self.modalities])  # (isin: no TOSA)
+        quotas = torch.tensor(_quotas(self.ratio, seq_len), device=x.device)
+        quota = quotas.index_select(0, candidate.sum(1))  # [B]
         rank = descending_rank(scores.detach().masked_fill(~candidate, float("-inf")))
         keep = ~candidate | (rank < quota[:, None])
         gate = torch.sigmoid(scores) if self.weight == "sigmoid" else torch.tanh(scores)
         weight = torch.where(candidate, gate, torch.ones_like(gate))
+        if self.static:
+            every = torch.arange(sequences * seq_len, device=x.device)
+            return DepthRoute(rows=every, sequence=torch.div(every, seq_len, rounding_mode="floor"),
+                              positions=every % seq_len, slots=every % seq_len, weight=weight.reshape(-1),
+                              sequences=sequences, seq_len=seq_len, max_kept=seq_len, kept=keep.reshape(-1))
         rows = keep.reshape(-1).nonzero().squeeze(1)  # host sync: the number of kept tokens
         slots = (torch.cumsum(keep.long(), dim=1) - 1).reshape(-1).index_select(0, rows)
         kept = keep.sum(1)
@@ -129,7 +154,7 @@ class DepthRouter(nn.Module):
     def _route_every_token(self, scores: Tensor, sequences: int, seq_len: int) -> DepthRoute:
         """Every token a candidate: each sequence keeps the same number of tokens, k = ceil(ratio *
         seq_len), so no size depends on the data (no host sync; the static form exports it)."""
-        k = min(max(math.ceil(seq_len * self.ratio - 1e-9), 0), seq_len)
+        k = self.quota(seq_len)
         positions = _top_positions(scores.detach(), k)  # [B, k], ascending
         gate = torch.sigmoid(scores) if self.weight == "sigmoid" else torch.tanh(scores)
         first = torch.arange(sequences, device=scores.device).unsqueeze(1)
@@ -138,6 +163,12 @@ class DepthRouter(nn.Module):
                           slots=torch.arange(k, device=scores.device).expand(sequences, k).reshape(-1),
                           weight=gate.gather(1, positions).reshape(-1), sequences=sequences, seq_len=seq_len,
                           max_kept=k)
+
+
+@functools.lru_cache(maxsize=64)
+def _quotas(ratio: float, seq_len: int) -> tuple[int, ...]:
+    """ceil(ratio * n) for n = 0..seq_len: the kept count of a sequence with n candidate tokens."""
+    return tuple(min(max(math.ceil(n * ratio - 1e-9), 0), n) for n in range(seq_len + 1))
 
 
 def _top_positions(scores: Tensor, k: int) -> Tensor:
@@ -159,6 +190,9 @@ def depth_combine(x: Tensor, kept: Tensor, route: DepthRoute) -> Tensor:
     """x with each kept token's row moved by weight * (block output - x); skipped tokens keep x.
     The kept rows are distinct: written with index_copy (which every MLIR dialect lowers)."""
     flat = x.reshape(-1, x.shape[-1])
+    if route.kept is not None:  # static form: every row went through the block
+        moved = flat + (kept - flat) * route.weight.to(kept.dtype)[:, None]
+        return torch.where(route.kept[:, None], moved, flat).reshape(x.shape)
     before = flat.index_select(0, route.rows)
     moved = before + (kept - before) * route.weight.to(kept.dtype)[:, None]
     return flat.index_copy(0, route.rows, moved).reshape(x.shape)

@@ -636,9 +636,13 @@ class BalancedRouter(nn.Linear):
         self.register_buffer("score_bias", torch.zeros(num_experts))
         self.register_buffer("routed", torch.zeros(num_experts), persistent=False)
 
-    def observe(self, expert_ids: Tensor) -> None:
+    def observe(self, expert_ids: Tensor, token_mask: Tensor | None = None) -> None:
+        """Counts the routed (token, slot) pairs per expert (in training); tokens outside
+        ``token_mask`` ([T] bool, the static form's group or depth mask) are not counted."""
         if self.training:
             with torch.no_grad():
+                if token_mask is not None:
+                    expert_ids = expert_ids.masked_fill(~token_mask.unsqueeze(1), -1)
                 valid = expert_ids.reshape(-1)
                 valid = valid[valid >= 0]
                 self.routed.index_add_(0, valid, torch.ones_like(valid, dtype=self.routed.dtype))

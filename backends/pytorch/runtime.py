@@ -1687,9 +1687,10 @@ class Attention(nn.Module):
         """``modality`` (ids shaped like x.shape[:-1], or their ``modality_rows``) picks the projections
         of per-modality attention.
         With a Mixture-of-Depths ``route`` (moec_depth.DepthRoute), x [N, dim] holds the kept
-        tokens' rows: each attends to the kept tokens of its own sequence, at its original position."""
+        tokens' rows: each attends to the kept tokens of its own sequence, at its original position
+        (``modality``: the kept rows' ids, or their ``modality_masks`` when the route pads none)."""
         if route is not None:
-            mods = None if modality is None else route.pad(modality)
+            mods = route.pad(modality) if isinstance(modality, Tensor) else modality  # masks: flat, as the rows
             out = self._attend(route.pad(x), mods, route.padded_positions(), route.attention_mask(self.causal),
                                route.seq_len)
             return route.unpad(out)
