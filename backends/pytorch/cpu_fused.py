@@ -51,7 +51,8 @@ _SOURCE = r"""
 #include <stdint.h>
 
 /* silu(x) = x s with s = 1 / (1 + e), e = exp(-x) (argument clamped: e stays finite);
-   silu'(x) = s (1 + x (1 - s)) = s (1 + x e s) */
+   silu'(x) = s (1 + x (1 - s)) = s (1 + x e s), with x clamped as exp's argument: -ffast-math may
+   form x e first, which overflows far in the negative tail, where silu' is 0 to working precision */
 #define DEFINE_SWIGLU(T, SUFFIX, EXP, MIN, MAXARG)                                                   \
 void swiglu_forward_##SUFFIX(const T *g, const T *u, const T *w, T *h, int64_t n, int64_t f,     \
                              int weighted, int threads) {                                         \
@@ -75,13 +76,13 @@ void swiglu_backward_##SUFFIX(T *dhw, T *g, T *u, const T *w, T *dw, int64_t n, 
         const T wi = w ? w[i] : (T)1, hw = weighted ? wi : (T)1;                                  \
         T acc = 0;                                                                                \
         for (int64_t j = 0; j < f; j++) {                                                         \
-            const T x = gi[j], uj = ui[j], d = di[j];                                             \
-            const T e = EXP(MIN(-x, MAXARG)), s = (T)1 / ((T)1 + e);                              \
+            const T x = gi[j], uj = ui[j], d = di[j], xc = -MIN(-x, MAXARG);                      \
+            const T e = EXP(-xc), s = (T)1 / ((T)1 + e);                                          \
             const T a = x * s, h = a * uj, dh = d * wi;                                           \
             acc += d * h;                                                                         \
             di[j] = h * hw;                                                                       \
             ui[j] = dh * a;                                                                       \
-            gi[j] = dh * uj * s * ((T)1 + x * (e * s)); /* 1 - s = e s: exact where s rounds to 1 */ \
+            gi[j] = dh * uj * s * ((T)1 + xc * (e * s)); /* 1 - s = e s: exact where s rounds to 1 */ \
         }                                                                                         \
         if (dw) dw[i] = acc;                                                                      \
     }                                                                                             \
