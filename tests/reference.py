@@ -108,11 +108,16 @@ def attention(op: O.AttentionOp, p: dict, prefix: str, x, names=None, positions=
     return proj("o_proj", out).reshape(x.shape)
 
 
+def highest(scores, k: int) -> list[int]:
+    """The indices of the k highest of a 1-D tensor of scores, highest first, ties to the lower index."""
+    return sorted(range(len(scores)), key=lambda i: (-float(scores[i].detach()), i))[:k]
+
+
 def head_weights(op: O.AttentionOp, p: dict, prefix: str, x) -> list:
     """Mixture-of-heads weights of one token x [d]: a softmax over the shared heads and one over the
     routed heads keeping the top routed_heads (others 0), mixed by a 2-way softmax."""
     routed = torch.softmax(x @ p[f"{prefix}.head_router.weight"].T, -1)
-    chosen = sorted(range(len(routed)), key=lambda h: -float(routed[h].detach()))[:op.routed_heads]
+    chosen = highest(routed, op.routed_heads)
     routed_w = [routed[h] if h in chosen else routed[h] * 0 for h in range(len(routed))]
     if not op.shared_heads:
         return routed_w
@@ -151,7 +156,7 @@ def attention_experts(op: O.AttentionExpertsOp, p: dict, prefix: str, x):
             probs = torch.softmax(logits, -1)
             logits_all.append(logits)
             probs_all.append(probs)
-            top = torch.topk(probs, op.top_k).indices.tolist()
+            top = highest(probs, op.top_k)
             gates = [probs[e] for e in top]
             if op.renormalize:
                 total = sum(gates)
@@ -292,9 +297,9 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
         for p in probs:
             sel = [float(p[e].detach()) + (float(bias[e]) if bias is not None else 0.0) for e in range(E)]
             gscore = [sum(sorted(sel[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(r.groups)]
-            kept = sorted(range(r.groups), key=lambda g: -gscore[g])[:r.top_groups]
+            kept = sorted(range(r.groups), key=lambda g: (-gscore[g], g))[:r.top_groups]
             cand = [e for e in range(E) if e // size in kept]
-            top = sorted(cand, key=lambda e: -sel[e])[:r.k]
+            top = sorted(cand, key=lambda e: (-sel[e], e))[:r.k]
             w = [p[e] for e in top]
             if r.renormalize:
                 total = sum(w) + 1e-20
@@ -304,7 +309,7 @@ def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, b
     # top_k
     out = []
     for p in probs:
-        top = torch.topk(p, r.k).indices.tolist()
+        top = highest(p, r.k)
         w = p[top]
         if r.renormalize:
             w = w / (w.sum() + (1e-20 if r.score == "sigmoid" else 0.0))

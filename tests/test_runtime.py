@@ -463,14 +463,45 @@ def test_route_top_k_softmax():
     torch.testing.assert_close(w2.sum(-1), torch.full((16,), 2.5, dtype=w2.dtype), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["compiled", "sort", "export"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_top_k_ties_go_to_the_lower_index(monkeypatch, path, dtype):
+    """Every path of ``top_k`` (the CPU kernel, the stable sort elsewhere, comparisons under
+    torch.export) picks the k highest, highest first, ties to the lower index (-0.0 ties +0.0),
+    as the Triton and HLS targets do; the values are gathered, with gradients."""
+    if path == "compiled" and not kernels.available(dtype):
+        pytest.skip(kernels.status())
+    if path == "sort":
+        monkeypatch.setattr(rt._cpu_fused, "available", lambda dtype: False)
+    gen = torch.Generator().manual_seed(5)
+    scores = (torch.randint(-3, 4, (64, 9), generator=gen) * 0.5).to(dtype)  # many ties
+    scores[0] = 0.0
+    scores[1] = torch.tensor([-0.0, 0.0, 2.0, float("-inf"), 2.0, -0.0, 1.0, float("inf"), 1.0])
+    scores.requires_grad_()
+
+    class TopK(torch.nn.Module):
+        def forward(self, s):
+            return rt.top_k(s, 4)
+
+    if path == "export":
+        values, ids = torch.export.export(TopK(), (scores.detach(),)).module()(scores.detach())
+    else:
+        values, ids = rt.top_k(scores, 4)
+    for row, chosen in zip(scores.tolist(), ids.tolist()):
+        assert chosen == sorted(range(9), key=lambda e: (-row[e], e))[:4]
+    assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [7, 2, 4, 6]
+    torch.testing.assert_close(values, scores.detach().gather(1, ids))
+    if path != "export":
+        (grad,) = torch.autograd.grad(values.sum(), scores)
+        assert torch.equal(grad, torch.zeros_like(grad).scatter(1, ids, 1.0))
+
+
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
-def test_route_top_k_ties_give_distinct_experts(score):
+def test_route_top_k_ties_go_to_the_lower_expert(score):
     logits = torch.zeros(5, 6)
     logits[3] = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.0, 0.0])
     w, ids, probs = rt.route_top_k(logits, k=3, score=score)
-    for t in range(5):
-        assert len(set(ids[t].tolist())) == 3
-    assert set(ids[3].tolist()) == {1, 2, 3}
+    assert ids.tolist() == [[0, 1, 2]] * 3 + [[1, 2, 3]] + [[0, 1, 2]]
     torch.testing.assert_close(w, probs.gather(-1, ids))
     expected = 1 / 6 if score == "softmax" else 0.5
     torch.testing.assert_close(w[0], torch.full((3,), expected))

@@ -141,6 +141,21 @@ def test_skewed_routing_empty_experts_and_keyword_names(tmp_path):
     assert_same(ref, tri, torch.randn(19, 32), torch.zeros(19, dtype=torch.long))
 
 
+def test_tied_router_scores_pick_the_same_experts(tmp_path):
+    """Zero routers (every score ties, as at a zero initialisation): both targets send every
+    token to the lowest expert ids."""
+    ref, tri = pair(str(tmp_path / "skew.moe"), str(tmp_path / "out"), MOE_ONLY)
+    with torch.no_grad():
+        for model in (ref, tri):
+            for name, p in model.named_parameters():
+                if name.endswith("router.weight"):
+                    p.zero_()
+    torch.manual_seed(3)
+    modality = torch.tensor([0] * 9 + [1] * 6)
+    _, out = assert_same(ref, tri, torch.randn(15, 32), modality)
+    assert out.expert_counts[0].tolist() == [9, 9, 0, 0, 0, 0, 0, 0, 6, 0, 0, 0, 0]
+
+
 DETERMINISTIC = """
 model det {
   const d = 32

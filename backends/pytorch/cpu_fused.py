@@ -1,5 +1,5 @@
-"""moec fused CPU kernels: the SwiGLU epilogue of the split expert path and RMSNorm, in one pass
-per row.
+"""moec fused CPU kernels: the SwiGLU epilogue of the split expert path, RMSNorm and router top-k,
+in one pass per row.
 
 This file is copied verbatim next to generated model code as ``moec_cpu_fused.py``, beside
 ``moec_runtime.py`` (which calls it). It depends only on ``torch`` and the standard library.
@@ -15,6 +15,8 @@ one C loop over the rows:
   ``dhw <- h * w`` (``weighted``) or ``h``, ``u <- du``, ``g <- dg`` and ``dw[i] = <dhw_i, h_i>``
   (``dw`` may be None), where ``du = dhw * w * silu(g)`` and ``dg = dhw * w * u * silu'(g)``.
   Without routing weights (a dense FFN) ``w`` is None: w = 1.
+* ``top_k_indices(scores, k)`` -> ``ids`` [n, k]: the k largest entries of each row in
+  descending order, ties to the lower index (the tie rule of every moec target), one pass per row;
 * ``rms_norm_forward(x, weight, eps)`` -> ``(y, rstd)``, ``y = x * rstd * weight`` with
   ``rstd = 1 / sqrt(mean(x^2) + eps)`` per row; ``rms_norm_backward(grad, x, weight, rstd, need_x,
   need_weight)`` -> ``(dx, dweight)``: one read of ``x`` (and ``grad``) per direction where the
@@ -49,6 +51,7 @@ from torch import Tensor
 _SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 /* silu(x) = x s with s = 1 / (1 + e), e = exp(-x) (argument clamped: e stays finite);
    silu'(x) = s (1 + x (1 - s)) = s (1 + x e s), with x clamped as exp's argument: -ffast-math may
@@ -139,6 +142,48 @@ void rms_norm_backward_##SUFFIX(const T *g, const T *x, const T *w, const T *rst
 
 DEFINE_RMS_NORM(float, f32)
 DEFINE_RMS_NORM(double, f64)
+
+/* Order-preserving integer keys of floats (-0 and +0 equal): comparisons stay exact whatever
+   -ffast-math assumes about infinities. */
+static inline int32_t key_f32(float v) {
+    int32_t b;
+    memcpy(&b, &v, sizeof b);
+    if (b == INT32_MIN) b = 0;
+    return b < 0 ? b ^ INT32_MAX : b;
+}
+static inline int64_t key_f64(double v) {
+    int64_t b;
+    memcpy(&b, &v, sizeof b);
+    if (b == INT64_MIN) b = 0;
+    return b < 0 ? b ^ INT64_MAX : b;
+}
+
+/* ids [n, k] of the k largest entries of each row of s [n, e], in descending order, ties to the
+   lower index: one pass over the row, inserting into the sorted best k. */
+#define DEFINE_TOP_K(T, SUFFIX, KEY_T)                                                               \
+void top_k_##SUFFIX(const T *s, int64_t *ids, int64_t n, int64_t e, int64_t k, int threads) {     \
+    if (k <= 0) return;                                                                           \
+    _Pragma("omp parallel for num_threads(threads) if(n * e >= 16384) schedule(static)")          \
+    for (int64_t i = 0; i < n; i++) {                                                             \
+        const T *si = s + i * e;                                                                  \
+        int64_t *oi = ids + i * k, m = 0;                                                         \
+        KEY_T best[k];                                                                            \
+        for (int64_t j = 0; j < e; j++) {                                                         \
+            const KEY_T v = key_##SUFFIX(si[j]);                                                  \
+            if (m == k && v <= best[k - 1]) continue;                                             \
+            int64_t p = m < k ? m++ : k - 1;                                                      \
+            for (; p > 0 && best[p - 1] < v; p--) {                                               \
+                best[p] = best[p - 1];                                                            \
+                oi[p] = oi[p - 1];                                                                \
+            }                                                                                     \
+            best[p] = v;                                                                          \
+            oi[p] = j;                                                                            \
+        }                                                                                         \
+    }                                                                                             \
+}
+
+DEFINE_TOP_K(float, f32, int32_t)
+DEFINE_TOP_K(double, f64, int64_t)
 """
 
 _COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-fPIC")
@@ -211,6 +256,16 @@ def rms_norm_backward(grad: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, nee
     return dx, None if partial is None else partial.sum(0).to(x.dtype)
 
 
+def top_k_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices [n, k] (int64) of the k largest entries of each row of a 2-D CPU tensor, in
+    descending order, ties to the lower index (-0.0 ties +0.0; NaN ranks above +inf)."""
+    scores = scores.detach().contiguous()
+    n, e = scores.shape
+    ids = torch.empty(n, k, dtype=torch.int64)
+    _kernels["top_k_" + _DTYPES[scores.dtype]](scores.data_ptr(), ids.data_ptr(), n, e, k, torch.get_num_threads())
+    return ids
+
+
 def _load() -> None:
     global _status
     with _lock:
@@ -239,7 +294,8 @@ def _build() -> str:
         signatures = {"swiglu_forward": [p] * 4 + [i64, i64, i32, i32],
                       "swiglu_backward": [p] * 5 + [i64, i64, i32, i32],
                       "rms_norm_forward": [p] * 4 + [i64, i64, f64, i32],
-                      "rms_norm_backward": [p] * 6 + [i64, i64, i32]}
+                      "rms_norm_backward": [p] * 6 + [i64, i64, i32],
+                      "top_k": [p] * 2 + [i64, i64, i64, i32]}
         for name, argtypes in signatures.items():
             for suffix in _DTYPES.values():
                 fn = getattr(library, f"{name}_{suffix}")

@@ -1,6 +1,6 @@
 """Mixture-of-Depths for generated models: which tokens go through a block, and putting them back.
 
-Shipped next to generated files as ``moec_depth.py`` (it imports torch and ``moec_routers``).
+Shipped next to generated files as ``moec_depth.py`` (it imports torch and ``moec_runtime``).
 
 A block with a depth router runs its sublayers on the rows of the tokens it keeps, in sequence
 order; attention pads them back into per-sequence rows (``DepthRoute.pad``) and masks the padding.
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 try:  # inside the moec package
-    from .routers import descending_rank
-except ImportError:  # shipped next to generated code, beside moec_routers.py
-    from moec_routers import descending_rank
+    from .runtime import descending_rank
+except ImportError:  # shipped next to generated code, beside moec_runtime.py
+    from moec_runtime import descending_rank
 
 __all__ = ["DepthRoute", "DepthRouter", "depth_combine"]
 

@@ -21,13 +21,13 @@ Every ``route_*`` function returns a *routing* in the form ``runtime.moe_experts
 
 Tie rules (which of several equal scores is selected):
 
-* ``route_group_limited`` and ``route_top_k_temperature`` select with ``torch.topk``; among tied
-  scores the chosen set always has the right size and distinct experts, but *which* tied
-  experts win is ``torch.topk``'s choice (deterministic for a given build, device and shape; not
-  "lowest index first" on CPU).
-* ``route_expert_choice`` selects tokens with ``torch.topk`` along the token axis (same caveat).
-* ``route_dynamic_k`` sorts with a *stable* descending sort: ties keep the lower expert id first
-  (under ``torch.export``, the same order from comparisons).
+* ``route_group_limited`` (groups and experts), ``route_top_k_temperature`` and
+  ``route_dynamic_k`` select with ``moec_runtime.top_k``: ties go to the lower id, on every
+  device (under ``torch.export``, the same order from comparisons), as in ``route_top_k`` and
+  the Triton and HLS targets.
+* ``route_expert_choice`` selects tokens with ``torch.topk`` along the token axis: among tied
+  tokens the chosen set has the right size, but *which* tied tokens win is ``torch.topk``'s
+  choice (deterministic for a given build, device and shape).
 * ``apply_capacity`` ranks with stable sorts: see its docstring.
 
 Public API
@@ -54,8 +54,8 @@ score="sigmoid")``
     constant / linear / cosine schedules (Python floats) for dense-to-sparse gates.
 ``route_top_k_temperature(logits, k, temperature, renormalize=False)``
     Top-k of a tempered softmax.  K = k.
-``descending_rank(scores)``
-    Each entry's place in its row's stable descending order (comparisons under ``torch.export``).
+
+The selections use ``moec_runtime.top_k`` (ties to the lower index) and ``descending_rank``.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ import math
 import torch
 from torch import Tensor, nn
 
+try:  # inside the moec package
+    from .runtime import top_k
+except ImportError:  # shipped next to generated code, beside moec_runtime.py
+    from moec_runtime import top_k
+
 __all__ = [
     "HASH_MULTIPLIER",
     "ROUTER_HOST_SYNCS",
@@ -73,7 +78,6 @@ __all__ = [
     "BalancedRouter",
     "apply_capacity",
     "capacity",
-    "descending_rank",
     "route_deterministic",
     "route_dynamic_k",
     "route_expert_choice",
@@ -215,32 +219,6 @@ def route_expert_choice(
 # --------------------------------------------------------------------------- dynamic k
 
 
-def descending_rank(scores: Tensor) -> Tensor:
-    """Each entry's place in its row's descending order (int64, shaped like ``scores``), ties in
-    index order: a stable sort's. Under ``torch.export`` (the static form, which torch-mlir
-    lowers, and no dialect lowers a stable sort) the places come from comparisons instead: the
-    entries above, plus the equal ones before; O(S^2) per row."""
-    S = scores.shape[-1]
-    ids = torch.arange(S, device=scores.device)
-    if not torch.compiler.is_exporting():
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        return torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
-    other, entry = scores.unsqueeze(-2), scores.unsqueeze(-1)  # [..., 1, S] and [..., S, 1]
-    return ((other > entry) | ((other == entry) & (ids < ids.unsqueeze(1)))).sum(-1)
-
-
-def _sorted_descending(probs: Tensor, K: int) -> tuple[Tensor, Tensor]:
-    """The K largest entries of each row and their indices, in descending order, ties in index
-    order; under ``torch.export`` from ``descending_rank`` (no sort)."""
-    if not torch.compiler.is_exporting():
-        vals, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
-        return vals[:, :K], idx[:, :K]
-    E = probs.shape[1]
-    at = descending_rank(probs).unsqueeze(2) == torch.arange(K, device=probs.device)  # [T, E, K]: e at place p
-    idx = (at * torch.arange(E, device=probs.device).view(1, E, 1)).sum(dim=1)  # [T, K]
-    return probs.gather(1, idx), idx
-
-
 def route_dynamic_k(
     logits: Tensor,
     threshold: float,
@@ -271,7 +249,7 @@ def route_dynamic_k(
         raise ValueError(f"route_dynamic_k: threshold must be in [0, 1], got {threshold}")
     probs = _scores("route_dynamic_k", logits, score)
     K = k_max
-    vals, idx = _sorted_descending(probs, K)
+    vals, idx = top_k(probs, K)
     csum = vals.detach().cumsum(dim=-1)
     exclusive = torch.cat([torch.zeros_like(csum[:, :1]), csum[:, :-1]], dim=-1)
     n_keep = (exclusive < threshold).sum(dim=-1).clamp(min=k_min, max=k_max)
@@ -412,7 +390,7 @@ def route_group_limited(
     UNBIASED ``scores``, divided by their per-token sum (+1e-20) if ``renormalize``, times
     ``scale``.
 
-    Returns ``(weights[T, k], expert_ids[T, k], probs=scores[T, E])``; ties by ``torch.topk``.
+    Returns ``(weights[T, k], expert_ids[T, k], probs=scores[T, E])``; ties to the lower id.
     Masked experts get ``-inf``, so a masked expert can never beat a kept expert whose biased score
     is negative; transformers' ``DeepseekV3TopkRouter`` does the same (checked with 5.24; older
     versions used ``0.0``). With sigmoid scores this is the same selection and the same weights as
@@ -441,10 +419,10 @@ def route_group_limited(
         sel = sel + bias.detach().to(device=sel.device, dtype=sel.dtype)
     grouped = sel.view(T, num_groups, group)
     group_scores = torch.topk(grouped, min(2, group), dim=-1).values.sum(dim=-1)
-    best = torch.topk(group_scores, topk_groups, dim=-1).indices
+    best = top_k(group_scores, topk_groups)[1]
     group_keep = torch.zeros(T, num_groups, dtype=torch.bool, device=sel.device).scatter_(1, best, True)
     masked = grouped.masked_fill(~group_keep.unsqueeze(-1), float("-inf")).view(T, E)
-    expert_ids = torch.topk(masked, k, dim=-1).indices
+    expert_ids = top_k(masked, k)[1]
     weights = scores.gather(1, expert_ids)
     if renormalize:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -606,7 +584,7 @@ def route_top_k_temperature(
     A high temperature flattens the gate towards dense uniform mixing, a low one sharpens it
     (annealed dense-to-sparse gates; use ``schedule_value`` for the temperature).  Returns
     ``(weights[T, k], expert_ids[T, k], probs[T, E])`` with the weights gathered from the
-    tempered probs (renormalised over the k if asked); ties by ``torch.topk``.
+    tempered probs (renormalised over the k if asked); ties to the lower id.
     """
     _check_logits("route_top_k_temperature", logits)
     E = logits.shape[1]
@@ -615,7 +593,7 @@ def route_top_k_temperature(
     if not temperature > 0:
         raise ValueError(f"route_top_k_temperature: temperature must be > 0, got {temperature}")
     probs = torch.softmax(logits.to(_score_dtype(logits.dtype)) / temperature, dim=-1)
-    expert_ids = torch.topk(probs.detach(), k, dim=-1).indices
+    expert_ids = top_k(probs.detach(), k)[1]
     weights = probs.gather(1, expert_ids)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

@@ -18,12 +18,15 @@ Public API
     are gathered from the unbiased ``probs``.  With ``renormalize`` the weights
     are divided by their per-token sum (``+1e-20`` guard for sigmoid scores),
     then multiplied by ``scale``.  The k selected experts are always distinct.
-    Ties are resolved by ``torch.topk`` on the (possibly biased) scores: on CPU
-    this is deterministic for a given build and shape but is NOT
-    "lowest index first" (e.g. all-equal scores over 6 experts with k=3 select
-    experts [3, 5, 4] on torch 2.13 CPU); other devices may pick a different
-    (still distinct) set among tied experts.  Returned ``expert_ids`` are in
-    descending score order.
+    Ties in the (possibly biased) scores go to the lower expert id (``top_k``),
+    on every device and target.  Returned ``expert_ids`` are in descending
+    score order.
+
+``top_k(scores, k)`` -> ``(values[T, k], indices[T, k])``
+    The k largest entries per row, descending, ties to the lower index (every
+    moec target's rule; a compiled pass per row on the CPU, comparisons under
+    ``torch.export``).  ``descending_rank(scores)``: each entry's place in its
+    row's stable descending order (comparisons under ``torch.export``).
 
 ``expert_counts(expert_ids, num_experts, token_mask=None)`` -> ``LongTensor[E]``
     Number of (token, slot) assignments per expert, computed on the device
@@ -195,6 +198,7 @@ __all__ = [
     "apply_rotary",
     "check_modality",
     "combine",
+    "descending_rank",
     "expert_counts",
     "expert_offsets",
     "free_gradient_buffers",
@@ -212,6 +216,7 @@ __all__ = [
     "select_tokens",
     "sort_by_expert",
     "ternarize",
+    "top_k",
     "z_loss",
 ]
 
@@ -316,6 +321,39 @@ def _at_least_fp32(t: Tensor) -> Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def descending_rank(scores: Tensor) -> Tensor:
+    """Each entry's place in its row's descending order (int64, shaped like ``scores``), ties in
+    index order: a stable sort's. Under ``torch.export`` (the static form, which torch-mlir
+    lowers, and no dialect lowers a stable sort) the places come from comparisons instead: the
+    entries above, plus the equal ones before; O(S^2) per row."""
+    S = scores.shape[-1]
+    ids = torch.arange(S, device=scores.device)
+    if not torch.compiler.is_exporting():
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+        return torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
+    other, entry = scores.unsqueeze(-2), scores.unsqueeze(-1)  # [..., 1, S] and [..., S, 1]
+    return ((other > entry) | ((other == entry) & (ids < ids.unsqueeze(1)))).sum(-1)
+
+
+def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest entries of each row of ``scores`` [T, E] and their indices (int64), in
+    descending order, ties to the lower index: the rule of every moec target (the Triton kernels
+    and the HLS C++ too), where ``torch.topk`` leaves the tied choice to the build and device.
+    The values are gathered from ``scores`` (differentiable). On the CPU one compiled pass per row
+    (``moec_cpu_fused.top_k_indices``, faster than ``torch.topk``); else a stable sort; under
+    ``torch.export`` comparisons (``descending_rank``, O(E^2) per row, no sort)."""
+    if torch.compiler.is_exporting():
+        E = scores.shape[1]
+        at = descending_rank(scores.detach()).unsqueeze(2) == torch.arange(k, device=scores.device)  # [T, E, k]
+        ids = (at * torch.arange(E, device=scores.device).view(1, E, 1)).sum(dim=1)
+    elif (scores.device.type == "cpu" and not torch.compiler.is_compiling()
+          and _cpu_fused.available(scores.dtype)):
+        ids = _cpu_fused.top_k_indices(scores, k)
+    else:
+        ids = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, ids), ids
+
+
 def route_top_k(
     logits: Tensor,
     k: int,
@@ -343,7 +381,7 @@ def route_top_k(
         selection = probs + bias.to(device=probs.device, dtype=probs.dtype)
     else:
         selection = probs
-    expert_ids = torch.topk(selection, k, dim=-1).indices
+    expert_ids = top_k(selection.detach(), k)[1]
     weights = probs.gather(-1, expert_ids)
     if renormalize:
         denom = weights.sum(dim=-1, keepdim=True)
@@ -1740,7 +1778,7 @@ class Attention(nn.Module):
     def head_weights(self, x: Tensor) -> Tensor:
         """Mixture-of-heads weights [..., heads] of the tokens x [..., dim] (0 for unchosen heads)."""
         probs = torch.softmax(_at_least_fp32(self.head_router(x)), dim=-1)
-        top = torch.topk(probs.detach(), self.routed_heads, dim=-1).indices
+        top = top_k(probs.detach().reshape(-1, probs.shape[-1]), self.routed_heads)[1].view(*probs.shape[:-1], -1)
         chosen = F.one_hot(top, probs.shape[-1]).sum(-2).to(probs.dtype)  # (one-hot: exports to MLIR)
         routed = probs * chosen
         if not self.shared_heads:

@@ -3,7 +3,7 @@
 This file is copied verbatim next to generated model code, beside ``moec_runtime.py``, whose
 argument checks and activations it shares.  Beyond those it depends only on ``torch``,
 ``math`` and ``contextlib`` (never on ``moec``); routing itself stays ``moec_runtime.route_top_k``, which exports
-and lowers as it is (``torch.topk`` + ``gather`` + ``softmax``/``sigmoid``).
+and lowers as it is (``softmax``/``sigmoid``, ``top_k``'s comparisons + ``gather``).
 
 Every function here produces tensors whose shapes depend only on the *shapes* of its inputs
 (``T`` tokens, ``k`` slots per token, ``E`` experts, ``C`` capacity, ``d``/``f`` widths),
