@@ -199,6 +199,21 @@ def test_csim_matches_pytorch(name):
 
 
 @needs_toolchain
+def test_csim_sets_routing_near_ties_apart():
+    """Over 64 x 16 tokens two tokens' top-2 flips under fixed-point rounding (their 2nd and 3rd
+    router logits lie 1e-4 apart): a different expert, an error far beyond the rounding tolerance.
+    csim reports the tokens such a near tie reaches (the token, and later tokens through causal
+    attention) apart, and checks the tolerance on the others."""
+    x = torch.randn(64, 16, 64, generator=torch.Generator().manual_seed(42))
+    result = csim(example("mixtral"), x=x, seed=1)  # the build of test_csim_matches_pytorch
+    err = (result.output - result.reference).abs().amax(-1)
+    assert int((err > result.tolerance).sum()) == 2 and bool(result.near_tie[err > result.tolerance].all())
+    assert result.ok and 0 < int(result.near_tie.sum()) < 0.1 * err.numel()
+    assert result.max_abs == float(err[~result.near_tie].max()) and result.near_tie_max_abs > result.tolerance
+    assert "near a routing tie, tolerance" in result.summary() and "beyond the tolerance" in result.summary()
+
+
+@needs_toolchain
 def test_overflow_wraps_without_saturation_and_is_warned(tmp_path):
     x = 3 * torch.randn(8, 16, generator=torch.Generator().manual_seed(0))  # beyond fixed(12, 4)'s +-8
     errors = {}
