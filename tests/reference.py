@@ -251,19 +251,19 @@ def temperature(value, step: int) -> float:
     return value.end + (value.start - value.end) * (1 + math.cos(math.pi * p)) / 2
 
 
-def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, bias=None):
+def route(r: O.RouterSpec, logits, probs, num_experts: int, mods, tasks, rows, positions, bias=None):
     """Per-token list of (expert, weight) for the group's rows, by the router's plain definition."""
     E = num_experts
     T = len(rows)
     if r.kind == "deterministic":
         out = []
-        for i, t in enumerate(rows):
+        for t in rows:
             if r.by == "modality":
                 e = int(mods[t])
             elif r.by == "task":
                 e = int(tasks[t])
             else:
-                e = (((i % 2**32) * 2654435761) % 2**32 * E) >> 32
+                e = (((positions[t] % 2**32) * 2654435761) % 2**32 * E) >> 32  # the position in its sequence
             out.append([(e, torch.ones((), dtype=probs[0].dtype if probs else torch.float64))])
         return out
     if r.kind == "soft":
@@ -354,14 +354,17 @@ def router_state(p: dict, prefix: str, x, state):
     return [gru_cell(p, "router_gru", u, None if state is None else state[t]) for t, u in enumerate(projected)]
 
 
-def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, step=0, router_input=None):
+def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, step=0, router_input=None, positions=None):
     """A chain of `op.iterations` MoE passes, h_{c+1} = h_c + moe_c(h_c); returns the sum of the
     passes' outputs, their aux losses and the expert counts summed over the passes. A recurrent
-    router's gates read `router_input` (one state row per token) instead of the tokens."""
+    router's gates read `router_input` (one state row per token) instead of the tokens; hash
+    routing keys on each token's position in its sequence (`positions`, one per flat row; by
+    default the index along dim -2 of x)."""
     total, aux, counts = None, 0.0, None
     for it in range(op.iterations):
         y, a, c = moe_once(op, p, prefix, x if total is None else x + total, modality, task,
-                           router=f"router_{it}" if it else "router", step=step, router_input=router_input)
+                           router=f"router_{it}" if it else "router", step=step, router_input=router_input,
+                           positions=positions)
         total = y if total is None else total + y
         aux = aux + a
         counts = c if counts is None else counts + c
@@ -369,8 +372,10 @@ def moe(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, step=0, route
 
 
 def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="router", step=0,
-             router_input=None):
+             router_input=None, positions=None):
     flat, mods = x.reshape(-1, x.shape[-1]), modality.reshape(-1)
+    seq = x.shape[-2] if x.dim() >= 2 else 1
+    positions = positions if positions is not None else [t % seq for t in range(flat.shape[0])]
     tasks = task.reshape(-1) if task is not None else None
     y = torch.zeros_like(flat)
     aux = torch.zeros((), dtype=x.dtype)
@@ -389,7 +394,7 @@ def moe_once(op: O.MoEOp, p: dict, prefix: str, x, modality, task=None, router="
                 t_ = temperature(r.temperature, step)
                 probs_all.append(torch.softmax(logits / t_, -1) if r.score == "softmax" else torch.sigmoid(logits))
         bias = p.get(f"{gp}.{router}.score_bias")
-        choices = route(r, logits_all, probs_all, g.routed_experts, mods, tasks, rows, bias)
+        choices = route(r, logits_all, probs_all, g.routed_experts, mods, tasks, rows, positions, bias)
         for t, chosen in zip(rows, choices):
             for e, w in chosen:
                 if e < g.num_experts:
@@ -431,7 +436,8 @@ def forward(spec, params: dict, x, modality, task=None, step=0):
     return x, aux_total, all_counts
 
 
-def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend=None, state=None):
+def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend=None, state=None,
+              positions=None):
     """The block's sublayers on x; `attend(op, prefix, h, names)` replaces whole-sequence attention;
     `state` is a recurrent router's state from the previous MoE layer. Returns (x, aux loss, expert
     counts per routed sublayer, state)."""
@@ -458,7 +464,7 @@ def sublayers(spec, block, i: int, params: dict, x, modality, task, step, attend
             if sub.op.recurrent is not None:
                 state = router_state(params, name, h, state)
             out, aux, counts = moe(sub.op, params, name, h, modality, task, step,
-                                   state if sub.op.recurrent is not None else None)
+                                   state if sub.op.recurrent is not None else None, positions)
             aux_total = aux_total + aux
             all_counts.append(counts)
         x = x + out
@@ -506,7 +512,8 @@ def depth_block(spec, block, i: int, params: dict, x, modality, task, step):
                 out[idx] = attention(op, params, prefix, h[idx].unsqueeze(0), sub_names, positions)[0]
         return out
 
-    y, aux, counts, _ = sublayers(spec, block, i, params, rows, row_mods, row_tasks, step, attend)
+    y, aux, counts, _ = sublayers(spec, block, i, params, rows, row_mods, row_tasks, step, attend,
+                                  positions=[t for _, t in kept])
     out = xs.clone()
     for j, (b, t) in enumerate(kept):
         out[b, t] = xs[b, t] + gates[j] * (y[j] - xs[b, t])

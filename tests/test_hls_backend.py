@@ -214,6 +214,25 @@ def test_csim_sets_routing_near_ties_apart():
 
 
 @needs_toolchain
+def test_csim_hash_routing_keys_on_the_position_in_the_sequence(tmp_path):
+    """Hash routing in a modality group: the C++ and PyTorch both hash a token's position in its
+    sequence (not its place among the group's tokens), with text and image interleaved."""
+    path = write(tmp_path, "hashed", """
+model hashed {
+  modality text, image
+  input(dim = 16, modalities = [text, image])
+  block layer { moe { group text { experts 4 x glu(16, 24); router deterministic(by = hash) }
+                      group image { experts 2 x glu(16, 24); router top_k(k = 1) } } }
+  layers { layer }
+  target hls { max_tokens = 12 }
+}""")
+    modality = torch.tensor([[1, 0, 0, 1, 0, 1, 1, 0, 0, 0, 1, 0], [0] * 12])
+    result = csim(path, x=torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(4)), modality=modality)
+    assert result.ok and result.bad_routes == 0, result.summary()
+    assert 0 < result.max_abs
+
+
+@needs_toolchain
 def test_overflow_wraps_without_saturation_and_is_warned(tmp_path):
     x = 3 * torch.randn(8, 16, generator=torch.Generator().manual_seed(0))  # beyond fixed(12, 4)'s +-8
     errors = {}

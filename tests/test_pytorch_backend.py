@@ -419,6 +419,38 @@ def test_router_kinds_match_reference(tmp_path, router):
     _check(path, torch.randn(2, 9, 16), modality, task=task)
 
 
+HASHED = """
+model hashed {
+  const d = 16
+  modality text, image
+  input(dim = d, modalities = [text, image])
+  block grouped {
+    attention(heads = 2)
+    moe { group text { experts 4 x glu(d, 12); router deterministic(by = hash) }
+          group image { experts 3 x glu(d, 12); router top_k(k = 1) } }
+  }
+  block kept { depth = keep_top(0.5, modalities = [image]); moe { experts 5 x glu(d, 12); router deterministic(by = hash) } }
+  layers { grouped kept }
+}
+"""
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_hash_routing_keys_on_the_position_in_the_sequence(tmp_path, static):
+    """Hash routing's key is a token's position in its sequence (its original one in a
+    Mixture-of-Depths block), inside a modality group too: a sequence's output does not depend on
+    the batch around it or on the other sequences' modalities."""
+    path = _write(tmp_path, HASHED)
+    torch.manual_seed(8)
+    x, modality = torch.randn(3, 7, 16), torch.randint(0, 2, (3, 7))
+    model, out = _check(path, x, modality, static=static)
+    alone = model(x[2:].double(), modality[2:]).output
+    torch.testing.assert_close(out.output[2:], alone, rtol=0, atol=1e-12)
+    other = modality.clone()
+    other[0] = 1 - other[0]
+    torch.testing.assert_close(model(x.double(), other).output[1:], out.output[1:], rtol=0, atol=1e-12)
+
+
 def test_group_limited_bias_is_updated_by_after_step(tmp_path):
     path = _write(tmp_path, ROUTER_MODEL.format(router="group_limited(k = 2, groups = 4, top_groups = 2)"))
     model = moec.load(path)

@@ -36,7 +36,7 @@ RUNTIME_MODULES: dict[str, tuple[str, tuple[str, ...]]] = {
     "moec_routers": ("routers.py", (
         "BalancedRouter", "Schedule", "apply_capacity", "route_deterministic", "route_dynamic_k",
         "route_expert_choice", "route_top_k_temperature",
-        "route_group_limited", "route_soft", "router_jitter")),
+        "route_group_limited", "route_soft", "router_jitter", "token_positions")),
     "moec_depth": ("depth.py", ("DepthRouter", "depth_combine")),
     "moec_expert_parallel": ("expert_parallel.py", ("ExpertParallelExperts", "moe_experts_ep")),
     "moec_static_runtime": ("static_runtime.py", (
@@ -189,6 +189,7 @@ class _BlockEmitter:
         self.region_anchor: dict[str, str] = {}
         self.routers: dict[str, str] = {}  # module path of an expert group -> its router attribute
         self.kept_tokens = False  # between a depth_route and its depth_combine
+        self.depth_route = ""  # the name of the current depth route
         self.selections: dict[tuple, str] = {}  # (modality ids, modalities) -> the selected tokens' index / mask
         self.rows_of_modalities: dict[tuple, str] = {}  # (modality ids, per-modality ids) -> their token rows
         self.recurrent = bool(graph.find("router_state"))  # blocks take and return a recurrent router's state
@@ -411,6 +412,7 @@ class _BlockEmitter:
         route, x, modality, task = self.g.outputs(node)
         (r,) = self.assign_values([route], ["route"], node)
         self.line(f"{r} = {attr}({ins[0]}, {ins[1]})")
+        self.depth_route = r
         (xk,) = self.assign_values([x], ["x_kept"], node)
         self.line(f"{xk} = {r}.select_rows({ins[0]})")
         for value, base, ids in ((modality, "modality_kept", ins[1]), (task, "task_kept", ins[2])):
@@ -528,9 +530,10 @@ class _BlockEmitter:
         return ".".join(path[:-1])
 
     def _route(self, outs: list[str], source: str, r: O.RouterSpec, num_experts: int, path: list[str],
-               mask: list[str]) -> None:
+               mask: list[str], positions: str | None = None) -> None:
         """Routes the rows `source` (logits or tokens); `mask`: the token_mask argument of the tokens
-        whose choices a balancing bias counts (the static form's group rows are all tokens)."""
+        whose choices a balancing bias counts (the static form's group rows are all tokens);
+        `positions`: the rows' positions in their sequences (hash routing's key)."""
         w, ids, probs = outs
         lhs = f"{w}, {ids}, {probs}"
         e = num_experts
@@ -558,7 +561,7 @@ class _BlockEmitter:
         elif r.kind == "soft":
             self.line(_call(lhs, "route_soft", [source, f"score={r.score!r}"]))
         elif r.kind == "deterministic":
-            by = {"modality": [f"modality={source}"], "task": [f"task={source}"], "hash": []}[r.by]
+            by = {"modality": [f"modality={source}"], "task": [f"task={source}"], "hash": [f"positions={positions}"]}[r.by]
             self.line(_call(lhs, "route_deterministic", [f"{source}.shape[0]", str(e), f"by={r.by!r}", *by]))
             if r.by != "hash":
                 self.view.sync_notes.append(f"{r.by} id range check")
@@ -586,8 +589,18 @@ class _BlockEmitter:
         self._gate(logits, path, op, ins[0], op.jitter, score_bias=self._feeds_group_limited(node))
 
     def _op_route(self, node, op, ins, path):
+        positions = self._positions_of(node) if op.router.by == "hash" else None
         self._route(self.assign(node, ["weights", "expert_ids", "probs"]), ins[0], op.router, op.num_experts, path,
-                    self.mask_arg(node))
+                    self.mask_arg(node), positions)
+
+    def _positions_of(self, node: int) -> str:
+        """The positions in their sequences (dim -2 of the block input) of the rows a route op reads:
+        the key of hash routing, the same for a token whatever the batch around it."""
+        base = f"{self.depth_route}.positions" if self.kept_tokens else "token_positions(x)"
+        rows = self.g.inputs(node)[0]
+        if self.g.op(rows.node).kind == "select_tokens" and not self.static:  # the group's rows
+            return f"{base}.index_select(0, {self.names[self.g.outputs(rows.node)[1]]})"
+        return base  # every row (the static form's groups too: their masks select)
 
     def _op_router(self, node, op, ins, path):
         shared = self._shared_gates(node)

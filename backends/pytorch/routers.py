@@ -38,7 +38,10 @@ Public API
     Cumulative-probability ("top-p") dynamic-k routing.  K = k_max (default E).
 ``route_deterministic(num_tokens, num_experts, *, by, modality=None, task=None, positions=None,
 token_ids=None, validate=True)``
-    Routing by modality id, task id or a fixed hash.  K = 1.
+    Routing by modality id, task id or a fixed hash (of ``token_positions(x)``: each token's
+    position in its sequence, in generated models).  K = 1.
+``token_positions(x)``
+    Each token's position along dim -2 of x [..., S, d], flattened like ``x.reshape(-1, d)``.
 ``route_soft(logits, score="softmax")``
     Dense soft mixture.  K = E.
 ``route_group_limited(logits, k, num_groups, topk_groups, bias=None, scale=1.0, renormalize=True,
@@ -86,6 +89,7 @@ __all__ = [
     "route_top_k_temperature",
     "router_jitter",
     "schedule_value",
+    "token_positions",
     "update_balance_bias",
 ]
 
@@ -283,6 +287,13 @@ def _knuth_hash_expert(key: Tensor, num_experts: int) -> Tensor:
     lo, hi = k32 & 0xFFFF, k32 >> 16  # lo*M, hi*M < 2**48
     h = (lo * HASH_MULTIPLIER + (((hi * HASH_MULTIPLIER) & 0xFFFF) << 16)) & 0xFFFFFFFF
     return (h * num_experts) >> 32  # multiply-shift range reduction: uses the high bits of h
+
+
+def token_positions(x: Tensor) -> Tensor:
+    """The position of every token of x [..., S, d] in its sequence (along dim -2), flattened to
+    [N] like the rows of ``x.reshape(-1, d)``: the key of hash routing."""
+    seq = x.shape[-2] if x.dim() >= 2 else 1
+    return torch.arange(seq, device=x.device).repeat(math.prod(x.shape[:-2]))
 
 
 def route_deterministic(

@@ -371,7 +371,7 @@ Tokens:
 }
 
 // Routing without a learned router (weight 1): BY_TASK takes the task id, BY_MODALITY the
-// modality id, otherwise Knuth's multiplicative hash of the token's position within its group.
+// modality id, otherwise Knuth's multiplicative hash of the token's position in the sequence.
 // Returns the number of tokens whose id was out of range (they are not processed).
 enum route_by { BY_MODALITY = 0, BY_TASK = 1, BY_HASH = 2 };
 
@@ -380,7 +380,7 @@ int route_fixed(const int modality[MOEC_MAX_TOKENS], const int task[MOEC_MAX_TOK
                 queues<EXPERTS> &q) {
 #pragma HLS INLINE off
     clear_queues(q);
-    int position = 0, bad = 0;
+    int bad = 0;
 Tokens:
     for (int t = 0; t < n; t++) {
 #pragma HLS LOOP_TRIPCOUNT min=1 max=MOEC_MAX_TOKENS
@@ -392,10 +392,9 @@ Tokens:
         } else if (BY == BY_MODALITY) {
             e = modality[t];
         } else {
-            unsigned long long h = ((unsigned long long)(unsigned)position * 2654435761ULL) & 0xffffffffULL;
+            unsigned long long h = ((unsigned long long)(unsigned)t * 2654435761ULL) & 0xffffffffULL;
             e = int((h * EXPERTS) >> 32);
         }
-        position++;
         if (e < 0 || e >= int(EXPERTS)) {
             bad++;
             continue;
