@@ -326,7 +326,7 @@ def test_torch_export_has_no_data_dependent_ops():
     targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
     bad = [t for t in targets if t.startswith("aten.") and t.split(".")[1] in FORBIDDEN]
     assert not bad, bad
-    assert "aten.bmm.default" in targets and "aten.topk.default" in targets
+    assert "aten.bmm.default" in targets and "aten.topk.default" not in targets  # top-k by comparisons
     # the exported graph is not specialised on the example's routing: new values, same results
     for seed in range(3):
         g = torch.Generator().manual_seed(100 + seed)
