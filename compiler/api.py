@@ -11,15 +11,16 @@ import sys
 from moec import __version__
 
 
-def compile(path: str, target: str = "pytorch", out: str = "out") -> list[str]:
-    """Compile `path` for `target` into directory `out`; return the paths written."""
+def compile(path: str, target: str = "pytorch", out: str = "out", **options) -> list[str]:
+    """Compile `path` for `target` into directory `out`; return the paths written. `options` are
+    the target's own, as on the command line: `static=True` (pytorch), `dialect="tosa"` (mlir)."""
     from moec.backends import targets
     from moec.driver import compile_model
 
     emitters = targets()
     if target not in emitters:
         raise ValueError(f"unknown target {target!r}; targets: {', '.join(sorted(emitters))}")
-    files = emitters[target](compile_model(path), out)
+    files = emitters[target](compile_model(path), out, **options)
     return [os.path.join(out, f) for f in files]
 
 
@@ -37,7 +38,7 @@ def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = Fal
     returned model is rank `rank` of `world_size` in the torch.distributed `group` (default world).
     Raises moec.CompileError (with rendered diagnostics) on a bad file."""
     from moec.backends import write_tree
-    from moec.backends.pytorch import py_name, render, runtime_files
+    from moec.backends.pytorch import module_name, render, runtime_files
     from moec.driver import compile_model
 
     comp = compile_model(path, pipeline=pipeline)
@@ -48,7 +49,7 @@ def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = Fal
     runtimes = runtime_files()
     digest = hashlib.sha256("".join([code, *runtimes.values()]).encode()).hexdigest()[:16]
     out = os.path.join(cache_dir(), digest)
-    module_file = os.path.join(out, f"{py_name(comp.graph.name)}.py")
+    module_file = os.path.join(out, f"{module_name(comp.graph.name)}.py")
     if not os.path.exists(module_file):
         write_tree(out, {os.path.basename(module_file): code, **runtimes})
     for name in runtimes:  # the generated file imports them by these names

@@ -42,7 +42,7 @@ def read_source(path: str, diags: Diagnostics, loc: SourceLoc | None = None) -> 
         diags.error("E0002", f"`{path}` is a binary file, not .moe text", loc)
         return None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark some editors write
     except UnicodeDecodeError as exc:
         diags.error("E0002", f"`{path}` is not valid UTF-8 (byte {exc.start})", loc)
         return None

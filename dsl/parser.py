@@ -122,7 +122,7 @@ def _report_syntax_error(exc: UnexpectedInput, path: str, diags: Diagnostics) ->
     elif isinstance(exc, UnexpectedCharacters):
         ch = diags.sources[path][exc.pos_in_stream] if exc.pos_in_stream < len(diags.sources[path]) else "?"
         diags.error("E0102", f"unexpected character {ch!r}", SourceLoc(path, line, col, line, col + 1),
-                    "names are letters, digits and `_`; strings use double quotes; comments start with `#`")
+                    "names are ASCII letters, digits and `_`; strings use double quotes; comments start with `#`")
     else:  # pragma: no cover - all lark parse errors are UnexpectedInput subclasses above
         diags.error("E0101", "syntax error", SourceLoc(path, line, col))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -196,6 +197,14 @@ def test_csim_matches_pytorch(name):
     assert 0 < result.max_abs  # real fixed-point arithmetic, not a float pass-through
     assert not result.warnings
     assert "warning" not in result.compiler_output  # g++ -Wall -Wextra (unknown pragmas aside)
+
+
+def test_group_named_like_a_keyword_finds_its_weights(tmp_path):
+    """The PyTorch target spells a group `class` as `class_`; the HLS weights follow that spelling."""
+    source = Path(example("moma")).read_text().replace("text", "class")
+    path = write(tmp_path, "keyword", source)
+    assert main(["compile", path, "-t", "hls", "-o", str(tmp_path / "o")]) == 0
+    assert any((tmp_path / "o" / "firmware" / "weights").iterdir())
 
 
 @needs_toolchain

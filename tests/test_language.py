@@ -428,3 +428,9 @@ def test_frontend_raises_compile_error_with_all_diagnostics(tmp_path):
   layers { b }
 }""")
     assert sorted(d.code for d in info.value.diagnostics.items) == ["E0207", "E0210"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_source(tmp_path):
+    path = tmp_path / "bom.moe"
+    path.write_bytes(b"\xef\xbb\xbf" + b"model m {\n  input(dim = 8)\n  block b { glu(8, 16) }\n  layers { b }\n}\n")
+    assert frontend(str(path)).name == "m"

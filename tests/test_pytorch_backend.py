@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import os
 import sys
+from pathlib import Path
 
 import moec
 import pytest
@@ -142,6 +143,13 @@ def test_contract(tmp_path):
         model(torch.randn(3, 64))
     with pytest.raises(ValueError, match=r"\[\.\.\., 64\]"):
         model(torch.randn(3, 65), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"modality ids must lie in \[0, 2\).*\[-1, 2\]"):
+        model(torch.randn(4, 64), torch.tensor([0, 1, 2, -1]))  # ids of no declared modality
+    with pytest.raises(TypeError, match="x is torch.float64 but the model's parameters are torch.float32"):
+        model(torch.randn(3, 64, dtype=torch.float64), torch.tensor([0, 1, 0]))
+    for x in (torch.ones(3, 64, dtype=torch.long), [0.0] * 64):
+        with pytest.raises(TypeError, match="x must be a floating-point torch.Tensor"):
+            model(x, torch.tensor([0, 1, 0]))
     single = moec.load(os.path.join(EXAMPLES, "mixtral.moe"))
     assert single(torch.randn(4, 64)).output.shape == (4, 64)  # modality may be omitted
     # seeds: same seed same weights, other seed other weights
@@ -150,6 +158,35 @@ def test_contract(tmp_path):
     pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
     assert all(torch.equal(pa[n], pb[n]) for n in pa) and not torch.equal(pa["layers.0.moe.router.weight"],
                                                                           pc["layers.0.moe.router.weight"])
+
+
+@pytest.mark.parametrize("example", ALL_EXAMPLES)
+def test_examples_take_zero_tokens(example):
+    """No tokens (an empty batch, empty sequences): empty outputs, zero counts, a finite aux loss."""
+    model = moec.load(os.path.join(EXAMPLES, f"{example}.moe"))
+    for shape in [(0, model.d_model), (2, 0, model.d_model), (0, 5, model.d_model)]:
+        out = model(torch.randn(*shape), torch.zeros(shape[:-1], dtype=torch.long))
+        assert out.output.shape == shape and bool(torch.isfinite(out.aux_loss))
+        assert all(int(c.sum()) == 0 for c in out.expert_counts)
+
+
+@pytest.mark.parametrize("name", ["forward", "training", "to", "__init__", "class"])
+def test_names_of_module_attributes_and_keywords_are_safe(tmp_path, name):
+    """A modality / group named like an nn.Module attribute or a keyword gets a `_` in Python."""
+    source = Path(EXAMPLES, "moma.moe").read_text().replace("text", name)
+    model = moec.load(_write(tmp_path, source))
+    assert model.modalities == (name, "image")
+    assert f"layers.1.moe.{name}_.router.weight" in dict(model.named_parameters())
+    assert model(torch.randn(2, 5, 64), torch.randint(0, 2, (2, 5))).output.shape == (2, 5, 64)
+
+
+@pytest.mark.parametrize("name", ["moec_runtime", "moec_triton", "math", "torch"])
+def test_model_names_never_shadow_the_runtime_or_the_standard_library(tmp_path, name):
+    source = Path(EXAMPLES, "mixtral.moe").read_text().replace("model mixtral", f"model {name}")
+    path = _write(tmp_path, source)
+    written = moec.compile(path, out=str(tmp_path / "out"))
+    assert str(tmp_path / "out" / f"{name}_.py") in written
+    assert moec.load(path)(torch.randn(3, 64)).output.shape == (3, 64)
 
 
 def test_parameter_names_follow_the_source():
@@ -253,20 +290,28 @@ def test_train_lowers_the_loss(example, tmp_path, capsys):
 
 
 def test_generated_code_is_deterministic_and_lint_clean(tmp_path):
+    """Every example's generated files (PyTorch, its static form, Triton) pass ruff; compiling twice
+    gives the same bytes."""
     import shutil
     import subprocess
 
-    for example in ("mixtral", "deepseek_moe", "moma"):
-        a, b = tmp_path / f"{example}_a", tmp_path / f"{example}_b"
-        for out in (a, b):
-            moec.compile(os.path.join(EXAMPLES, f"{example}.moe"), out=str(out))
-        assert (a / f"{example}.py").read_bytes() == (b / f"{example}.py").read_bytes()
+    generated = []
+    for example in (*ALL_EXAMPLES, "hls/task_experts"):
+        name = os.path.basename(example)
+        forms = [("pytorch", False), ("triton", False)] + [("pytorch", True)] * (example not in NO_STATIC_FORM)
+        for target, static in forms:
+            out = tmp_path / f"{name}_{target}_{static}"
+            moec.compile(os.path.join(EXAMPLES, f"{example}.moe"), target=target, out=str(out), static=static)
+            generated += [p for p in out.glob("*.py") if not p.name.startswith("moec_")]
+    for example in ("mixtral", "moma"):
+        again = tmp_path / "again"
+        moec.compile(os.path.join(EXAMPLES, f"{example}.moe"), out=str(again))
+        assert (again / f"{example}.py").read_bytes() == (tmp_path / f"{example}_pytorch_False" / f"{example}.py").read_bytes()
     ruff = shutil.which("ruff")
     if ruff is None:
         pytest.skip("ruff not installed")
-    models = [str(p) for p in tmp_path.glob("*/*.py") if p.name != "moec_runtime.py"]
     result = subprocess.run([ruff, "check", "--no-cache", "--isolated", "--select", "E,F,W,I,B,UP",
-                             "--line-length", "120", *models], check=False, capture_output=True, text=True)
+                             "--line-length", "120", *map(str, generated)], check=False, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

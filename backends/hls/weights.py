@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from moec.backends import BackendError
+from moec.backends.pytorch.codegen import py_name
 
 from .model import Project, Weight
 
@@ -18,8 +19,16 @@ def _codes(w: torch.Tensor, stacked: bool) -> torch.Tensor:
     return torch.clamp(torch.round(w / _absmean(w, stacked)), -1, 1)
 
 
+def state_key(name: str) -> str:
+    """The PyTorch state-dict key of an IR parameter name `layers.<i>.<path>`: the path's names as the
+    PyTorch target spells them (`py_name`: e.g. a group named `class` becomes `class_`)."""
+    parts = name.split(".")
+    return ".".join(parts[:2] + [py_name(p) for p in parts[2:]]) if parts[0] == "layers" else name
+
+
 def _array(w: Weight, state: dict[str, torch.Tensor]) -> torch.Tensor:
-    def get(key: str) -> torch.Tensor:
+    def get(name: str) -> torch.Tensor:
+        key = state_key(name)
         if key not in state:
             raise BackendError(f"the PyTorch model has no parameter `{key}` (internal naming mismatch)")
         return state[key].detach().to(torch.float32).cpu()

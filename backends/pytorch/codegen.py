@@ -8,9 +8,11 @@ Names from the .moe file pass through `py_name` before reaching generated code.
 
 from __future__ import annotations
 
+import functools
 import keyword
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
@@ -48,13 +50,30 @@ _RESERVED = {*(n for _, names in RUNTIME_MODULES.values() for n in names), "Mode
 
 
 def py_name(name: str) -> str:
-    """A safe Python identifier for a name from a .moe file (keywords and clashes get a `_`)."""
+    """A safe Python identifier for a name from a .moe file (keywords, names of the runtime and
+    attributes of nn.Module, such as `forward` or `training`, get a `_`)."""
     name = re.sub(r"[^0-9A-Za-z_]", "_", name)
     if not name or name[0].isdigit():
         name = "_" + name
-    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in _RESERVED:
+    if keyword.iskeyword(name) or keyword.issoftkeyword(name) or name in _RESERVED or name in _module_attributes():
         name += "_"
     return name
+
+
+def module_name(name: str) -> str:
+    """The file name (without .py) of a generated model: `py_name`, kept clear of the runtime
+    modules shipped next to it and of the standard library modules they import."""
+    module = py_name(name)
+    while module in RUNTIME_MODULES or module == "moec_triton" or module in sys.stdlib_module_names:
+        module += "_"
+    return module
+
+
+@functools.cache
+def _module_attributes() -> frozenset[str]:
+    import torch.nn
+
+    return frozenset(dir(torch.nn.Module()))  # an instance: `training` too
 
 
 def _class_name(key: str) -> str:
@@ -98,11 +117,14 @@ class _Module:
 
 
 def _call(lhs: str, fn: str, args: list[str], width: int = 104) -> str:
-    """`lhs = fn(args)` on one line, or one argument per line when that is too long."""
+    """`lhs = fn(args)` on one line, or one argument per line when that is too long (and one
+    target per line, in parentheses, when the targets alone are)."""
     one = f"{lhs} = {fn}({', '.join(args)})"
     if len(one) <= width:
         return one
     inner = "".join(f"\n            {a}," for a in args)
+    if len(f"{lhs} = {fn}(") > width and ", " in lhs:
+        lhs = "(" + "".join(f"\n            {name}," for name in lhs.split(", ")) + "\n        )"
     return f"{lhs} = {fn}({inner}\n        )"
 
 
@@ -372,7 +394,7 @@ class _BlockEmitter:
         self.view.returns = f"{out[0]}, {aux}, {cnt}"
         if self.recurrent:  # the state after this block's last MoE layer (a block without one passes it on)
             self.view.returns += f", {states[-1] if states else 'router_state'}"
-        self.view.modules = [_Module(attr, _ctor(sub)) for attr, sub in self.tree.items()]
+        self.view.modules = [_Module(attr, _ctor(sub, used=len(f"        self.{attr} = "))) for attr, sub in self.tree.items()]
 
     def line(self, text: str) -> None:
         self.view.body.append(text)
@@ -888,6 +910,8 @@ class _StaticBlockEmitter(_BlockEmitter):
     def _op_permute(self, node, op, ins, path):
         order, counts, offsets = self.g.outputs(node)
         self.names[order] = self.names[offsets] = "None"  # the static dispatch needs no sort
+        if not self.g.users(counts):  # counted elsewhere (zero-computation experts count all routed ids)
+            return
         (name,) = self.assign_values([counts], ["counts"], node)
         self.line(_call(name, "expert_counts_static", [ins[0], str(op.num_experts), *self.mask_arg(node)]))
 
@@ -920,13 +944,46 @@ class _StaticBlockEmitter(_BlockEmitter):
     _op_gather_rows = _op_expert_gemm = _op_activation = _op_combine = _unfused
 
 
-def _ctor(sub, indent: int = 8) -> str:
-    """Constructor text of a submodule; nested namespaces become indented Container(...) calls."""
+def _ctor(sub, indent: int = 8, used: int = 0) -> str:
+    """Constructor text of a submodule (`used`: the columns before it on its first line); nested
+    namespaces become indented Container(...) calls; a call too long for one line gets its
+    arguments on the next."""
     if isinstance(sub, str):
-        return sub
+        return _fit(sub, indent, used)
     pad = " " * (indent + 4)
-    items = "".join(f"\n{pad}{k}={_ctor(v, indent + 4)}," for k, v in sub.items())
+    items = "".join(f"\n{pad}{k}={_ctor(v, indent + 4, indent + 4 + len(k) + 1)}," for k, v in sub.items())
     return f"Container({items}\n{' ' * indent})"
+
+
+def _fit(call: str, indent: int, used: int, width: int = 110) -> str:
+    """`call` as is if it fits in `width` columns after `used`; else `f(` with its arguments on
+    the following line(s) at indent + 4 and `)` back at indent."""
+    if "\n" in call or used + len(call) + 1 <= width or "(" not in call or not call.endswith(")"):
+        return call
+    head, inner = call.split("(", 1)
+    args, depth, start, quote = [], 0, 0, ""
+    for i, ch in enumerate(inner[:-1]):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            args.append(inner[start:i].strip())
+            start = i + 1
+    args.append(inner[start:-1].strip())
+    pad = " " * (indent + 4)
+    lines, line = [], ""
+    for arg in args:
+        if line and len(pad) + len(line) + len(arg) + 2 > width:
+            lines.append(line)
+            line = ""
+        line = f"{line} {arg}," if line else f"{arg},"
+    lines.append(line)
+    return f"{head}(\n" + "".join(f"{pad}{text}\n" for text in lines) + f"{' ' * indent})"
 
 
 def emit_blocks(graph: Graph, emit) -> tuple[dict[str, BlockView], list[LayerCall]]:
@@ -978,7 +1035,7 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
     imports = [(module, sorted((n for n in names if n in used), key=lambda n: (n[0].islower(), n)))
                for module, (_, names) in RUNTIME_MODULES.items()]
     return env.get_template("model.py.j2").render(
-        imports=[(m, names) for m, names in imports if names], static=static,
+        imports=sorted((m, names) for m, names in imports if names), static=static,
         plan=_plan_literal(plan) if plan is not None else None,
         uses_task=any(graph.op(n).kind == "route" and graph.op(n).router.by == "task" for n in graph.nodes())
         or any(graph.op(n).kind == "router" and graph.op(n).router.by == "task" for n in graph.nodes()),

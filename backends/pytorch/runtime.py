@@ -1363,8 +1363,18 @@ class Container(nn.Module):
             setattr(self, name, module)
 
 
-def check_modality(x: Tensor, modality: Tensor | None, num_modalities: int, d_model: int) -> Tensor:
-    """Validate the model inputs; a missing `modality` is allowed when one modality is declared."""
+def check_modality(x: Tensor, modality: Tensor | None, num_modalities: int, d_model: int,
+                   dtype: torch.dtype | None = None) -> Tensor:
+    """Validate the model inputs; a missing `modality` is allowed when one modality is declared.
+    ``x`` must have the parameters' `dtype` unless autocast is on. Modality ids outside
+    [0, num_modalities) are an error: one host sync, skipped while torch.compile or torch.export
+    traces the model."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
+        raise TypeError(f"x must be a floating-point torch.Tensor of shape [..., {d_model}], got {what}")
+    if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"x is {x.dtype} but the model's parameters are {dtype}: convert one of them "
+                        f"(x.to({dtype}) or model.to({x.dtype})), or run under torch.autocast")
     if x.dim() < 1 or x.shape[-1] != d_model:
         raise ValueError(f"x must have shape [..., {d_model}], got {tuple(x.shape)}")
     if modality is None:
@@ -1376,7 +1386,13 @@ def check_modality(x: Tensor, modality: Tensor | None, num_modalities: int, d_mo
         raise ValueError("modality must be an integer tensor")
     if tuple(modality.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"modality must have shape {tuple(x.shape[:-1])}, got {tuple(modality.shape)}")
-    return modality.to(device=x.device, dtype=torch.long)
+    modality = modality.to(device=x.device, dtype=torch.long)
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if not tracing and modality.numel() and bool(((modality < 0) | (modality >= num_modalities)).any()):
+        bad = modality[(modality < 0) | (modality >= num_modalities)]
+        raise ValueError(f"modality ids must lie in [0, {num_modalities}) (the declared modalities, in order); "
+                         f"got {sorted(set(bad.tolist()))[:5]}")
+    return modality
 
 
 def select_tokens(modality: Tensor, modalities: tuple) -> Tensor:
@@ -1778,7 +1794,8 @@ class Attention(nn.Module):
     def head_weights(self, x: Tensor) -> Tensor:
         """Mixture-of-heads weights [..., heads] of the tokens x [..., dim] (0 for unchosen heads)."""
         probs = torch.softmax(_at_least_fp32(self.head_router(x)), dim=-1)
-        top = top_k(probs.detach().reshape(-1, probs.shape[-1]), self.routed_heads)[1].view(*probs.shape[:-1], -1)
+        top = top_k(probs.detach().reshape(-1, probs.shape[-1]), self.routed_heads)[1]
+        top = top.view(*probs.shape[:-1], self.routed_heads)
         chosen = F.one_hot(top, probs.shape[-1]).sum(-2).to(probs.dtype)  # (one-hot: exports to MLIR)
         routed = probs * chosen
         if not self.shared_heads:

@@ -32,7 +32,7 @@ from moec.backends.pytorch.codegen import (
     _norm_ctor,
     _weight,
     emit_blocks,
-    py_name,
+    module_name,
     router_cell,
 )
 from moec.ir import Graph
@@ -253,7 +253,7 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
     if graph.find("expert_gemm"):
         raise BackendError("the triton target needs the fused pipeline (drop --pipeline unfused)")
     blocks_cfg = block_settings(targets or {})
-    module = py_name(graph.name)
+    module = module_name(graph.name)
     kernels_module = f"{module}_kernels"
     kernels = KernelSet()
     inp = graph.op(graph.find("input")[0])
@@ -275,8 +275,10 @@ def render(graph: Graph, source: str, targets: dict | None = None) -> dict[str, 
     if not kernels.activations:
         kernels.activation("identity")  # a model without MoE layers still gets a valid kernel file
     common = {"version": __version__, "source": source, "model_name": graph.name}
+    plain = ["torch"] + ([f"{kernels_module} as kernels"] if re.search(r"\bkernels\b", text) else [])
     model = _env().get_template("model.py.j2").render(
-        **common, imports=[(m, names) for m, names in imports if names], kernels_module=kernels_module,
+        **common, imports=sorted((m, names) for m, names in imports if names), plain_imports=sorted(plain),
+        kernels_module=kernels_module,
         blocks_cfg=", ".join(f"{k}={v}" for k, v in blocks_cfg.items()), pytorch_routers=pytorch_notes,
         modalities=inp.modalities, modalities_tuple=repr(tuple(inp.modalities)), d_model=inp.dim,
         blocks=list(blocks.values()), layers=layers, final_norm=_norm_ctor(graph.op(final[0])) if final else None,
