@@ -145,6 +145,9 @@ def test_contract(tmp_path):
         model(torch.randn(3, 65), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match=r"modality ids must lie in \[0, 2\).*\[-1, 2\]"):
         model(torch.randn(4, 64), torch.tensor([0, 1, 2, -1]))  # ids of no declared modality
+    model.check_ids = False  # no host sync; tokens of no declared modality go to no expert group
+    assert [int(c.sum()) for c in model(torch.randn(4, 64), torch.tensor([0, 1, 2, -1])).expert_counts] == [2, 2]
+    model.check_ids = True
     with pytest.raises(TypeError, match="x is torch.float64 but the model's parameters are torch.float32"):
         model(torch.randn(3, 64, dtype=torch.float64), torch.tensor([0, 1, 0]))
     for x in (torch.ones(3, 64, dtype=torch.long), [0.0] * 64):

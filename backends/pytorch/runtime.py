@@ -1364,11 +1364,11 @@ class Container(nn.Module):
 
 
 def check_modality(x: Tensor, modality: Tensor | None, num_modalities: int, d_model: int,
-                   dtype: torch.dtype | None = None) -> Tensor:
+                   dtype: torch.dtype | None = None, check_ids: bool = True) -> Tensor:
     """Validate the model inputs; a missing `modality` is allowed when one modality is declared.
-    ``x`` must have the parameters' `dtype` unless autocast is on. Modality ids outside
-    [0, num_modalities) are an error: one host sync, skipped while torch.compile or torch.export
-    traces the model."""
+    ``x`` must have the parameters' `dtype` unless autocast is on. With `check_ids`, modality ids
+    outside [0, num_modalities) are an error: one host sync, skipped while torch.compile or
+    torch.export traces the model."""
     if not isinstance(x, Tensor) or not x.is_floating_point():
         what = f"a {x.dtype} tensor" if isinstance(x, Tensor) else type(x).__name__
         raise TypeError(f"x must be a floating-point torch.Tensor of shape [..., {d_model}], got {what}")
@@ -1388,7 +1388,7 @@ def check_modality(x: Tensor, modality: Tensor | None, num_modalities: int, d_mo
         raise ValueError(f"modality must have shape {tuple(x.shape[:-1])}, got {tuple(modality.shape)}")
     modality = modality.to(device=x.device, dtype=torch.long)
     tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
-    if not tracing and modality.numel() and bool(((modality < 0) | (modality >= num_modalities)).any()):
+    if check_ids and not tracing and modality.numel() and bool(((modality < 0) | (modality >= num_modalities)).any()):
         bad = modality[(modality < 0) | (modality >= num_modalities)]
         raise ValueError(f"modality ids must lie in [0, {num_modalities}) (the declared modalities, in order); "
                          f"got {sorted(set(bad.tolist()))[:5]}")
