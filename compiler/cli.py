@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -18,6 +19,18 @@ def _fail(diags: Diagnostics) -> int:
     return 1
 
 
+class UsageError(Exception):
+    """A command line argparse refuses: (usage text, message)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse under moec's convention for user errors: `moec: error: ...` and exit status 1
+    (argparse itself exits with 2; `main` prints the usage and the message and returns 1)."""
+
+    def error(self, message: str):
+        raise UsageError(self.format_usage(), message)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -26,6 +39,22 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive: {value}")
     return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _path(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path (give a file or directory name)")
+    return text
 
 
 def cmd_check(args) -> int:
@@ -125,13 +154,14 @@ def cmd_csim(args) -> int:
     return 0 if result.ok else 1
 
 
-# the compile options that only some targets take (--static: mlir always exports the static form)
-_COMPILE_OPTIONS = {"static": ("pytorch", "triton", "mlir"), "plan": ("pytorch", "triton"), "dialect": ("mlir",),
+# the compile options that only some targets take (--static: mlir always exports the static form;
+# the triton target has neither a static-shape nor an expert-parallel form)
+_COMPILE_OPTIONS = {"static": ("pytorch", "mlir"), "plan": ("pytorch",), "dialect": ("mlir",),
                     "tokens": ("mlir",), "batch": ("mlir",), "seed": ("hls",)}
 
 
 def cmd_compile(args) -> int:
-    from moec.backends import targets
+    from moec.backends import BackendError, check_output_dir, targets
     from moec.driver import compile_model
 
     available = targets()
@@ -149,6 +179,11 @@ def cmd_compile(args) -> int:
               f"{'does' if len(misplaced) == 1 else 'do'} not apply to --target {args.target} ({uses})",
               file=sys.stderr)
         return 1
+    try:
+        check_output_dir(args.out)  # before the work, not when writing its result
+    except BackendError as exc:
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
     comp = compile_model(args.file, pipeline=args.pipeline)
     plan = None
     if args.plan:
@@ -162,7 +197,6 @@ def cmd_compile(args) -> int:
         "dialect": args.dialect or "linalg", "batch": args.batch or 1, "tokens": args.tokens or 8}
     if args.target == "hls":
         options = {"seed": 0 if args.seed is None else args.seed}
-    from moec.backends import BackendError
     from moec.backends.mlir import MlirLoweringError, MlirUnavailableError
 
     try:
@@ -219,7 +253,7 @@ def _pipeline_option(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="moec", description="Compile Mixture-of-Experts model descriptions (.moe).")
+    p = _Parser(prog="moec", description="Compile Mixture-of-Experts model descriptions (.moe).")
     p.add_argument("--version", action="version", version=f"moec {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -247,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     c.add_argument("--target", "-t", default="pytorch",
                    help="pytorch (default), triton, mlir (needs torch-mlir) or hls (Vitis-HLS-style C++ project)")
-    c.add_argument("-o", "--out", required=True, help="output directory (written completely or not at all)")
+    c.add_argument("-o", "--out", required=True, type=_path,
+                   help="output directory (written completely or not at all)")
     c.add_argument("--static", action="store_true", help="pytorch: static-shape (capacity-padded) export form")
     c.add_argument("--plan", metavar="JSON", help="pytorch: expert-parallel form for a plan from `moec place`")
     c.add_argument("--dialect", choices=["linalg", "stablehlo", "tosa", "torch", "raw"],
@@ -275,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--profile", metavar="JSON", help="routing profile from `moec train --profile`")
     c.add_argument("--method", choices=["place", "eplb", "round-robin"], default="place")
     c.add_argument("--modality-devices", metavar="SPEC", help="where tokens live, e.g. image=0-3,text=4-7")
-    c.add_argument("-o", "--out", metavar="JSON", help="write the plan (EPLB's phy2log/log2phy/logcnt) here")
+    c.add_argument("-o", "--out", metavar="JSON", type=_path,
+                   help="write the plan (EPLB's phy2log/log2phy/logcnt) here")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_place)
 
@@ -284,9 +320,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=_positive, default=50, help="optimizer steps (default 50)")
     c.add_argument("--tokens", type=_positive, default=512, help="tokens per step (default 512)")
     c.add_argument("--seq", type=_positive, default=64, help="sequence length (default 64)")
-    c.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (default 3e-3)")
+    c.add_argument("--lr", type=_positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
     c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--profile", metavar="JSON", help="write tokens per expert per MoE layer (a routing profile)")
+    c.add_argument("--profile", metavar="JSON", type=_path,
+                   help="write tokens per expert per MoE layer (a routing profile)")
     c.add_argument("--plan", metavar="JSON", help="expert-parallel training with a plan from `moec place` "
                                                   "(under torchrun --nproc_per_node=N)")
     c.set_defaults(func=cmd_train)
@@ -298,7 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:  # a malformed command line: the usage, then the error (exit 1)
+        usage, message = exc.args
+        sys.stderr.write(usage)
+        print(f"moec: error: {message}", file=sys.stderr)
+        return 1
     try:
         return args.func(args)
     except CompileError as exc:

@@ -1,13 +1,16 @@
 """`moec train`: a short training run of a generated model on synthetic multimodal data.
 
-The data: random hidden states `x [batch, seq, d]` with random modality tags, and a regression
-target produced by a fixed random teacher per modality (`tanh(x A_m) B_m`), so a model that
-routes modalities well can fit it. Loss = MSE + the model's auxiliary loss.
+The data: random hidden states `x [batch, seq, d]` with random modality tags (and, for a model
+that routes by task, random task ids), and a regression target produced by a fixed random teacher
+per modality (`tanh(x A_m) B_m`, scaled and shifted per task: `* s_t + c_t`), so a model that
+routes modalities (and tasks) well can fit it. Loss = MSE + the model's auxiliary loss.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -33,34 +36,56 @@ def load_balance_ratio(expert_counts: list) -> float:
 
 
 class SyntheticTask:
-    def __init__(self, d_model: int, num_modalities: int, seed: int):
+    """`tasks`: how many task ids the model takes (None: it takes none, and batches carry None)."""
+
+    def __init__(self, d_model: int, num_modalities: int, seed: int, tasks: int | None = None):
         g = torch.Generator().manual_seed(seed)
         self.g = g
-        self.d, self.m = d_model, num_modalities
+        self.d, self.m, self.tasks = d_model, num_modalities, tasks
         self.a = torch.randn(num_modalities, d_model, d_model, generator=g) / d_model ** 0.5
         self.b = torch.randn(num_modalities, d_model, d_model, generator=g) / d_model ** 0.5
+        if tasks is not None:
+            self.scale = 1 + 0.5 * torch.randn(tasks, d_model, generator=g)
+            self.shift = 0.5 * torch.randn(tasks, d_model, generator=g)
 
-    def batch(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(x, modality, task, target); task is None when the model takes no task ids."""
         x = torch.randn(batch, seq, self.d, generator=self.g)
         modality = torch.randint(0, self.m, (batch, seq), generator=self.g)
-        target = torch.einsum("bsd,bsde->bse", torch.tanh(torch.einsum("bsd,bsde->bse", x, self.a[modality])),
-                              self.b[modality])
-        return x, modality, target
+        task = None if self.tasks is None else torch.randint(0, self.tasks, (batch, seq), generator=self.g)
+        target = torch.empty_like(x)
+        for m in range(self.m):  # one GEMM pair per modality (not a [d, d] matrix gathered per token)
+            rows = modality == m
+            target[rows] = torch.tanh(x[rows] @ self.a[m]) @ self.b[m]
+        if task is not None:
+            target = target * self.scale[task] + self.shift[task]
+        return x, modality, task, target
+
+
+def _check_lr(lr: float) -> None:
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the learning rate must be a finite number > 0, got {lr!r}")
 
 
 def train(model, steps: int = 50, tokens: int = 512, seq: int = 64, lr: float = 3e-3, seed: int = 0,
-          log=None, every: int = 1):
-    """Train `model` for `steps` steps; call `log(StepStats)` every `every` steps; return all stats."""
+          log=None, every: int = 1, tasks: int | None = None):
+    """Train `model` for `steps` steps; call `log(StepStats)` every `every` steps; return all stats.
+
+    `tasks`: for a model that routes by task, how many task ids it takes (`moec.driver.task_count`);
+    the batch then carries random task ids. Training stops after the first step whose loss is
+    not finite (the last entry of the history then shows it)."""
+    _check_lr(lr)
     torch.manual_seed(seed)
     seq = max(1, min(seq, tokens))
     batch = max(1, tokens // seq)
-    task = SyntheticTask(model.d_model, len(model.modalities), seed)
-    x, modality, target = task.batch(batch, seq)  # one fixed batch: the loss must be able to go down
+    data = SyntheticTask(model.d_model, len(model.modalities), seed, tasks)
+    x, modality, task, target = data.batch(batch, seq)  # one fixed batch: the loss must be able to go down
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     history: list[StepStats] = []
-    routed = [torch.zeros_like(c) for c in model(x[:1], modality[:1]).expert_counts]
+    first = model(x[:1], modality[:1], None if task is None else task[:1])
+    routed = [torch.zeros_like(c) for c in first.expert_counts]
     for step in range(1, steps + 1):
-        out = model(x, modality)
+        out = model(x, modality, task)
         mse = torch.nn.functional.mse_loss(out.output, target)
         loss = mse + out.aux_loss
         opt.zero_grad(set_to_none=True)
@@ -71,27 +96,77 @@ def train(model, steps: int = 50, tokens: int = 512, seq: int = 64, lr: float = 
             acc += c.detach()
         stats = StepStats(step, float(mse.detach()), float(out.aux_loss.detach()), load_balance_ratio(out.expert_counts))
         history.append(stats)
-        if log is not None and (step % every == 0 or step == steps or step == 1):
+        diverged = not math.isfinite(stats.loss + stats.aux_loss)
+        if log is not None and (step % every == 0 or step == steps or step == 1 or diverged):
             log(stats)
+        if diverged:
+            break
     return history, routed
+
+
+def _profile_error(profile: str) -> str | None:
+    """Why the routing profile cannot be written to `profile` (None: it can). Probes by opening it
+    for appending, which leaves an existing file unchanged; a file the probe created is removed."""
+    if os.path.isdir(profile):
+        return f"cannot write the routing profile `{profile}`: it is a directory"
+    parent = os.path.dirname(os.path.abspath(profile))
+    if not os.path.isdir(parent):
+        return f"cannot write the routing profile `{profile}`: no directory `{os.path.dirname(profile) or parent}`"
+    existed = os.path.lexists(profile)
+    try:
+        with open(profile, "a"):
+            pass
+    except OSError as exc:
+        return f"cannot write the routing profile `{profile}`: {exc.strerror or exc}"
+    if not existed:
+        os.unlink(profile)
+    return None
+
+
+def _memory_error(comp, tokens: int, seq: int) -> str | None:
+    """A run whose batch and kept activations alone exceed this machine's memory: why (else None)."""
+    from moec.api import _physical_memory
+
+    memory = _physical_memory()
+    if memory is None:
+        return None
+    per_token = 2 * 4 * comp.spec.dim + max(comp.results["analysis"]["activation_bytes_per_token"].values(),
+                                           default=0)  # x and the target, then the activations
+    seq = max(1, min(seq, tokens))
+    need = per_token * max(1, tokens // seq) * seq  # the tokens `train` uses
+    if need <= memory:
+        return None
+    return (f"--tokens {tokens:,} needs at least {need / 2**30:,.1f} GiB for the batch and the activations "
+            f"kept for the backward pass ({per_token:,} bytes per token), more than this machine's "
+            f"{memory / 2**30:,.1f} GiB of memory; give fewer --tokens")
 
 
 def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, profile: str | None,
             plan: str | None = None) -> int:
+    try:
+        _check_lr(lr)
+    except ValueError as exc:
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
     if plan is not None:
         return _run_expert_parallel(path, steps, tokens, seq, lr, seed, plan)
-    import os
-
     import moec
+    from moec.driver import compile_model, task_count
 
-    if profile and not os.path.isdir(os.path.dirname(os.path.abspath(profile))):
-        print(f"moec: error: cannot write the routing profile: no directory `{os.path.dirname(profile)}`",
-              file=sys.stderr)
+    problem = _profile_error(profile) if profile else None  # before training, not after it
+    if problem:
+        print(f"moec: error: {problem}", file=sys.stderr)
         return 1
+    comp = compile_model(path)
     model = moec.load(path, seed=seed)
+    problem = _memory_error(comp, tokens, seq)
+    if problem:
+        print(f"moec: error: {problem}", file=sys.stderr)
+        return 1
+    tasks = task_count(comp.graph)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"training {path}: {n_params:,} parameters, {steps} steps of {tokens} tokens "
-          f"(modalities: {', '.join(model.modalities)})")
+          f"(modalities: {', '.join(model.modalities)}" + (f"; task ids 0..{tasks - 1})" if tasks else ")"))
     schedules = [(name, m) for name, m in model.named_modules() if hasattr(m, "advance")]
     for name, schedule in schedules:
         print(f"schedule {name}: {schedule.extra_repr()}")
@@ -108,8 +183,22 @@ def run_cli(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, 
                 f"load max/mean {s.balance:.2f}{scheduled}  {rate:.1f} step/s")
         print("\r" + line if tty else line, end="" if tty and s.step != steps else "\n", flush=True)
 
-    history, routed = train(model, steps, tokens, seq, lr, seed, log, every=1 if tty else max(1, steps // 10))
+    try:
+        history, routed = train(model, steps, tokens, seq, lr, seed, log, every=1 if tty else max(1, steps // 10),
+                                tasks=tasks)
+    except (MemoryError, RuntimeError) as exc:  # torch's allocator failing says so in a RuntimeError
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+            raise
+        print(f"\nmoec: error: out of memory training with --tokens {tokens:,}: {str(exc).strip() or 'MemoryError'}"
+              "; give fewer --tokens", file=sys.stderr)
+        return 1
     first, last = history[0], history[-1]
+    if not math.isfinite(last.loss + last.aux_loss):
+        if tty:
+            print()
+        print(f"moec: error: the loss is not finite ({last.loss + last.aux_loss}) at step {last.step}: training "
+              f"diverged; try a smaller --lr (now {lr:g})", file=sys.stderr)
+        return 1
     verdict = "down" if last.loss < first.loss else "NOT down"
     print(f"loss {first.loss:.5f} -> {last.loss:.5f} ({verdict}) in {time.perf_counter() - start:.1f} s")
     if profile:
@@ -134,10 +223,9 @@ def rank_loads(plan: dict, counts: list, world_size: int) -> list[float]:
 
 def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float, seed: int, plan_path: str) -> int:
     """One rank of an expert-parallel run started by torchrun (gloo on CPU, NCCL on GPUs)."""
-    import os
-
     import moec
     import torch.distributed as dist
+    from moec.driver import compile_model, task_count
 
     if "WORLD_SIZE" not in os.environ:
         print("moec: error: --plan trains expert-parallel: start it with "
@@ -156,14 +244,14 @@ def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float
         ep_modules = [m for m in model.modules() if hasattr(m, "sync_replica_grads")]
         expert_params = {id(p) for m in ep_modules for p in m.parameters()}
         dense = [p for p in model.parameters() if id(p) not in expert_params]
-        task = SyntheticTask(model.d_model, len(model.modalities), seed)
-        task.g.manual_seed(seed + 1000 * (rank + 1))  # each rank its own tokens, same teacher
+        data = SyntheticTask(model.d_model, len(model.modalities), seed, task_count(compile_model(path).graph))
+        data.g.manual_seed(seed + 1000 * (rank + 1))  # each rank its own tokens, same teacher
         seq = max(1, min(seq, tokens))
-        x, modality, target = task.batch(max(1, tokens // seq), seq)
+        x, modality, task, target = data.batch(max(1, tokens // seq), seq)
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
         first = last = None
         for step in range(1, steps + 1):
-            out = model(x, modality)
+            out = model(x, modality, task)
             mse = torch.nn.functional.mse_loss(out.output, target)
             opt.zero_grad(set_to_none=True)
             (mse + out.aux_loss).backward()

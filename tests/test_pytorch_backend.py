@@ -409,7 +409,7 @@ def test_torch_compile_matches_eager(tmp_path):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--target", "hls", "--static"], "--static does not apply to --target hls (--static is for pytorch / triton / mlir)"),
+    (["--target", "hls", "--static"], "--static does not apply to --target hls (--static is for pytorch / mlir)"),
     (["--dialect", "tosa", "--seed", "0"], ("--dialect, --seed do not apply to --target pytorch (--dialect is for "
                                             "mlir; --seed is for hls)")),
     (["--target", "mlir", "--seed", "1"], "--seed does not apply to --target mlir"),

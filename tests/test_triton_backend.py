@@ -15,6 +15,7 @@ pytest.importorskip("numpy")  # the interpreter needs it
 
 import moec
 import torch
+from moec.backends import BackendError
 from moec.backends.pytorch.codegen import RUNTIME_MODULES
 from moec.cli import main
 
@@ -371,5 +372,7 @@ def test_bad_target_settings_are_user_errors(tmp_path, capsys):
         args = [flag] + ([str(plan)] if flag == "--plan" else [])
         assert main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), "--target", "triton", *args,
                      "-o", str(tmp_path / "o")]) == 1
-        assert capsys.readouterr().err.startswith("moec: error: the triton target has no")
+        assert capsys.readouterr().err.startswith(f"moec: error: {flag} does not apply to --target triton")
+    with pytest.raises(BackendError, match="the triton target has no"):  # the Python API says it too
+        moec.compile(os.path.join(EXAMPLES, "mixtral.moe"), target="triton", out=str(tmp_path / "o"), static=True)
     assert not (tmp_path / "o").exists()

@@ -23,6 +23,7 @@ from moec.backends import BackendError, write_tree
 from . import sample as S
 from .model import Project
 from .precision import HlsConfig
+from .weights import state_key
 
 INSTALL_HINT = "pip install --no-deps hls4ml==1.3.0"
 HEADERS_ENV = "MOEC_AP_TYPES"
@@ -220,7 +221,8 @@ def near_ties(model, graph, example: dict, margin: float) -> torch.Tensor:
                 first[layer] = min(first.get(layer, T), int(hit.min()))
         return record
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name, op)) for name, op in routers.items()]
+    handles = [model.get_submodule(state_key(name)).register_forward_hook(hook(name, op))
+               for name, op in routers.items()]
     try:
         S.reference(model, example)
     finally:
@@ -289,14 +291,20 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
         raise BackendError(f"input must be [T, {project.dim}] or [B, T, {project.dim}], got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise BackendError("input has NaN or infinite values; the fixed-point project cannot represent them")
+    if x.shape[:-1].numel() == 0:
+        raise BackendError(f"input has no tokens (shape {tuple(x.shape)}); give at least one token")
     if x.dim() == 2:
         x = x.unsqueeze(0)
     b, t = x.shape[:2]
+    tasks = S.task_count(project)
+    if task is not None and tasks is None:
+        raise BackendError(f"`{project.name}` does not route by task, so task ids (--task) do not apply; task ids "
+                           "are for models with `router deterministic(by = task)`")
     carried = [project.modalities.index(m) for m in comp.spec.input_modalities]
     if modality is None:
         modality = torch.tensor([carried[i % len(carried)] for i in range(t)]).expand(b, t)
     if task is None:
-        task = (torch.arange(t) % (S.task_count(project) or 1)).expand(b, t)
+        task = (torch.arange(t) % (tasks or 1)).expand(b, t)
     modality, task = torch.as_tensor(modality), torch.as_tensor(task)
     for name, ids in (("modality", modality), ("task", task)):
         if ids.numel() != b * t or ids.is_floating_point():
@@ -305,7 +313,6 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
     modality, task = modality.reshape(b, t).to(torch.int64), task.reshape(b, t).to(torch.int64)
     if bool(((modality < 0) | (modality >= len(project.modalities))).any()):
         raise BackendError(f"modality ids must lie in [0, {len(project.modalities)})")
-    tasks = S.task_count(project)
     if tasks is not None and bool(((task < 0) | (task >= tasks)).any()):
         raise BackendError(f"task ids must lie in [0, {tasks}) (one expert per task), got ids in "
                            f"[{int(task.min())}, {int(task.max())}]")

@@ -20,7 +20,11 @@ With torch 2.13.0 and torch-mlir 20261001 the static moec models lower to all of
 
 ``emit_compilation(comp, out_dir, dialect=..., batch=1, tokens=8, seed=0)`` is the registry
 adapter: it renders the model with the PyTorch backend in static mode, imports it, and
-writes ``<model>.mlir``.
+writes ``<model>.mlir``. The exported function takes ``(x [B, T, d], modality [B, T])`` and, for
+a model that routes by task, ``task [B, T]`` as well (the generated ``forward(x, modality=None,
+task=None)``). Deterministic (modality / task) routing checks its ids on the host in PyTorch; an
+exported graph cannot raise, so the export leaves that check out: ids outside ``[0, E)`` are the
+caller's to avoid, as with ``route_deterministic(..., validate=False)``.
 
 torch-mlir is optional: ``pip install torch-mlir==20261001`` (or ``pip install
 'moec[mlir]'``); without it ``emit`` raises ``MlirUnavailableError`` saying so.
@@ -228,17 +232,21 @@ def emit(model, example_inputs: tuple, out_path: str, dialect: str = "linalg-on-
     return text
 
 
-def example_inputs_for(model, batch: int = 1, tokens: int = 8, seed: int = 0) -> tuple:
+def example_inputs_for(model, batch: int = 1, tokens: int = 8, seed: int = 0, tasks: int | None = None) -> tuple:
     """``(x [batch, tokens, d_model], modality [batch, tokens])`` for a generated ``Model``:
     random ``x``, modalities cycling through ``Model.modalities`` (values do not change a
-    static graph, only shapes do)."""
+    static graph, only shapes do). With ``tasks`` (a model that routes by task: how many task
+    ids it takes, ``moec.driver.task_count``) a third tensor ``task [batch, tokens]`` cycling
+    through ``0 .. tasks - 1``."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, tokens, model.d_model, generator=gen)
     n = max(len(getattr(model, "modalities", ())), 1)
     modality = (torch.arange(batch * tokens) % n).reshape(batch, tokens)
-    return x, modality
+    if tasks is None:
+        return x, modality
+    return x, modality, (torch.arange(batch * tokens) % max(tasks, 1)).reshape(batch, tokens)
 
 
 def emit_compilation(comp, out_dir: str, dialect: str = "linalg-on-tensors", batch: int = 1, tokens: int = 8,
@@ -246,18 +254,23 @@ def emit_compilation(comp, out_dir: str, dialect: str = "linalg-on-tensors", bat
     """Registry adapter: static PyTorch code for ``comp`` -> ``Model(seed)`` -> ``<model>.mlir``.
 
     Needs the PyTorch backend's static mode (``emit(comp, dir, static=True)``).  Returns the
-    relative paths written into ``out_dir``.
+    relative paths written into ``out_dir``.  A model that routes by task is exported with a
+    third argument, its task ids.
     """
-    from moec.backends import write_tree
+    from moec.backends import check_output_dir, write_tree
     from moec.backends.pytorch import emit as pytorch_emit
-    from moec.backends.pytorch import py_name
+    from moec.backends.pytorch import module_name
+    from moec.driver import task_count
 
     _import_fx()  # fail early, before generating anything
-    name = py_name(comp.graph.name)
+    check_output_dir(out_dir)
+    name = module_name(comp.graph.name)
     with tempfile.TemporaryDirectory(prefix="moec-mlir-") as tmp:
         pytorch_emit(comp, tmp, static=True)
-        model = _load_generated(tmp, name).Model(seed=seed).eval()
-        text = str(lower(model, example_inputs_for(model, batch, tokens, seed), dialect))
+        module = _load_generated(tmp, name)
+        model = module.Model(seed=seed).eval()
+        inputs = example_inputs_for(model, batch, tokens, seed, tasks=task_count(comp.graph))
+        text = str(lower(model, inputs, dialect))
     return write_tree(out_dir, {f"{name}.mlir": text})
 
 

@@ -584,8 +584,10 @@ class _BlockEmitter:
             self.line(_call(lhs, "route_soft", [source, f"score={r.score!r}"]))
         elif r.kind == "deterministic":
             by = {"modality": [f"modality={source}"], "task": [f"task={source}"], "hash": [f"positions={positions}"]}[r.by]
-            self.line(_call(lhs, "route_deterministic", [f"{source}.shape[0]", str(e), f"by={r.by!r}", *by]))
-            if r.by != "hash":
+            checked = r.by != "hash" and not self.static  # the static form checks no ids: no host sync
+            self.line(_call(lhs, "route_deterministic", [f"{source}.shape[0]", str(e), f"by={r.by!r}", *by,
+                                                         *([] if checked or r.by == "hash" else ["validate=False"])]))
+            if checked:
                 self.view.sync_notes.append(f"{r.by} id range check")
         elif r.kind == "group_limited":
             router = self.routers[self.group_of_path(path)]

@@ -320,7 +320,8 @@ def route_deterministic(
 
     Modality / task ids must lie in ``[0, E)`` (so E must be at least the number of modalities
     or tasks): with ``validate=True`` an out-of-range id raises ``ValueError``, which costs one
-    host sync; ``validate=False`` skips the check (0 syncs; out-of-range ids then fail or
+    host sync (none while torch.compile or torch.export traces: the check is skipped);
+    ``validate=False`` skips the check (0 syncs; out-of-range ids then fail or
     misbehave downstream).  ``by="hash"`` never syncs.
     """
     name = "route_deterministic"
@@ -342,7 +343,8 @@ def route_deterministic(
         if isinstance(value, int) and not isinstance(value, bool):
             if not 0 <= value < E:
                 raise ValueError(f"{name}: {by} id {value} out of range [0, {E}) for {E} experts")
-        elif validate and T > 0 and bool(((ids < 0) | (ids >= E)).any()):
+        elif (validate and T > 0 and not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+              and bool(((ids < 0) | (ids >= E)).any())):
             raise ValueError(
                 f"{name}: {by} ids must lie in [0, {E}) (one expert per {by}; {E} experts), got ids in "
                 f"[{int(ids.min())}, {int(ids.max())}]"
