@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except CompileError as exc:
         return _fail(exc.diagnostics)
+    except BrokenPipeError:  # the reader of stdout went away (`moec ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except OSError as exc:  # a file the user named cannot be read or written
         print(f"moec: error: {exc.strerror or exc}: `{exc.filename}`" if exc.filename else f"moec: error: {exc}",
               file=sys.stderr)
