@@ -157,7 +157,7 @@ class Elaborator:
     # ---- expressions ----------------------------------------------------------------------
     def eval(self, e: ast.Expr, scope: Scope, symbols: bool = False):
         if isinstance(e, ast.Number) and isinstance(e.value, float) and not math.isfinite(e.value):
-            self.d.error("E0212", "number too large", e.loc)
+            self.d.error("E0212", "number too large", e.loc, "numbers must fit a 64-bit float (below about 1.8e308)")
             return BAD
         if isinstance(e, ast.Number | ast.Bool):
             return e.value
@@ -169,14 +169,15 @@ class Elaborator:
                 return value
             if symbols:
                 return Symbol(e.name)
-            self.d.error("E0201", f"`{e.name}` is not defined", e.loc, did_you_mean(e.name, scope.names("consts")))
+            self.d.error("E0201", f"`{e.name}` is not defined", e.loc, did_you_mean(e.name, scope.names("consts"))
+                         or f"define it before its use, e.g. `const {e.name} = 4`")
             return BAD
         if isinstance(e, ast.Neg):
             v = self.eval(e.operand, scope)
             if v is BAD:
                 return BAD
             if not _is_number(v):
-                self.d.error("E0205", "`-` needs a number", e.loc)
+                self.d.error("E0205", "`-` needs a number", e.loc, "negate a number or a numeric constant, e.g. `-0.5`")
                 return BAD
             return -v
         if isinstance(e, ast.BinOp):
@@ -190,7 +191,8 @@ class Elaborator:
     def _binop(self, e: ast.BinOp, scope: Scope):
         value = self._binop_value(e, scope)
         if isinstance(value, float) and not math.isfinite(value):
-            self.d.error("E0212", "arithmetic overflow: the result is not a finite number", e.loc)
+            self.d.error("E0212", "arithmetic overflow: the result is not a finite number", e.loc,
+                         "the value exceeds a 64-bit float (about 1.8e308)")
             return BAD
         return value
 
@@ -199,7 +201,7 @@ class Elaborator:
         if a is BAD or b is BAD:
             return BAD
         if not (_is_number(a) and _is_number(b)):
-            self.d.error("E0205", f"`{e.op}` needs numbers", e.loc)
+            self.d.error("E0205", f"`{e.op}` needs numbers", e.loc, "arithmetic takes numbers and numeric constants")
             return BAD
         try:
             if e.op == "+":
@@ -217,10 +219,10 @@ class Elaborator:
             if e.op == "%":
                 return a % b
         except ZeroDivisionError:
-            self.d.error("E0212", "division by zero", e.loc)
+            self.d.error("E0212", "division by zero", e.loc, "the divisor evaluates to 0")
             return BAD
         except (ArithmeticError, OverflowError):
-            self.d.error("E0212", "arithmetic overflow", e.loc)
+            self.d.error("E0212", "arithmetic overflow", e.loc, "the value exceeds a 64-bit float (about 1.8e308)")
             return BAD
         raise AssertionError(e.op)  # pragma: no cover
 
@@ -247,7 +249,8 @@ class Elaborator:
                 ok = False
                 continue
             if arg.name in values:
-                self.d.error("E0205", f"parameter `{arg.name}` given twice", arg.loc)
+                self.d.error("E0205", f"parameter `{arg.name}` given twice", arg.loc,
+                             "give each parameter once")
                 ok = False
             values[arg.name], locs[arg.name] = arg.value, arg.loc
         out: dict[str, object] = {}
@@ -272,16 +275,16 @@ class Elaborator:
             if isinstance(v, float) and v.is_integer() and not isinstance(v, bool):
                 v = int(v)
             if not isinstance(v, int) or isinstance(v, bool):
-                self.d.error("E0205", f"`{p.name}` must be an integer, got {_show(v)}", loc)
+                self.d.error("E0205", f"`{p.name}` must be an integer, got {_show(v)}", loc, _signature(kind))
                 return BAD
         elif p.type == "float":
             if not _is_number(v):
-                self.d.error("E0205", f"`{p.name}` must be a number, got {_show(v)}", loc)
+                self.d.error("E0205", f"`{p.name}` must be a number, got {_show(v)}", loc, _signature(kind))
                 return BAD
             v = float(v)
         elif p.type == "bool":
             if not isinstance(v, bool):
-                self.d.error("E0205", f"`{p.name}` must be true or false, got {_show(v)}", loc)
+                self.d.error("E0205", f"`{p.name}` must be true or false, got {_show(v)}", loc, _signature(kind))
                 return BAD
         elif p.type == "symbol":
             name = v.name if isinstance(v, Symbol) else v if isinstance(v, str) else None
@@ -301,10 +304,10 @@ class Elaborator:
         elif p.type == "list" and not isinstance(v, list):
             v = [v]
         if p.positive and _is_number(v) and v <= 0:
-            self.d.error("E0207", f"`{p.name}` must be positive, got {_show(v)}", loc)
+            self.d.error("E0207", f"`{p.name}` must be positive, got {_show(v)}", loc, _signature(kind))
             return BAD
         if p.nonnegative and _is_number(v) and v < 0:
-            self.d.error("E0206", f"`{p.name}` must not be negative, got {_show(v)}", loc)
+            self.d.error("E0206", f"`{p.name}` must not be negative, got {_show(v)}", loc, _signature(kind))
             return BAD
         return v
 
@@ -467,7 +470,8 @@ class Elaborator:
                 ok = False
                 continue
             if arg.name in out:
-                self.d.error("E0205", f"parameter `{arg.name}` given twice", arg.loc)
+                self.d.error("E0205", f"parameter `{arg.name}` given twice", arg.loc,
+                             "give each parameter once")
                 ok = False
                 continue
             out[arg.name] = self.eval(arg.value, scope, symbols=True)
@@ -675,7 +679,7 @@ class Elaborator:
         settings = self._moe_settings([s for s in top if isinstance(s, ast.Setting)], scope)
         routers_top = [s for s in top if isinstance(s, ast.RouterDecl)]
         for extra in routers_top[1:]:
-            self.d.error("E0203", "router is already given for this moe", extra.loc)
+            self.d.error("E0203", "router is already given for this moe", extra.loc, "a moe has one router (per group)")
         if routers_top:
             default_router = routers_top[0]
         groups: list[O.GroupSpec] = []
@@ -744,7 +748,7 @@ class Elaborator:
                 self.d.error("E0204", f"unknown {what} setting `{key}`", st.name.loc,
                              did_you_mean(key, table) or f"{what} settings: " + ", ".join(table))
             elif key in seen:
-                self.d.error("E0203", f"{what} setting `{key}` is already given", st.name.loc)
+                self.d.error("E0203", f"{what} setting `{key}` is already given", st.name.loc, "give each setting once")
             else:
                 seen.add(key)
                 kept.append(st)
@@ -830,7 +834,8 @@ class Elaborator:
         if n is None or spec is None:
             return None, 0
         if spec.lora_rank is not None:
-            self.d.error("E0220", "shared experts are always on: LoRA experts belong in a routed pool", decls[0].loc)
+            self.d.error("E0220", "shared experts are always on: LoRA experts belong in a routed pool", decls[0].loc,
+                         "use a dense expert for `shared`, e.g. `shared 1 x glu(d, f)`")
             return None, 0
         return spec, n
 
@@ -839,13 +844,14 @@ class Elaborator:
         if v is BAD:
             return None
         if not isinstance(v, int) or isinstance(v, bool):
-            self.d.error("E0205", f"{what} must be an integer, got {_show(v)}", expr.loc)
+            self.d.error("E0205", f"{what} must be an integer, got {_show(v)}", expr.loc, "e.g. `experts 8 x ffn`")
             return None
         if v <= 0:
-            self.d.error("E0207", f"{what} must be positive, got {v}", expr.loc)
+            self.d.error("E0207", f"{what} must be positive, got {v}", expr.loc, "e.g. `experts 8 x ffn`")
             return None
         if v > limit:
-            self.d.error("E0206", f"{what} {v} exceeds the limit of {limit}", expr.loc)
+            self.d.error("E0206", f"{what} {v} exceeds the limit of {limit}", expr.loc,
+                         f"moec builds at most {limit} per statement")
             return None
         return v
 
@@ -855,21 +861,24 @@ class Elaborator:
         for s in [s for s in routed if s.expert.name in K.ZERO_COMPUTATION]:
             routed.remove(s)
             if s.expert.args:
-                self.d.error("E0205", f"`{s.expert.name}` takes no arguments", s.expert.loc)
+                self.d.error("E0205", f"`{s.expert.name}` takes no arguments", s.expert.loc,
+                             f"write `experts N x {s.expert.name}`")
             n = self._count(s.count, scope)
             if zero_computation[s.expert.name]:
-                self.d.error("E0203", f"`{s.expert.name}` experts are already given for this pool", s.loc)
+                self.d.error("E0203", f"`{s.expert.name}` experts are already given for this pool", s.loc,
+                             "give their count in one statement")
             zero_computation[s.expert.name] = n or 0
         shared = [s for s in stmts if isinstance(s, ast.ExpertsDecl) and s.shared]
         routers = [s for s in stmts if isinstance(s, ast.RouterDecl)]
         for s in stmts:
             if isinstance(s, ast.Setting):
-                self.d.error("E0204", f"unknown group setting `{s.name.name}`", s.name.loc)
+                self.d.error("E0204", f"unknown group setting `{s.name.name}`", s.name.loc,
+                             "a group holds `experts N x <expert>`, `shared N x <expert>` and `router ...`")
         for extra in routed[1:]:
             self.d.error("E0203", "routed experts are already given for this group", extra.loc,
                          "write one `experts N x expert` statement per group")
         for extra in routers[1:]:
-            self.d.error("E0203", "router is already given for this group", extra.loc)
+            self.d.error("E0203", "router is already given for this group", extra.loc, "a group has one router")
         if not routed:
             self.d.error("E0211", "no routed experts here", loc, "add `experts N x <expert>`")
             return None
@@ -964,7 +973,7 @@ class Elaborator:
                     ok = False
                     continue
                 if term.name in values:
-                    self.d.error("E0203", f"loss `{term.name}` is already given", term.loc)
+                    self.d.error("E0203", f"loss `{term.name}` is already given", term.loc, "give each loss term once")
                     ok = False
                     continue
                 args = self.bind(term, kind, scope, "loss")
@@ -1005,7 +1014,8 @@ class Elaborator:
                          "declare the model width, e.g. `input(dim = 512)`")
             return None
         for extra in inputs[1:]:
-            self.d.error("E0203", "input is already declared", extra.loc)
+            self.d.error("E0203", "input is already declared", extra.loc,
+                         f"a model has one input, declared at line {inputs[0].loc.line}")
         args = self.bind(ast.Call(inputs[0].loc, "input", inputs[0].args, True), K.INPUT, scope, "declaration")
         if args is None:
             return None
@@ -1024,13 +1034,14 @@ class Elaborator:
                          "add e.g. `layers { repeat 4 { my_block } }`")
             return None
         for extra in layers[1:]:
-            self.d.error("E0203", "layers are already given", extra.loc)
+            self.d.error("E0203", "layers are already given", extra.loc,
+                         f"a model has one layer stack, given at line {layers[0].loc.line}")
         stack: list[BlockSpec] = []
         self._expand(layers[0].items, scope, stack)
         if self.d.has_errors:
             return None
         if not stack:
-            self.d.error("E0211", "the layer stack is empty", layers[0].loc)
+            self.d.error("E0211", "the layer stack is empty", layers[0].loc, "name blocks in it, e.g. `layers { repeat 4 { my_block } }`")
             return None
         self._check_recurrent_stack(stack)
         if self.d.has_errors:

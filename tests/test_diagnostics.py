@@ -668,3 +668,17 @@ def test_endless_device_is_refused(tmp_path):
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 1, proc.stderr
     assert re.search(r"error\[E000[12]\]", proc.stderr)
+
+
+@pytest.mark.parametrize("src,hint", [
+    (OK_MODEL.replace("input(dim = 8)", "input(dim = 8)\n  input(dim = 8)"), "declared at line 2"),
+    (OK_MODEL.replace("heads = 2", "heads = nl"), "const nl = 4"),
+    (OK_MODEL.replace("heads = 2", "heads = 0"), "attention(heads"),
+    (OK_MODEL.replace("heads = 2", "heads = 2, heads = 2"), "give each parameter once"),
+    (OK_MODEL.replace("heads = 2", "heads = 2 / 0"), "divisor"),
+    (OK_MODEL.replace("glu(8, 16)", "moe { experts 0 x glu(8, 16); router top_k(k = 1) }"), "experts 8 x"),
+])
+def test_common_mistakes_come_with_a_hint(tmp_path, src, hint):
+    d, _ = diags_of(tmp_path, src)
+    assert d.items and all(item.hint for item in d.items), d.render()
+    assert any(hint in item.hint for item in d.items), d.render()
