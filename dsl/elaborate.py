@@ -144,7 +144,8 @@ class Elaborator:
         seen: set[str] = set()
         for p in params:
             if p.name in seen:
-                self.d.error("E0203", f"parameter `{p.name}` is listed twice", p.loc)
+                self.d.error("E0203", f"parameter `{p.name}` is listed twice", p.loc,
+                             "give each parameter of the definition its own name")
             seen.add(p.name)
 
     def _check_dup(self, scope: Scope, name: ast.Name, table: str, what: str) -> None:
@@ -333,7 +334,8 @@ class Elaborator:
         spec = O.ScheduleSpec(kind=v.name, **args)
         if p.positive and min(spec.values()) <= 0:
             self.d.error("E0207", f"`{p.name}` must stay positive; the schedule goes from {spec.start} to "
-                                  f"{spec.end}", loc)
+                                  f"{spec.end}", loc,
+                         "give start and end values above 0")
             return BAD
         return spec
 
@@ -384,7 +386,8 @@ class Elaborator:
             return None
         if isinstance(ratio, O.LayerScheduleSpec) and ratio.shift >= 1:
             self.d.error("E0207", f"`shift` must be below 1 (a fraction of the depth), got {_show(ratio.shift)}",
-                         call.loc)
+                         call.loc,
+                         "e.g. `layer_cosine(1.0, 0.3, shift = 0.2)`")
             return None
         ids: list[int] = []
         items = next((a.value.items for a in call.args if a.name == "modalities" and isinstance(a.value, ast.ListExpr)),
@@ -411,7 +414,8 @@ class Elaborator:
             if bound is None:
                 return None
             if self._def_depth >= MAX_DEF_DEPTH:
-                self.d.error("E0104", "expert definitions nest too deeply (recursive definition?)", call.loc)
+                self.d.error("E0104", "expert definitions nest too deeply (recursive definition?)", call.loc,
+                             "an expert definition must not refer to itself")
                 return None
             self._def_depth += 1
             try:
@@ -436,7 +440,8 @@ class Elaborator:
             self.d.error("E0211", "`lora_alpha` without `lora_rank`", call.loc, "give lora_rank = r as well")
             return None
         if args["lora_rank"] is not None and args["weights"] != "full":
-            self.d.error("E0206", "LoRA experts adapt full-precision weights, not ternary ones", call.loc)
+            self.d.error("E0206", "LoRA experts adapt full-precision weights, not ternary ones", call.loc,
+                         "drop `weights = ternary` or the `lora_rank`")
             return None
         if args["lora_on"] is not None:
             args["lora_on"] = self._lora_on(call, args)
@@ -522,7 +527,8 @@ class Elaborator:
                 if v is BAD:
                     continue
                 if not isinstance(v, bool):
-                    self.d.error("E0205", f"`per_modality` must be true or false, got {_show(v)}", st.value.loc)
+                    self.d.error("E0205", f"`per_modality` must be true or false, got {_show(v)}", st.value.loc,
+                                 "write `per_modality = true`")
                 elif v and len(self.input_modalities) < 2:
                     self.d.error("E0206", "`per_modality` needs an input carrying two or more modalities",
                                  st.value.loc, "declare them: `modality text, image` and "
@@ -630,7 +636,8 @@ class Elaborator:
             return None
         if routed is not None and routed + shared > heads:
             self.d.error("E0208", f"routed_heads = {routed} exceeds the {heads - shared} routed heads "
-                                  f"(heads - shared_heads)", call.loc)
+                                  f"(heads - shared_heads)", call.loc,
+                         "routed_heads + shared_heads must not exceed heads")
             return None
         experts, top_k = a["experts"], a["top_k"]
         routing_only = [n for n in ("top_k", "renormalize", "load_balance", "z_loss")
@@ -649,7 +656,8 @@ class Elaborator:
                              f"give top_k = k, the attention experts each token takes (at most {experts})")
                 return None
             if top_k > experts:
-                self.d.error("E0208", f"top_k = {top_k} exceeds experts = {experts}", call.loc)
+                self.d.error("E0208", f"top_k = {top_k} exceeds experts = {experts}", call.loc,
+                             "each token takes at most all the attention experts")
                 return None
             return O.AttentionExpertsOp(
                 name="attention_experts", dim=self.dim, heads=heads, kv_heads=kv, head_dim=head_dim,
@@ -1129,7 +1137,7 @@ class Elaborator:
                 continue
             if key == "memory":
                 if not isinstance(v, str):
-                    self.d.error("E0205", "`memory` must be a string such as \"80GB\"", s.value.loc)
+                    self.d.error("E0205", "`memory` must be a string such as \"80GB\"", s.value.loc, 'e.g. `memory = "80GB"`')
                     continue
             elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "devices" else 0):
                 self.d.error("E0207" if isinstance(v, int) and not isinstance(v, bool) else "E0205",
@@ -1150,7 +1158,8 @@ class Elaborator:
                 if n is None:
                     continue
                 if n > MAX_LAYERS or len(body) * n + len(out) > MAX_LAYERS:
-                    self.d.error("E0206", f"the layer stack would have more than {MAX_LAYERS} layers", item.loc)
+                    self.d.error("E0206", f"the layer stack would have more than {MAX_LAYERS} layers", item.loc,
+                                 "lower a `repeat` count")
                     return False
                 out.extend(body * n)
             else:
