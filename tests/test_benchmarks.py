@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,5 +22,5 @@ def test_moe_layer_benchmark_quick_runs_and_naive_matches():
         check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = proc.stdout.split("results (ms", 1)[1].split("details:", 1)[0]
-    for name in ("mixtral", "deepseek", "moma"):
-        assert f"\n{name} " in table, table
+    for name in ("mixtral", "deepseek", "moma"):  # `~` marks a row timed while other load ran
+        assert re.search(rf"\n{name}~? ", table), table
