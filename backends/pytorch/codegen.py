@@ -584,10 +584,10 @@ class _BlockEmitter:
             self.line(_call(lhs, "route_soft", [source, f"score={r.score!r}"]))
         elif r.kind == "deterministic":
             by = {"modality": [f"modality={source}"], "task": [f"task={source}"], "hash": [f"positions={positions}"]}[r.by]
-            checked = r.by != "hash" and not self.static  # the static form checks no ids: no host sync
-            self.line(_call(lhs, "route_deterministic", [f"{source}.shape[0]", str(e), f"by={r.by!r}", *by,
-                                                         *([] if checked or r.by == "hash" else ["validate=False"])]))
-            if checked:
+            if r.by != "hash" and self.static:  # the static form checks no ids: no host sync
+                by.append("validate=False")
+            self.line(_call(lhs, "route_deterministic", [f"{source}.shape[0]", str(e), f"by={r.by!r}", *by]))
+            if r.by != "hash" and not self.static:
                 self.view.sync_notes.append(f"{r.by} id range check")
         elif r.kind == "group_limited":
             router = self.routers[self.group_of_path(path)]
@@ -936,7 +936,7 @@ class _StaticBlockEmitter(_BlockEmitter):
     def _op_depth_route(self, node, op, ins, path):
         super()._op_depth_route(node, op, ins, path)
         if op.modalities:  # every token goes through the block; MoE layers count only the kept ones
-            self.masks[None] = f"{self.names[self.g.outputs(node)[0]]}.kept"
+            self.masks[None] = f"{self.depth_route}.kept"
 
     def _op_depth_combine(self, node, op, ins, path):
         super()._op_depth_combine(node, op, ins, path)
