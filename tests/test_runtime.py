@@ -466,8 +466,8 @@ def test_route_top_k_softmax():
 @pytest.mark.parametrize("path", ["compiled", "sort", "export"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_top_k_ties_go_to_the_lower_index(monkeypatch, path, dtype):
-    """Every path of ``top_k`` (the CPU kernel, the stable sort elsewhere, comparisons under
-    torch.export) picks the k highest, highest first, ties to the lower index (-0.0 ties +0.0),
+    """Every path of ``top_k`` (the CPU kernel, the stable sort elsewhere, rounds of max-and-take
+    under torch.export) picks the k highest, highest first, ties to the lower index (-0.0 ties +0.0),
     as the Triton and HLS targets do; the values are gathered, with gradients."""
     if path == "compiled" and not kernels.available(dtype):
         pytest.skip(kernels.status())
@@ -477,6 +477,8 @@ def test_top_k_ties_go_to_the_lower_index(monkeypatch, path, dtype):
     scores = (torch.randint(-3, 4, (64, 9), generator=gen) * 0.5).to(dtype)  # many ties
     scores[0] = 0.0
     scores[1] = torch.tensor([-0.0, 0.0, 2.0, float("-inf"), 2.0, -0.0, 1.0, float("inf"), 1.0])
+    scores[2] = float("-inf")
+    scores[2, 5] = 1.0  # fewer finite entries than k
     scores.requires_grad_()
 
     class TopK(torch.nn.Module):
@@ -489,7 +491,7 @@ def test_top_k_ties_go_to_the_lower_index(monkeypatch, path, dtype):
         values, ids = rt.top_k(scores, 4)
     for row, chosen in zip(scores.tolist(), ids.tolist()):
         assert chosen == sorted(range(9), key=lambda e: (-row[e], e))[:4]
-    assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [7, 2, 4, 6]
+    assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [7, 2, 4, 6] and ids[2].tolist() == [5, 0, 1, 2]
     torch.testing.assert_close(values, scores.detach().gather(1, ids))
     if path != "export":
         (grad,) = torch.autograd.grad(values.sum(), scores)

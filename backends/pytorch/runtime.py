@@ -24,8 +24,8 @@ Public API
 
 ``top_k(scores, k)`` -> ``(values[T, k], indices[T, k])``
     The k largest entries per row, descending, ties to the lower index (every
-    moec target's rule; a compiled pass per row on the CPU, comparisons under
-    ``torch.export``).  ``descending_rank(scores)``: each entry's place in its
+    moec target's rule; a compiled pass per row on the CPU, k rounds of
+    max-and-take under ``torch.export``).  ``descending_rank(scores)``: each entry's place in its
     row's stable descending order (comparisons under ``torch.export``).
 
 ``expert_counts(expert_ids, num_experts, token_mask=None)`` -> ``LongTensor[E]``
@@ -341,17 +341,31 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     and the HLS C++ too), where ``torch.topk`` leaves the tied choice to the build and device.
     The values are gathered from ``scores`` (differentiable). On the CPU one compiled pass per row
     (``moec_cpu_fused.top_k_indices``, faster than ``torch.topk``); else a stable sort; under
-    ``torch.export`` comparisons (``descending_rank``, O(E^2) per row, no sort)."""
+    ``torch.export`` (no MLIR dialect lowers a sort) k rounds of max-and-take, O(k E) per row."""
     if torch.compiler.is_exporting():
-        E = scores.shape[1]
-        at = descending_rank(scores.detach()).unsqueeze(2) == torch.arange(k, device=scores.device)  # [T, E, k]
-        ids = (at * torch.arange(E, device=scores.device).view(1, E, 1)).sum(dim=1)
+        ids = _top_k_by_rounds(scores.detach(), k)
     elif (scores.device.type == "cpu" and not torch.compiler.is_compiling()
           and _cpu_fused.available(scores.dtype)):
         ids = _cpu_fused.top_k_indices(scores, k)
     else:
         ids = torch.sort(scores.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
     return scores.gather(1, ids), ids
+
+
+def _top_k_by_rounds(scores: Tensor, k: int) -> Tensor:
+    """The indices of ``top_k`` from k rounds: each takes the lowest index among the untaken
+    entries equal to the untaken maximum. Only reductions, comparisons and ``where``, which every
+    MLIR dialect lowers; -inf entries and ties are taken in index order."""
+    E = scores.shape[1]
+    index = torch.arange(E, device=scores.device)
+    taken = torch.zeros_like(scores, dtype=torch.bool)
+    picks = []
+    for _ in range(k):
+        best = torch.where(taken, float("-inf"), scores).amax(dim=1, keepdim=True)
+        pick = torch.where(~taken & (scores == best), index, E).amin(dim=1, keepdim=True).clamp(max=E - 1)  # NaN rows
+        taken = taken | (index == pick)
+        picks.append(pick)
+    return torch.cat(picks, dim=1) if picks else torch.zeros_like(scores[:, :0], dtype=torch.long)
 
 
 def route_top_k(
