@@ -239,7 +239,18 @@ def test_report_text(capsys):
     assert "parameters: 714,048" in out
     assert "default: 197,952 active per token, 395,264 FLOPs per token" in out
     assert "FLOPs = 2 x multiply-accumulates" in out
-    assert out.count(" decoder ") == 2
+    assert "\n    0-1  decoder          moe      356.99K          98.94K      197.63K\n" in out  # identical layers once
+    assert "\n    0-1  top_k " in out
+
+
+def test_report_text_shows_each_run_of_identical_layers_once(capsys):
+    """Consecutive layers with equal rows share one row led by their range; others keep their own."""
+    assert main(["report", example("progressive_depth.moe")]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[0] for line in out.splitlines() if " decoder " in line]
+    assert rows == ["0-1", "2", "3", "4", "5"]
+    keeps = [line.split()[0] for line in out.splitlines() if " keeps " in line]
+    assert keeps == ["0-1", "2", "3", "4", "5"]
 
 
 # ---- analyze before and after lower-moe -----------------------------------------------------------
