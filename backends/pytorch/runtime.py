@@ -1238,10 +1238,12 @@ def merge_group_routing(ids: list[Tensor], weights: list[Tensor], masks: list[Te
     merged_ids = torch.full((ids[0].shape[0], k), -1, dtype=torch.int64, device=ids[0].device)
     merged_w = torch.zeros((ids[0].shape[0], k), dtype=weights[0].dtype, device=ids[0].device)
     for i, w, mask, off in zip(ids, weights, masks, offsets):
-        pad = k - i.shape[1]
-        shifted = F.pad(torch.where(i >= 0, i.long() + off, -1), (0, pad), value=-1)
-        merged_ids = torch.where(mask.unsqueeze(1), shifted, merged_ids)
-        merged_w = torch.where(mask.unsqueeze(1), F.pad(w, (0, pad)).to(merged_w.dtype), merged_w)
+        shifted = torch.where(i >= 0, i.long() + off, -1) if off else i.long()
+        if i.shape[1] < k:
+            shifted, w = F.pad(shifted, (0, k - i.shape[1]), value=-1), F.pad(w, (0, k - i.shape[1]))
+        selects = mask.unsqueeze(1)
+        merged_ids = torch.where(selects, shifted, merged_ids)
+        merged_w = torch.where(selects, w.to(merged_w.dtype), merged_w)
     return merged_ids, merged_w
 
 
