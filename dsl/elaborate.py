@@ -1077,7 +1077,28 @@ class Elaborator:
     def _target_settings(self, t: ast.TargetDecl, scope: Scope) -> dict:
         if t.name.name == "hls":
             return self._hls_settings(t, scope)
-        return {s.name.name: self.eval(s.value, scope, symbols=True) for s in t.settings}
+        if t.name.name == "triton":
+            return self._triton_settings(t, scope)
+        for s in t.settings:
+            self.d.error("E0204", f"unknown {t.name.name} setting `{s.name.name}`", s.name.loc,
+                         f"`target {t.name.name}` takes no settings; knobs exist for `target triton` and `target hls`")
+        return {}
+
+    def _triton_settings(self, t: ast.TargetDecl, scope: Scope) -> dict:
+        """`target triton { block_m = 64; ... }`: tile sizes, each a power of two >= 16."""
+        out: dict = {}
+        for s in self._known_settings(t.settings, K.TRITON_SETTINGS, "triton"):
+            v = self.eval(s.value, scope)
+            if v is BAD:
+                continue
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 16 or v & (v - 1):
+                self.d.error("E0206", f"`{s.name.name}` must be a power of two >= 16, got {_show(v)}", s.value.loc,
+                             "e.g. 16, 32, 64 or 128")
+                continue
+            out[s.name.name] = v
+        return out
 
     def _hls_settings(self, t: ast.TargetDecl, scope: Scope) -> dict:
         """`target hls { weights = fixed(16, 6); reuse = 4; ... }`: checked knobs of the HLS backend.

@@ -225,6 +225,15 @@ PLACEMENT_SETTINGS = {"devices": "expert-parallel devices", "memory": 'expert-we
 # `target NAME { ... }` sections: per-target knobs (read by the backends that take them).
 TARGETS = ("pytorch", "mlir", "triton", "hls")
 
+# `target triton { ... }` knobs: tile sizes, each a power of two >= 16 (unset: chosen by shape,
+# and autotuned on a GPU).
+TRITON_SETTINGS = {
+    "block_m": "rows of sorted (token, slot) pairs per expert GEMM tile (each expert pads to a multiple)",
+    "block_n": "output columns per expert GEMM tile",
+    "block_k": "reduction depth per expert GEMM step",
+    "block_t": "tokens per router program",
+}
+
 # `target hls { ... }` knobs: precision per tensor kind, parallelism and project settings.
 # Precisions are calls `fixed(width, integer, round = ..., overflow = ...)`, i.e. ap_fixed<W, I, Q, O>.
 FIXED = Kind("fixed", (Param("width", "int", positive=True), Param("integer", "int"),

@@ -332,3 +332,13 @@ def test_static_depth_over_some_modalities_balances_and_exports(tmp_path):
     exported = torch.export.export(static.float().eval(), (x.float(), modality))
     targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
     assert not any(bad in t for t in targets for bad in ("nonzero", "sort", "index_add", "scatter_add")), targets
+
+
+def test_static_depth_over_some_modalities_refuses_a_capacity(tmp_path):
+    """A top_k capacity inside a depth block over some modalities depends on how many tokens the
+    block keeps: the static form says so instead of ranking every token."""
+    path = _write(tmp_path, MASKED_MOE.replace("router group_limited(k = 2, groups = 2, top_groups = 2, bias_update = 0.01)",
+                                                  "router top_k(k = 2, capacity = 1.0)"), "cap.moe")
+    with pytest.raises(moec.backends.BackendError,
+                       match="the static form does not support a top_k capacity inside a Mixture-of-Depths block"):
+        moec.load(path, static=True)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from moec.diagnostics import CompileError
+from moec.diagnostics import CompileError, Diagnostics
 from moec.driver import frontend
-from moec.dsl.elaborate import ModelSpec, Symbol
+from moec.dsl.elaborate import Elaborator, ModelSpec
+from moec.dsl.loader import load_program
 
 
 def spec_of(tmp_path, src: str, name: str = "m.moe") -> ModelSpec:
@@ -33,21 +34,22 @@ ARITH = {
 }
 
 
+def constants_of(tmp_path, src: str) -> dict:
+    """The values of a file's top-level constants, as the checker computes them."""
+    path = tmp_path / "consts.moe"
+    path.write_text(src)
+    diags = Diagnostics()
+    program = load_program(str(path), diags)
+    checker = Elaborator(diags)
+    for item in program.root.definitions:
+        checker.declare(checker.global_scope, item)
+    assert not diags.has_errors, diags.items
+    return checker.global_scope.consts
+
+
 def test_constant_arithmetic(tmp_path):
     names = [f"c{i}" for i in range(len(ARITH))]
-    consts = "\n".join(f"  const {n} = {expr}" for n, expr in zip(names, ARITH))
-    settings = "\n".join(f"    {n} = {n}" for n in names)
-    spec = spec_of(tmp_path, f"""model m {{
-{consts}
-  input(dim = 8)
-  block b {{ glu(8, 16) }}
-  layers {{ b }}
-  target triton {{
-{settings}
-  }}
-}}
-""")
-    got = spec.targets["triton"]
+    got = constants_of(tmp_path, "\n".join(f"const {n} = {expr}" for n, expr in zip(names, ARITH)))
     for n, (expr, want) in zip(names, ARITH.items()):
         assert got[n] == want and type(got[n]) is type(want), (expr, got[n], want)
 
@@ -396,13 +398,28 @@ def test_targets_and_placement(tmp_path):
   input(dim = 8)
   block b { glu(8, 16) }
   layers { b }
-  target pytorch { dtype = bf16; compile = true; capacity = 1.25 }
-  target triton { x2 = [1, ep] }
+  target pytorch { }
+  target triton { block_m = ep * 4; block_t = 16.0 }
   placement { devices = ep / 2; memory = "80GB" }
 }""")
-    assert spec.targets == {"pytorch": {"dtype": Symbol("bf16"), "compile": True, "capacity": 1.25},
-                            "triton": {"x2": [1, 8]}}
+    assert spec.targets == {"pytorch": {}, "triton": {"block_m": 32, "block_t": 16}}
     assert spec.placement == {"devices": 4, "memory": "80GB"}
+
+
+@pytest.mark.parametrize(("setting", "code", "message"), [
+    ("target triton { block_m = 24 }", "E0206", "`block_m` must be a power of two >= 16, got 24"),
+    ("target triton { block_n = 8 }", "E0206", "`block_n` must be a power of two >= 16, got 8"),
+    ("target triton { block_k = true }", "E0206", "`block_k` must be a power of two >= 16, got true"),
+    ("target triton { tile = 64 }", "E0204", "unknown triton setting `tile`"),
+    ("target triton { block_m = 16; block_m = 32 }", "E0203", "triton setting `block_m` is already given"),
+    ("target pytorch { dtype = bf16 }", "E0204", "unknown pytorch setting `dtype`"),
+    ("target mlir { dialect = tosa }", "E0204", "unknown mlir setting `dialect`"),
+])
+def test_target_settings_are_checked(tmp_path, setting, code, message):
+    with pytest.raises(CompileError) as err:
+        spec_of(tmp_path, f"model m {{ input(dim = 8); block b {{ glu(8, 16) }}; layers {{ b }}; {setting} }}")
+    (diag,) = err.value.diagnostics.items
+    assert (diag.code, diag.message) == (code, message) and diag.hint
 
 
 def test_keywords_of_other_languages_are_plain_names(tmp_path):

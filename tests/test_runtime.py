@@ -479,6 +479,7 @@ def test_top_k_ties_go_to_the_lower_index(monkeypatch, path, dtype):
     scores[1] = torch.tensor([-0.0, 0.0, 2.0, float("-inf"), 2.0, -0.0, 1.0, float("inf"), 1.0])
     scores[2] = float("-inf")
     scores[2, 5] = 1.0  # fewer finite entries than k
+    scores[3, 6] = scores[3, 2] = float("nan")  # NaN ranks first, as in a descending sort
     scores.requires_grad_()
 
     class TopK(torch.nn.Module):
@@ -490,9 +491,10 @@ def test_top_k_ties_go_to_the_lower_index(monkeypatch, path, dtype):
     else:
         values, ids = rt.top_k(scores, 4)
     for row, chosen in zip(scores.tolist(), ids.tolist()):
-        assert chosen == sorted(range(9), key=lambda e: (-row[e], e))[:4]
+        assert chosen == sorted(range(9), key=lambda e: (not math.isnan(row[e]), -row[e], e))[:4]
+    assert ids[3, :2].tolist() == [2, 6]
     assert ids[0].tolist() == [0, 1, 2, 3] and ids[1].tolist() == [7, 2, 4, 6] and ids[2].tolist() == [5, 0, 1, 2]
-    torch.testing.assert_close(values, scores.detach().gather(1, ids))
+    torch.testing.assert_close(values, scores.detach().gather(1, ids), equal_nan=True)
     if path != "export":
         (grad,) = torch.autograd.grad(values.sum(), scores)
         assert torch.equal(grad, torch.zeros_like(grad).scatter(1, ids, 1.0))

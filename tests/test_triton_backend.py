@@ -358,11 +358,15 @@ def test_generated_moma_matches_golden(kind):
 # ---------------------------------------------------------------------------- command line
 def test_bad_target_settings_are_user_errors(tmp_path, capsys):
     src = tmp_path / "bad.moe"
-    for setting, message in (("block_m = 24", "power of two"), ("tile = 64", "unknown `target triton` setting")):
+    for setting, message in (("block_m = 24", "error[E0206]: `block_m` must be a power of two >= 16, got 24"),
+                             ("tile = 64", "error[E0204]: unknown triton setting `tile`")):
         src.write_text(MOE_ONLY.replace("block_m = 16", setting))
-        assert main(["compile", str(src), "--target", "triton", "-o", str(tmp_path / "o")]) == 1
-        err = capsys.readouterr().err
-        assert err.startswith("moec: error:") and message in err
+        for command in (["check", str(src)], ["compile", str(src), "--target", "triton", "-o", str(tmp_path / "o")]):
+            assert main(command) == 1
+            err = capsys.readouterr().err
+            assert f"bad.moe:{MOE_ONLY.splitlines().index('  target triton { block_m = 16 }') + 1}:" in err
+            assert message in err and "^" in err
+    assert not (tmp_path / "o").exists()
     assert main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), "--target", "triton", "--pipeline", "unfused",
                  "-o", str(tmp_path / "o")]) == 1
     assert "fused pipeline" in capsys.readouterr().err

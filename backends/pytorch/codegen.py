@@ -907,7 +907,7 @@ class _StaticBlockEmitter(_BlockEmitter):
             where = ("a modality group (the capacity depends on the group's token count)" if group else
                      "a Mixture-of-Depths block over some modalities (the capacity depends on how many "
                      "tokens the block keeps)")
-            raise BackendError(f"the static form has no {what} inside {where}; use the dynamic form")
+            raise BackendError(f"the static form does not support {what} inside {where}; use the dynamic form")
 
     def _op_permute(self, node, op, ins, path):
         order, counts, offsets = self.g.outputs(node)

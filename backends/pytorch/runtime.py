@@ -353,16 +353,19 @@ def top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def _top_k_by_rounds(scores: Tensor, k: int) -> Tensor:
-    """The indices of ``top_k`` from k rounds: each takes the lowest index among the untaken
-    entries equal to the untaken maximum. Only reductions, comparisons and ``where``, which every
-    MLIR dialect lowers; -inf entries and ties are taken in index order."""
+    """The indices of ``top_k`` from k rounds: each takes the lowest untaken index among the
+    untaken entries equal to their maximum. NaN ranks above +inf, as in the eager paths. Only
+    reductions, comparisons and ``where``, which every MLIR dialect lowers."""
     E = scores.shape[1]
     index = torch.arange(E, device=scores.device)
-    taken = torch.zeros_like(scores, dtype=torch.bool)
+    nan = torch.isnan(scores)
+    taken = torch.zeros_like(nan)
     picks = []
     for _ in range(k):
-        best = torch.where(taken, float("-inf"), scores).amax(dim=1, keepdim=True)
-        pick = torch.where(~taken & (scores == best), index, E).amin(dim=1, keepdim=True).clamp(max=E - 1)  # NaN rows
+        untaken_nan = nan & ~taken
+        best = torch.where(taken | nan, float("-inf"), scores).amax(dim=1, keepdim=True)
+        hit = torch.where(untaken_nan.any(dim=1, keepdim=True), untaken_nan, ~taken & (scores == best))
+        pick = torch.where(hit, index, E).amin(dim=1, keepdim=True)  # [T, 1]
         taken = taken | (index == pick)
         picks.append(pick)
     return torch.cat(picks, dim=1) if picks else torch.zeros_like(scores[:, :0], dtype=torch.long)
