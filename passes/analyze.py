@@ -254,7 +254,7 @@ class Analyze(Pass):
             op = graph.op(node)
             e = entry(op.layer)
             e["block"] = op.block
-            e["moe"] = e["moe"] or op.kind in ("moe", "router_gate", "router", "attention_experts")
+            e["moe"] = e["moe"] or op.kind in ("moe", "router_gate", "router", "route", "attention_experts")
             types = graph.types(node) or ()
             token_mods = types[0].modalities if types and types[0].modalities else mods
             if op.kind == "depth_route":

@@ -27,13 +27,20 @@ class LowerMoE(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         moes = graph.find("moe")
         inp = graph.op(graph.find("input")[0])
+        expanded: dict[Value, list[Value]] = {}  # each MoE's aux loss and counts -> the values that replace them
         for node in moes:
-            self._lower(graph, node, inp.modalities, inp.input_modalities)
+            expanded.update(self._lower(graph, node, inp.modalities, inp.input_modalities))
+        # the readers (the output op reads every layer's) are rewired once, after every layer
+        for user in sorted({user for v in expanded for user, _ in graph.users(v)}):
+            graph.set_inputs(user, [w for v in graph.inputs(user) for w in expanded.get(v, [v])])
+        for node in moes:
+            graph.remove(node)
         if moes:
             InferShapes().run(graph, ctx)
         return bool(moes)
 
-    def _lower(self, g: Graph, node: int, moe_modalities: tuple[str, ...], carried: tuple[str, ...]) -> None:
+    def _lower(self, g: Graph, node: int, moe_modalities: tuple[str, ...],
+               carried: tuple[str, ...]) -> dict[Value, list[Value]]:
         moe: O.MoEOp = g.op(node)
         h, modality, task, *state = g.inputs(node)  # state: a recurrent router's, read by the gates
         y_out, aux_out, counts_out = g.outputs(node)
@@ -51,12 +58,7 @@ class LowerMoE(Pass):
                                    state[0] if state else None)
             total = y_it if total is None else mk(O.AddOp, f"iteration_{it}_sum", [total, y_it])[0]
         g.replace_uses(y_out, total)
-        for user, _ in g.users(aux_out) + g.users(counts_out):
-            new_inputs = []
-            for v in g.inputs(user):
-                new_inputs += losses if v == aux_out else list(counts.values()) if v == counts_out else [v]
-            g.set_inputs(user, new_inputs)
-        g.remove(node)
+        return {aux_out: losses, counts_out: list(counts.values())}
 
     def _iteration(self, g: Graph, moe: O.MoEOp, it: int, h: Value, modality: Value, task: Value,
                    moe_modalities: tuple[str, ...], carried: tuple[str, ...], mk, losses: list[Value],

@@ -348,3 +348,11 @@ def test_fine_grained_split_keeps_expert_flops_and_params(tmp_path, m):
     assert fine["params"] - coarse["params"] == router_growth
     assert fine["flops_per_token"]["default"] - coarse["flops_per_token"]["default"] == 2 * router_growth
     assert fine["active_params_per_token"]["default"] - coarse["active_params_per_token"]["default"] == router_growth
+
+
+def test_a_layer_routed_by_task_is_an_moe_layer(capsys):
+    """A moe whose experts a deterministic route picks (no router weights) is still an MoE layer."""
+    assert main(["report", "--json", os.path.join(EXAMPLES, "hls", "task_experts.moe")]) == 0
+    layers = json.loads(capsys.readouterr().out)["layers"]
+    assert [(layer["kind"], layer["routing"][0]["router"]) for layer in layers] == [("moe", "top_k"),
+                                                                                  ("moe", "deterministic")]
