@@ -41,6 +41,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63): {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -289,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mlir: output dialect (default linalg-on-tensors)")
     c.add_argument("--tokens", type=_positive, help="mlir: sequence length of the exported shapes (default 8)")
     c.add_argument("--batch", type=_positive, help="mlir: batch size of the exported shapes (default 1)")
-    c.add_argument("--seed", type=int, help="hls: seed of the PyTorch weights written to the project (default 0)")
+    c.add_argument("--seed", type=_seed, help="hls: seed of the PyTorch weights written to the project (default 0)")
     _pipeline_option(c)
     c.set_defaults(func=cmd_compile)
 
@@ -299,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--modality", metavar="NPY", help="integer modality ids [T] or [B, T]")
     c.add_argument("--task", metavar="NPY", help="integer task ids [T] or [B, T] (task-routed experts)")
     c.add_argument("--tokens", type=_positive, help="tokens of the random input (default: min(16, max_tokens))")
-    c.add_argument("--seed", type=int, default=0, help="seed of the PyTorch weights and the random input")
+    c.add_argument("--seed", type=_seed, default=0, help="seed of the PyTorch weights and the random input")
     c.set_defaults(func=cmd_csim)
 
     c = sub.add_parser("place", help="assign experts and redundant replicas to expert-parallel devices")
@@ -321,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokens", type=_positive, default=512, help="tokens per step (default 512)")
     c.add_argument("--seq", type=_positive, default=64, help="sequence length (default 64)")
     c.add_argument("--lr", type=_positive_float, default=3e-3, help="AdamW learning rate (default 3e-3)")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=_seed, default=0)
     c.add_argument("--profile", metavar="JSON", type=_path,
                    help="write tokens per expert per MoE layer (a routing profile)")
     c.add_argument("--plan", metavar="JSON", help="expert-parallel training with a plan from `moec place` "
@@ -332,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_import_parser(sub)
     return p
+
+
+def _out_of_memory(exc: Exception) -> int:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print("moec: error: out of memory: the model (or its inputs) does not fit in this machine's memory"
+          + (f" ({detail})" if detail else ""), file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,12 +371,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except MemoryError as exc:  # a model too large to build on this machine
-        print(f"moec: error: {exc}", file=sys.stderr)
-        return 1
+        return _out_of_memory(exc)
     except KeyboardInterrupt:
         print("moec: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # never show a traceback for a user's input; say what broke
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # torch's CPU allocator
+            return _out_of_memory(exc)
         if os.environ.get("MOEC_TRACEBACK"):
             raise
         print(f"moec: internal error: {type(exc).__name__}: {exc}\n"

@@ -306,3 +306,24 @@ def test_target_option_messages_list_only_targets_that_take_it(tmp_path, capsys,
     user_error(rc, err)
     assert f"{option} does not apply to --target {target} ({option} is for {takers})" in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["compile", MIXTRAL, "-t", "hls", "-o", "OUT"], ["csim", MIXTRAL],
+                                  ["train", MIXTRAL, "--steps", "1"]])
+@pytest.mark.parametrize("seed", ["99999999999999999999999", "-1", "x"])
+def test_seed_out_of_range_is_a_usage_error(tmp_path, capsys, argv, seed):
+    argv = [str(tmp_path / "o") if a == "OUT" else a for a in argv]
+    rc, _, err = run(capsys, [*argv, "--seed", seed])
+    user_error(rc, err)
+    assert "--seed" in err and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("exc", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: 1 TB")])
+def test_running_out_of_memory_says_so(tmp_path, capsys, monkeypatch, exc):
+    def refuse(*_args, **_kwargs):
+        raise exc
+
+    monkeypatch.setattr("moec.driver.compile_model", refuse)
+    rc, _, err = run(capsys, ["report", MIXTRAL])
+    user_error(rc, err)
+    assert "out of memory" in err
