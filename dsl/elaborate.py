@@ -851,11 +851,14 @@ class Elaborator:
         v = self.eval(expr, scope)
         if v is BAD:
             return None
+        example = {"repeat count": "e.g. `repeat 4 { my_block }`", "iterations": "e.g. `iterations = 2`"}.get(
+            what, "e.g. `experts 8 x ffn`")
         if not isinstance(v, int) or isinstance(v, bool):
-            self.d.error("E0205", f"{what} must be an integer, got {_show(v)}", expr.loc, "e.g. `experts 8 x ffn`")
+            self.d.error("E0205", f"{what} must be an integer, got {_show(v)}", expr.loc,
+                         example + (" (`//` divides to an integer)" if isinstance(v, float) else ""))
             return None
         if v <= 0:
-            self.d.error("E0207", f"{what} must be positive, got {v}", expr.loc, "e.g. `experts 8 x ffn`")
+            self.d.error("E0207", f"{what} must be positive, got {v}", expr.loc, example)
             return None
         if v > limit:
             self.d.error("E0206", f"{what} {v} exceeds the limit of {limit}", expr.loc,
@@ -1123,7 +1126,8 @@ class Elaborator:
                 return BAD
             if not 2 <= args["width"] <= K.HLS_MAX_WIDTH or not 1 <= args["integer"] <= args["width"]:
                 self.d.error("E0206", f"fixed({args['width']}, {args['integer']}) is not supported: width must be "
-                             f"2..{K.HLS_MAX_WIDTH} and integer bits 1..width", expr.loc)
+                             f"2..{K.HLS_MAX_WIDTH} and integer bits 1..width", expr.loc,
+                             "e.g. fixed(16, 6): 16 bits, 6 of them integer bits (sign included)")
                 return BAD
             return {k: (v.name if isinstance(v, Symbol) else v) for k, v in args.items()}
         v = self.eval(expr, scope)
@@ -1135,7 +1139,7 @@ class Elaborator:
                              expr.loc, 'e.g. part = "xcu250-figd2104-2L-e"')
                 return BAD
             return v
-        kind, low, high, _ = K.HLS_NUMBERS[key]
+        kind, low, high, meaning = K.HLS_NUMBERS[key]
         if kind == "int" and isinstance(v, float) and v.is_integer():
             v = int(v)
         if not _is_number(v) or (kind == "int" and not isinstance(v, int)):
@@ -1143,7 +1147,7 @@ class Elaborator:
                          expr.loc)
             return BAD
         if not low <= v <= high:
-            self.d.error("E0206", f"`{key}` must lie in [{low}, {high}], got {v}", expr.loc)
+            self.d.error("E0206", f"`{key}` must lie in [{low}, {high}], got {v}", expr.loc, f"`{key}`: {meaning}")
             return BAD
         return v
 
@@ -1163,7 +1167,7 @@ class Elaborator:
             elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "devices" else 0):
                 self.d.error("E0207" if isinstance(v, int) and not isinstance(v, bool) else "E0205",
                              f"`{key}` must be a {'positive' if key == 'devices' else 'non-negative'} integer, "
-                             f"got {_show(v)}", s.value.loc)
+                             f"got {_show(v)}", s.value.loc, f"`{key}`: {K.PLACEMENT_SETTINGS[key]}")
                 continue
             out[key] = v
         return out

@@ -45,9 +45,9 @@ def _expected(expected) -> str:
     return ", ".join(names)
 
 
-def _nesting_error(text: str, path: str, diags: Diagnostics) -> bool:
-    """Report brackets nested deeper than MAX_NESTING (outside comments and strings)."""
-    depth, line, col = 0, 1, 0
+def _brackets(text: str):
+    """(line, column, character) of each bracket outside comments and strings, in order."""
+    line, col = 1, 0
     in_comment = in_string = False
     for ch in text:
         col += 1
@@ -62,15 +62,35 @@ def _nesting_error(text: str, path: str, diags: Diagnostics) -> bool:
             continue
         elif ch == "#":
             in_comment = True
-        elif ch in "([{":
-            depth += 1
-            if depth > MAX_NESTING:
-                diags.error("E0104", f"brackets nested more than {MAX_NESTING} deep",
-                            SourceLoc(path, line, col, line, col + 1))
-                return True
-        elif ch in ")]}":
-            depth -= 1
+        elif ch in "([{)]}":
+            yield line, col, ch
+
+
+def _nesting_error(text: str, path: str, diags: Diagnostics) -> bool:
+    """Report brackets nested deeper than MAX_NESTING (outside comments and strings)."""
+    depth = 0
+    for line, col, ch in _brackets(text):
+        depth += 1 if ch in "([{" else -1
+        if depth > MAX_NESTING:
+            diags.error("E0104", f"brackets nested more than {MAX_NESTING} deep",
+                        SourceLoc(path, line, col, line, col + 1),
+                        "no statement needs this depth: close the brackets opened before, or split the "
+                        "expression into constants")
+            return True
     return False
+
+
+def _unclosed_bracket(text: str, line: int, col: int) -> tuple[int, int, str] | None:
+    """The innermost bracket still open at (line, col): (line, column, character), or None."""
+    stack = []
+    for at in _brackets(text):
+        if at[:2] >= (line, col):
+            break
+        if at[2] in "([{":
+            stack.append(at)
+        elif stack:
+            stack.pop()
+    return stack[-1] if stack else None
 
 
 def parse(text: str, path: str, diags: Diagnostics) -> ast.File | None:
@@ -115,6 +135,14 @@ def _report_syntax_error(exc: UnexpectedInput, path: str, diags: Diagnostics) ->
         hint = None
         if tok.type == "NAME" or tok.type.startswith("__ANON"):
             hint = did_you_mean(str(tok), _KEYWORDS)
+        text = diags.sources[path]
+        if hint is None and str(tok) == "*" and 0 < tok.start_pos and text[tok.start_pos - 1] == "*":
+            hint = "`**` is not an operator (operators: + - * / // %); write a power out, e.g. 2 * 2 * 2"
+        if hint is None and exc.expected & {"RBRACE", "RPAR", "RSQB"}:
+            opened = _unclosed_bracket(text, line, col)
+            if opened is not None and opened[0] < line:
+                closer = {"(": ")", "[": "]", "{": "}"}[opened[2]]
+                hint = f"is a `{closer}` missing? the `{opened[2]}` at line {opened[0]}, column {opened[1]} is still open"
         expected = _expected(exc.expected)
         end = col + max(1, len(str(tok)))
         diags.error("E0101", f"unexpected `{_clip(str(tok))}`; expected {expected}",

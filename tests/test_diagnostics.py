@@ -208,6 +208,36 @@ def test_e0103_mid_expression(tmp_path):
     at(only(d, "E0103"), path, 1, 14)
 
 
+def test_e0101_hint_names_the_bracket_left_open(tmp_path):
+    src = """model m {
+  input(dim = 8)
+  block b { moe { experts 2 x glu(8, 16); router top_k(k = 1) }
+  layers { b }
+}
+"""
+    d, path = diags_of(tmp_path, src)
+    diag = only(d, "E0101")
+    at(diag, path, 4, 10)
+    assert diag.hint == "is a `}` missing? the `{` at line 3, column 11 is still open"
+
+
+def test_e0101_power_operator_hint(tmp_path):
+    d, path = diags_of(tmp_path, "const z = 10 ** 4")
+    diag = only(d, "E0101")
+    at(diag, path, 1, 15)
+    assert "`**` is not an operator" in diag.hint
+
+
+@pytest.mark.parametrize(("count", "code", "hint"), [
+    ("2.5", "E0205", "e.g. `repeat 4 { my_block }` (`//` divides to an integer)"),
+    ("-3", "E0207", "e.g. `repeat 4 { my_block }`"),
+])
+def test_repeat_count_hint_shows_a_repeat(tmp_path, count, code, hint):
+    src = f"model m {{ input(dim = 8); block b {{ glu(8, 16) }}; layers {{ repeat {count} {{ b }} }} }}"
+    d, _ = diags_of(tmp_path, src)
+    assert only(d, code).hint == hint
+
+
 def test_e0202_undeclared_modality_in_group_with_hint(tmp_path):
     src = """model m {
   modality text, image
