@@ -146,22 +146,57 @@ def cmd_csim(args) -> int:
             print("moec: error: reading .npy files needs numpy (pip install numpy)", file=sys.stderr)
             return 1
         try:
-            arrays[name] = np.load(path, allow_pickle=False)
+            arrays[name] = _read_npy(np, path, name)
+        except _BadArray as exc:
+            print(f"moec: error: `{path}`: {exc}", file=sys.stderr)
+            return 1
         except (OSError, ValueError) as exc:
             print(f"moec: error: cannot read `{path}`: {exc}", file=sys.stderr)
             return 1
     try:
         import torch
 
-        x = torch.as_tensor(arrays["input"], dtype=torch.float32) if "input" in arrays else None
-        modality = torch.as_tensor(arrays["modality"]).long() if "modality" in arrays else None
-        task = torch.as_tensor(arrays["task"]).long() if "task" in arrays else None
+        x = torch.as_tensor(arrays["input"]) if "input" in arrays else None
+        modality = torch.as_tensor(arrays["modality"]) if "modality" in arrays else None
+        task = torch.as_tensor(arrays["task"]) if "task" in arrays else None
         result = csim(args.file, x=x, modality=modality, task=task, seed=args.seed, tokens=args.tokens)
     except (BackendError, TypeError, ValueError, RuntimeError) as exc:
         print(f"moec: error: {exc}", file=sys.stderr)
         return 1
     print(result.summary())
     return 0 if result.ok else 1
+
+
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+class _BadArray(ValueError):
+    """A readable .npy file whose values csim cannot take."""
+
+
+def _read_npy(np, path: str, name: str):
+    """The array of the .npy file `path` for csim's --input (real numbers, as float32) or
+    --modality / --task (integers, as int64); ValueError says what is wrong with it."""
+    with open(path, "rb") as fh:
+        if fh.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+            raise ValueError("not a .npy file (write one with numpy.save)")
+    array = np.load(path, allow_pickle=False)
+    if name == "input":
+        if array.dtype.kind == "c":
+            raise _BadArray(f"the input is complex ({array.dtype}); csim takes real numbers")
+        if array.dtype.kind not in "fiu":
+            raise _BadArray(f"the input must hold numbers, got {array.dtype}")
+        if array.dtype.kind == "f" and np.isfinite(array).all():
+            too_big = np.abs(array) > np.finfo(np.float32).max
+            if too_big.any():
+                raise _BadArray(f"the input reaches |{float(np.abs(array).max()):.4g}|, beyond float32's range "
+                                 f"(+-{float(np.finfo(np.float32).max):.4g}); the C simulation reads float32")
+        return array.astype(np.float32)
+    if array.dtype.kind not in "iu":
+        raise _BadArray(f"{name} ids must be integers, got {array.dtype} values")
+    if array.size and array.dtype.kind == "u" and int(array.max()) > np.iinfo(np.int64).max:
+        raise _BadArray(f"{name} ids must lie in the int64 range, got {int(array.max())}")
+    return array.astype(np.int64)
 
 
 # the compile options that only some targets take (--static: mlir always exports the static form;

@@ -352,3 +352,29 @@ def test_attributes_the_target_would_ignore_are_errors():
     builder.check_fields(plain)
     with pytest.raises(BackendError, match="rope_theta = 10000.0"):
         builder.check_fields(plain.model_copy(update={"rope_theta": 10000.0}))
+
+
+def test_csim_refuses_fractional_ids_complex_and_float32_overflowing_inputs(tmp_path, capsys):
+    """Inputs are checked before anything is built: fractional ids are not truncated, a complex input
+    is not silently made real, a float64 beyond float32's range is named as such, and a file that is
+    not a .npy file is called that."""
+    np = pytest.importorskip("numpy")
+    ids, x = tmp_path / "ids.npy", tmp_path / "x.npy"
+    np.save(ids, np.array([0.7, 1.9] * 8, dtype=np.float32))
+    for flag in ("--modality", "--task"):
+        assert main(["csim", example("moma"), flag, str(ids)]) == 1
+        assert f"{flag[2:]} ids must be integers, got float32" in capsys.readouterr().err
+    np.save(x, np.zeros((16, 64), dtype=np.complex64))
+    assert main(["csim", example("moma"), "--input", str(x)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("moec: error:") and "complex" in err and "Warning" not in err
+    np.save(x, np.full((16, 64), 1e40))
+    assert main(["csim", example("moma"), "--input", str(x)]) == 1
+    err = capsys.readouterr().err
+    assert "beyond float32's range" in err and "NaN" not in err
+    readme = os.path.join(EXAMPLES, "..", "README.md")
+    assert main(["csim", example("moma"), "--input", readme]) == 1
+    err = capsys.readouterr().err
+    assert "not a .npy file" in err and "pickled" not in err
+    with pytest.raises(BackendError, match="complex"):
+        csim(example("moma"), x=torch.zeros(4, 64, dtype=torch.complex64))

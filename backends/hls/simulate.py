@@ -143,6 +143,7 @@ def build(project: Project, files: dict[str, str]) -> Library:
     return Library(lib, directory, project, time.perf_counter() - start, False, output)
 
 
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 TIE_LSBS = 8  # router scores this many activation LSBs apart may swap under fixed-point rounding
 
 
@@ -286,7 +287,16 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
     if x is None:
         n = tokens or min(16, cfg.max_tokens)
         x = S.example_inputs(project, comp, tokens=n, seed=seed)["x"]
-    x = torch.as_tensor(x, dtype=torch.float32)
+    x = torch.as_tensor(x)
+    if x.is_complex():
+        raise BackendError(f"input is complex ({x.dtype}); the C simulation takes real numbers")
+    if x.dtype == torch.bool or not (x.is_floating_point() or x.dtype in INTEGER_DTYPES):
+        raise BackendError(f"input must hold real numbers, got {x.dtype}")
+    if x.is_floating_point() and bool(torch.isfinite(x).all()) and x.numel():
+        peak = float(x.abs().max())
+        if peak > torch.finfo(torch.float32).max:
+            raise BackendError(f"input reaches |{peak:.4g}|, beyond float32's range; the C simulation reads float32")
+    x = x.to(torch.float32)
     if x.dim() not in (2, 3) or x.shape[-1] != project.dim:
         raise BackendError(f"input must be [T, {project.dim}] or [B, T, {project.dim}], got {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
