@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from moec.backends import BackendError
-from moec.backends.hls import csim, estimate, project_for
+from moec.backends.hls import csim, estimate, format_estimate, project_for
 from moec.backends.hls.names import c_identifier
 from moec.backends.hls.render import render
 from moec.backends.hls.simulate import available, tolerance
@@ -378,3 +378,20 @@ def test_csim_refuses_fractional_ids_complex_and_float32_overflowing_inputs(tmp_
     assert "not a .npy file" in err and "pickled" not in err
     with pytest.raises(BackendError, match="complex"):
         csim(example("moma"), x=torch.zeros(4, 64, dtype=torch.complex64))
+
+
+def test_estimate_weights_group_routers_by_share_and_sizes_queues_by_route_t():
+    """moma's text and image groups each take half the tokens: their routers, like their experts,
+    count half (route_top_k skips the other group's tokens); queue entries are a 32-bit token index
+    and a route_t gate (13 bits), not an activation."""
+    project = project_for(compile_model(example("moma")))
+    e = estimate(project)
+    routers = [r for r in e["steps"] if r["kind"] == "route_top_k"]
+    gate = next(s for s in project.steps if s.kind == "route_top_k")
+    shape = next(sh for sh in project.linears if sh.cname == gate.args["gc"])
+    full = -(-shape.n_out // shape.lanes) * shape.n_in * shape.reuse + gate.args["experts"]
+    assert routers and all(r["cycles_per_token"] == full / 2 for r in routers)
+    defines = render(project, None)["firmware/defines.h"]
+    assert "typedef ap_ufixed<13, 1, AP_RND, AP_SAT> route_t;" in defines
+    assert all(r["buffer_bits"] == gate.args["experts"] * project.config.max_tokens * (32 + 13) for r in routers)
+    assert "only its group's router" in format_estimate(e)

@@ -7,11 +7,13 @@ The model, stated in every report:
   per-matrix scale, applied to one output per cycle. A multiplier costs one DSP48 (27 x 18 bits) when the operands fit, more
   otherwise. Float units for per-token statistics (exp, sqrt, division) are counted separately.
 - On-chip memory: on-chip weights at their declared width (ternary codes at 2 bits), activation
-  buffers [max_tokens][dim], attention's Q/K/V/context buffers, routing queues and the on-chip copies
+  buffers [max_tokens][dim], attention's Q/K/V/context buffers, routing queues (a 32-bit token index
+  and a route_t weight per entry) and the on-chip copies
   of one expert's streamed (m_axi) matrices; BRAM18K = ceil(bits / 18432) with no partition overhead.
 - Cycles per token: a linear layer takes ceil(n_out / lanes) * n_in * reuse cycles; norms 2 * dim,
-  adds dim, attention averages (max_tokens + 1) / 2 keys per query (causal); a token visits k experts
-  of its group (groups weighted by their share of modalities, assuming a uniform mix); streamed
+  adds dim, attention averages (max_tokens + 1) / 2 keys per query (causal); a token passes its own
+  group's router and visits k experts of that group (a group's router and experts weighted by its
+  share of modalities, assuming a uniform mix); streamed
   experts add their weight loads amortised over max_tokens tokens. Pipeline fill, control and
   interface overheads are ignored, so this is a lower bound on latency.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import math
 
-from .model import LinearShape, Project
+from .model import LinearShape, Project, route_type
 
 BRAM18K_BITS = 18 * 1024
 
@@ -43,6 +45,7 @@ def _cycles(shape: LinearShape, ternary: bool = False) -> int:
 def estimate(project: Project) -> dict:
     cfg = project.config
     wa, ww = cfg.activations.width, cfg.weights.width
+    queue_entry = 32 + route_type(project)[0]  # token index (int) and routing weight (route_t)
     n_mod = max(1, len(project.modalities))
     rows = []
     for s in project.steps:
@@ -63,11 +66,12 @@ def estimate(project: Project) -> dict:
             memory = cfg.max_tokens * (2 * q.n_out + 2 * k.n_out) * wa
         elif s.kind == "route_top_k":
             g = _linear(project, a["gc"])
-            mults, cycles, float_units = g.multipliers, _cycles(g) + a["experts"], 2
-            memory = a["experts"] * cfg.max_tokens * (32 + wa)
+            share = a["mask"].bit_count() / n_mod  # the kernel skips the tokens of other groups
+            mults, cycles, float_units = g.multipliers, share * (_cycles(g) + a["experts"]), 2
+            memory = a["experts"] * cfg.max_tokens * queue_entry
         elif s.kind == "route_fixed":
             cycles = 1
-            memory = a["experts"] * cfg.max_tokens * (32 + wa)
+            memory = a["experts"] * cfg.max_tokens * queue_entry
         elif s.kind in ("experts", "ffn"):
             up, down = _linear(project, a["upc"]), _linear(project, a["downc"])
             mats = 3 if a["glu"] else 2
@@ -150,7 +154,8 @@ def format_estimate(e: dict) -> str:
               "",
               ("model: each kernel call site is separate hardware; a linear layer has ceil(lanes / reuse) "
               "multipliers and takes ceil(n_out / lanes) * n_in * reuse cycles; ternary reductions add and "
-              "subtract only; a token visits k experts of its group (uniform modality mix); streamed expert "
+              "subtract only; a token passes only its group's router and visits k experts of that group (uniform "
+              "modality mix); routing queues hold a 32-bit token index and a route_t weight; streamed expert "
               "weights are loaded once per layer and amortised over max_tokens; BRAM18K = bits / 18432 "
               "without partition overhead; pipeline fill and interfaces are ignored (a lower bound).")]
     return "\n".join(lines)

@@ -9,6 +9,7 @@ groups are summed by `add`. Buffers are reused once their last reader has run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from moec import ops as O
@@ -378,6 +379,15 @@ class _Builder:
                 if last.get(id(b)) == i and b is not self.input and b is not self.output:
                     free.setdefault(b.dim, []).append(b.name)
         return physical, dims
+
+
+def route_type(project: Project) -> tuple[int, int]:
+    """(width, integer bits) of route_t, the routing weights in the queues: unsigned, holding the
+    largest router scale."""
+    scale = max([float(s.args["scale"]) for s in project.steps if s.kind == "route_top_k"] + [1.0])
+    integer = max(1, math.floor(math.log2(scale)) + 1)
+    frac = max(project.config.activations.frac, 12)
+    return integer + frac, integer
 
 
 def build_project(graph: Graph, config: HlsConfig, source: str = "") -> Project:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 import jinja2
 import torch
 
 from .estimate import estimate, format_estimate
-from .model import Project
+from .model import Project, route_type
 from .names import c_identifier
 from .weights import as_text
 
@@ -24,14 +23,6 @@ def _env() -> jinja2.Environment:
     env.filters["cbool"] = lambda v: "true" if v else "false"
     env.filters["cident"] = c_identifier
     return env
-
-
-def route_type(project: Project) -> tuple[int, int]:
-    """(width, integer bits) of route_t: unsigned, holding the largest router scale."""
-    scale = max([float(s.args["scale"]) for s in project.steps if s.kind == "route_top_k"] + [1.0])
-    integer = max(1, math.floor(math.log2(scale)) + 1)
-    frac = max(project.config.activations.frac, 12)
-    return integer + frac, integer
 
 
 def render(project: Project, weights: dict[str, torch.Tensor] | None, sample: dict | None = None) -> dict[str, str]:
