@@ -17,7 +17,7 @@ import pytest
 import torch
 from moec.backends import BackendError
 from moec.backends.hls import csim, estimate, format_estimate, project_for
-from moec.backends.hls.names import c_identifier
+from moec.backends.hls.names import c_identifier, top_identifier
 from moec.backends.hls.render import render
 from moec.backends.hls.simulate import available, tolerance
 from moec.cli import main
@@ -140,6 +140,8 @@ def test_identifiers_are_sanitised(tmp_path):
     assert c_identifier("a.b-c") == "a_b_c"
     assert c_identifier("__x") == "m_x"
     assert c_identifier("main") == "m_main"
+    assert top_identifier("MOEC_DIM") == "m_MOEC_DIM" and top_identifier("w_x") == "m_w_x"
+    assert top_identifier("Parameters") == "m_Parameters" and top_identifier("mixtral") == "mixtral"
     path = write(tmp_path, "kw", """
 model class {
   modality new, delete
@@ -395,3 +397,38 @@ def test_estimate_weights_group_routers_by_share_and_sizes_queues_by_route_t():
     assert "typedef ap_ufixed<13, 1, AP_RND, AP_SAT> route_t;" in defines
     assert all(r["buffer_bits"] == gate.args["experts"] * project.config.max_tokens * (32 + 13) for r in routers)
     assert "only its group's router" in format_estimate(e)
+
+
+@needs_toolchain
+def test_model_names_like_generated_identifiers_or_macros_compile(tmp_path):
+    """The model name is the top function and the file stem: whatever it is (a generated queue,
+    macro, weight or kernel-configuration name, a C macro, a system header's stem, a parameter of the
+    top function), the project compiles: g++ -fsyntax-only on one unit holding every source."""
+    import subprocess
+
+    from moec.backends import write_tree
+    from moec.backends.hls.simulate import ap_types_dir, compiler
+
+    source = Path(example("mixtral")).read_text().replace("const d = 64", "const d = 16").replace("3.5 * d", "2 * d")
+    names = ["q0", "MOEC_DIM", "w_final_norm_weight", "stderr", "math"]
+    tops, jobs = set(), []
+    for nm in names:
+        path = write(tmp_path, nm, source.replace("model mixtral {", f"model {nm} {{"))
+        project = project_for(compile_model(path))
+        files = render(project, {w.cname: torch.zeros(w.size) for w in project.weights})
+        top = project.name
+        tops.add(top.lower())
+        files["all.cpp"] = "".join(f'#include "{rel}"\n' for rel in (f"firmware/{top}.cpp", "bridge.cpp", f"tb/{top}_tb.cpp"))
+        out = tmp_path / top
+        write_tree(str(out), files)
+        jobs.append((nm, subprocess.Popen([compiler(), "-std=c++14", "-fsyntax-only", "-isystem", ap_types_dir(),
+                                           "-iquote", "firmware", "all.cpp"], cwd=out, stderr=subprocess.PIPE,
+                                          text=True)))
+    for nm, job in jobs:
+        err = job.communicate()[1]
+        assert job.returncode == 0, f"model `{nm}`:\n{err[-2000:]}"
+    assert len(tops) == len(names)
+    assert {"q0", "m_moec_dim", "m_w_final_norm_weight", "m_stderr", "math"} <= tops
+    generated = render(project_for(compile_model(write(tmp_path, "linear_16x16_l16_r1", source.replace(
+        "model mixtral {", "model linear_16x16_l16_r1 {")))), None)["firmware/parameters.h"]
+    assert "moec_linear_16x16_l16_r1;" in generated  # kernel configurations live in the moec_ space

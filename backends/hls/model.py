@@ -16,7 +16,7 @@ from moec import ops as O
 from moec.backends import BackendError
 from moec.ir import Graph, Value, format_value
 
-from .names import Namer, c_identifier
+from .names import Namer, top_identifier
 from .precision import HlsConfig
 
 # Attributes each op kind's lowering here implements. Any other attribute that differs from its
@@ -84,7 +84,7 @@ class LinearShape:
 
     @property
     def cname(self) -> str:
-        return f"linear_{self.n_in}x{self.n_out}_l{self.lanes}_r{self.reuse}{'_b' if self.bias else ''}"
+        return f"moec_linear_{self.n_in}x{self.n_out}_l{self.lanes}_r{self.reuse}{'_b' if self.bias else ''}"
 
     @property
     def multipliers(self) -> int:
@@ -263,7 +263,7 @@ class _Builder:
         """Training-only term; the inference top function does not compute it."""
 
     def _queue(self, node: int, experts: int) -> str:
-        name = self.names(f"q{len(self.queues)}")
+        name = f"moec_q{len(self.queues)}"  # the project's own name space (names.py)
         self.queues.append((name, experts))
         self.queue[node] = name
         return name
@@ -397,7 +397,7 @@ def build_project(graph: Graph, config: HlsConfig, source: str = "") -> Project:
     if not any(s.kind in ("experts", "route_top_k", "route_fixed") for s in b.steps):
         raise BackendError(f"model `{graph.name}` has no MoE layer; the hls target generates MoE models")
     buffers, dims = b.assign_buffers()
-    return Project(name=c_identifier(graph.name), source=source, dim=b.input.dim,
+    return Project(name=top_identifier(graph.name), source=source, dim=b.input.dim,
                    modalities=graph.op(graph.find("input")[0]).modalities, config=config, steps=b.steps,
                    weights=b.weights, linears=list(b.linears), buffers=buffers, buffer_dims=dims, queues=b.queues,
                    input=b.input, output=b.output, uses_task=b.uses_task)

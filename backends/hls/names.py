@@ -1,4 +1,15 @@
-"""C++ identifiers for generated code: every name taken from a `.moe` file passes through here."""
+"""C++ identifiers for generated code: every name taken from a `.moe` file passes through here.
+
+Name spaces of the generated project, disjoint by construction:
+- the project's own identifiers: macros and header guards `MOEC_*`, globals and functions `moec_*`
+  (queues `moec_q<i>`, kernel configurations `moec_linear_*`, the ctypes bridge), the kernels in
+  `namespace moec`, and the fixed hls4ml-style types (act_t, ...) and file stems of RESERVED;
+- weights: `w_<parameter path>` (the path's names come from the .moe file), unique ignoring case;
+- the model's top function `<model>` (with `<model>_load_weights`, `<model>_csim`, the files
+  `firmware/<model>.*` and the guard `MOEC_TOP_<MODEL>_H_`): `top_identifier` keeps it out of the
+  other spaces (no `moec`/`w_`/`ap_` prefix in any case, no keyword, reserved name or macro name).
+The project is compiled with `-iquote firmware`, so a model named like a system header (`math`,
+`stdio`) does not shadow it."""
 
 from __future__ import annotations
 
@@ -26,17 +37,42 @@ def c_identifier(text: str, prefix: str = "m_") -> str:
     return name
 
 
+def top_identifier(text: str) -> str:
+    """The model name as the top function's identifier, outside the project's own name spaces: a
+    name starting with `moec`, `w_` or `ap_` (any case), `w` itself, a reserved name in any case
+    (file stems on case-insensitive file systems), a macro-style name (no lowercase letter: the
+    headers' macros) or a lowercase C library macro gets the prefix `m_`."""
+    name = c_identifier(text)
+    low = name.lower()
+    if (low.startswith(("moec", "w_", "ap_")) or low == "w" or low in _RESERVED_LOWER or name in C_LOWERCASE_MACROS
+            or name == name.upper()):
+        name = "m_" + name
+    return name
+
+
+_RESERVED_LOWER = frozenset(n.lower() for n in RESERVED)
+
+# The C standard library's lowercase macros (a closed set fixed by the standard); the headers'
+# other macros (EOF, NULL, AP_SAT, ...) have no lowercase letter, and such names are prefixed too.
+C_LOWERCASE_MACROS = frozenset({
+    "assert", "errno", "stderr", "stdin", "stdout", "offsetof", "setjmp", "va_arg", "va_copy", "va_end",
+    "va_start", "math_errhandling", "fpclassify", "isfinite", "isinf", "isnan", "isnormal", "signbit",
+    "isgreater", "isgreaterequal", "isless", "islessequal", "islessgreater", "isunordered",
+})
+
+
 class Namer:
-    """Hands out unique identifiers (a numeric suffix resolves clashes)."""
+    """Hands out unique identifiers (a numeric suffix resolves clashes), unique ignoring case: they
+    also name files and upper-cased header guards."""
 
     def __init__(self, taken: set[str] | None = None):
-        self.taken = set(taken or ())
+        self.taken = {t.lower() for t in taken or ()}
 
     def __call__(self, text: str, prefix: str = "m_") -> str:
         base = c_identifier(text, prefix)
         name, i = base, 1
-        while name in self.taken:
+        while name.lower() in self.taken:
             i += 1
             name = f"{base}_{i}"
-        self.taken.add(name)
+        self.taken.add(name.lower())
         return name

@@ -31,8 +31,8 @@
 #include "weights/w_final_norm_weight.h"
 #include "weights/w_final_norm_bias.h"
 
-static moec::queues<4> q0;
-static moec::queues<3> q1;
+static moec::queues<4> moec_q0;
+static moec::queues<3> moec_q1;
 
 int task_experts(const input_t x[MOEC_MAX_TOKENS * MOEC_DIM], const int modality[MOEC_MAX_TOKENS],
     const int task[MOEC_MAX_TOKENS], int n_tokens, result_t y[MOEC_MAX_TOKENS * MOEC_DIM]) {
@@ -77,7 +77,7 @@ ReadInput:
     moec::norm<32, true>(buf_in, buf0, n, 1e-05f, w_layers_0_attention_norm_weight, w_layers_0_attention_norm_bias);
 
     // attention layers.0.attention (task_experts.moe:16)
-    moec::attention<32, 2, 2, 16, true, linear_32x32_l32_r2, linear_32x32_l32_r2, linear_32x32_l32_r2>(
+    moec::attention<32, 2, 2, 16, true, moec_linear_32x32_l32_r2, moec_linear_32x32_l32_r2, moec_linear_32x32_l32_r2>(
         buf0, buf1, n, w_layers_0_attention_q_proj_weight, 0, w_layers_0_attention_k_proj_weight, 0, w_layers_0_attention_v_proj_weight, 0, w_layers_0_attention_o_proj_weight, 0);
 
     // add layers.0.attention_residual (task_experts.moe:16)
@@ -87,12 +87,12 @@ ReadInput:
     moec::norm<32, true>(buf0, buf1, n, 1e-05f, w_layers_0_moe_norm_weight, w_layers_0_moe_norm_bias);
 
     // router layers.0.moe.router (task_experts.moe:17)
-    moec::route_top_k<32, 4, 2, false, true, linear_32x4_l4_r2>(
-        buf1, modality, n, 1ULL, 1.0f, w_layers_0_moe_router_weight, q0);
+    moec::route_top_k<32, 4, 2, false, true, moec_linear_32x4_l4_r2>(
+        buf1, modality, n, 1ULL, 1.0f, w_layers_0_moe_router_weight, moec_q0);
 
     // fused_experts layers.0.moe.experts (task_experts.moe:17)
-    moec::experts<32, 64, 4, false, moec::ACT_GELU, false, true, false, linear_32x64_l64_r2_b, linear_64x32_l32_r2, weight_t>(
-        buf1, buf2, n, q0, w_layers_0_moe_experts_up_proj, 0, w_layers_0_moe_experts_down_proj, w_layers_0_moe_experts_up_bias, 0, w_layers_0_moe_experts_down_bias, 0);
+    moec::experts<32, 64, 4, false, moec::ACT_GELU, false, true, false, moec_linear_32x64_l64_r2_b, moec_linear_64x32_l32_r2, weight_t>(
+        buf1, buf2, n, moec_q0, w_layers_0_moe_experts_up_proj, 0, w_layers_0_moe_experts_down_proj, w_layers_0_moe_experts_up_bias, 0, w_layers_0_moe_experts_down_bias, 0);
 
     // add layers.0.moe_residual (task_experts.moe:17)
     moec::add<32>(buf0, buf2, buf1, n);
@@ -101,7 +101,7 @@ ReadInput:
     moec::norm<32, true>(buf1, buf2, n, 1e-05f, w_layers_1_attention_norm_weight, w_layers_1_attention_norm_bias);
 
     // attention layers.1.attention (task_experts.moe:25)
-    moec::attention<32, 2, 2, 16, true, linear_32x32_l32_r2, linear_32x32_l32_r2, linear_32x32_l32_r2>(
+    moec::attention<32, 2, 2, 16, true, moec_linear_32x32_l32_r2, moec_linear_32x32_l32_r2, moec_linear_32x32_l32_r2>(
         buf2, buf0, n, w_layers_1_attention_q_proj_weight, 0, w_layers_1_attention_k_proj_weight, 0, w_layers_1_attention_v_proj_weight, 0, w_layers_1_attention_o_proj_weight, 0);
 
     // add layers.1.attention_residual (task_experts.moe:25)
@@ -111,11 +111,11 @@ ReadInput:
     moec::norm<32, true>(buf2, buf0, n, 1e-05f, w_layers_1_moe_norm_weight, w_layers_1_moe_norm_bias);
 
     // route layers.1.moe.route (task_experts.moe:26)
-    bad += moec::route_fixed<3, moec::BY_TASK>(modality, task, n, 1ULL, q1);
+    bad += moec::route_fixed<3, moec::BY_TASK>(modality, task, n, 1ULL, moec_q1);
 
     // fused_experts layers.1.moe.experts (task_experts.moe:26)
-    moec::experts<32, 64, 3, false, moec::ACT_GELU, false, true, false, linear_32x64_l64_r2_b, linear_64x32_l32_r2, weight_t>(
-        buf0, buf1, n, q1, w_layers_1_moe_experts_up_proj, 0, w_layers_1_moe_experts_down_proj, w_layers_1_moe_experts_up_bias, 0, w_layers_1_moe_experts_down_bias, 0);
+    moec::experts<32, 64, 3, false, moec::ACT_GELU, false, true, false, moec_linear_32x64_l64_r2_b, moec_linear_64x32_l32_r2, weight_t>(
+        buf0, buf1, n, moec_q1, w_layers_1_moe_experts_up_proj, 0, w_layers_1_moe_experts_down_proj, w_layers_1_moe_experts_up_bias, 0, w_layers_1_moe_experts_down_bias, 0);
 
     // add layers.1.moe_residual (task_experts.moe:26)
     moec::add<32>(buf2, buf1, buf0, n);
@@ -188,7 +188,7 @@ int task_experts_load_weights(const char *dir) {
 
 int task_experts_csim(const input_t x[MOEC_MAX_TOKENS * MOEC_DIM], const int modality[MOEC_MAX_TOKENS],
     const int task[MOEC_MAX_TOKENS], int n_tokens, result_t y[MOEC_MAX_TOKENS * MOEC_DIM]) {
-    return task_experts(x, modality, task, n_tokens, y);
+    return ::task_experts(x, modality, task, n_tokens, y);
 }
 #endif
 // Kernel configurations of task_experts: linear layer shapes, parallel lanes and reuse factor.
@@ -200,10 +200,10 @@ int task_experts_csim(const input_t x[MOEC_MAX_TOKENS * MOEC_DIM], const int mod
 
 // Reuse factor 2: each multiplier serves 2 products (PIPELINE II=2);
 // at most 64 lanes are unrolled in any loop.
-typedef moec::linear_config<32, 32, 32, 2, false> linear_32x32_l32_r2;  // 16 multipliers
-typedef moec::linear_config<32, 4, 4, 2, false> linear_32x4_l4_r2;  // 2 multipliers
-typedef moec::linear_config<32, 64, 64, 2, true> linear_32x64_l64_r2_b;  // 32 multipliers
-typedef moec::linear_config<64, 32, 32, 2, false> linear_64x32_l32_r2;  // 16 multipliers
+typedef moec::linear_config<32, 32, 32, 2, false> moec_linear_32x32_l32_r2;  // 16 multipliers
+typedef moec::linear_config<32, 4, 4, 2, false> moec_linear_32x4_l4_r2;  // 2 multipliers
+typedef moec::linear_config<32, 64, 64, 2, true> moec_linear_32x64_l64_r2_b;  // 32 multipliers
+typedef moec::linear_config<64, 32, 32, 2, false> moec_linear_64x32_l32_r2;  // 16 multipliers
 
 // Modalities: 0 = m_default
 #endif
