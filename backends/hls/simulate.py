@@ -23,7 +23,6 @@ from moec.backends import BackendError, write_tree
 from . import sample as S
 from .model import Project
 from .precision import HlsConfig
-from .weights import state_key
 
 INSTALL_HINT = "pip install --no-deps hls4ml==1.3.0"
 HEADERS_ENV = "MOEC_AP_TYPES"
@@ -86,6 +85,10 @@ class Library:
         lib.moec_run.restype = ctypes.c_int
         lib.moec_load_weights.argtypes = [c]
         lib.moec_load_weights.restype = ctypes.c_int
+        lib.moec_routes.argtypes = [ctypes.c_int, i, i, ctypes.c_int]
+        lib.moec_routes.restype = ctypes.c_int
+        lib.moec_accum_peak.argtypes = [ctypes.c_int]
+        lib.moec_accum_peak.restype = ctypes.c_double
         self._lib = lib
         if lib.moec_load_weights(os.path.join(self.directory, "firmware", "weights").encode()) != 0:
             raise HlsToolError(f"the C simulation could not read its weights in {self.directory}")
@@ -108,6 +111,23 @@ class Library:
         if bad < 0:
             raise HlsToolError("the C simulation rejected the input")
         return y, bad
+
+    def routes(self, queue: int) -> dict[int, list[int]]:
+        """token -> the experts queue `queue` (the project's queues in order) gave it in the last run."""
+        _, experts = self.project.queues[queue]
+        capacity = experts * self.project.config.max_tokens
+        token, expert = (ctypes.c_int * capacity)(), (ctypes.c_int * capacity)()
+        n = self._lib.moec_routes(queue, token, expert, capacity)
+        if n < 0:
+            raise HlsToolError(f"the C simulation has no routing for queue {queue}")
+        chosen: dict[int, list[int]] = {}
+        for j in range(n):
+            chosen.setdefault(token[j], []).append(expert[j])
+        return chosen
+
+    def accum_peak(self, reset: bool = True) -> float:
+        """The largest |value| an accumulator was asked to take since the last reset."""
+        return float(self._lib.moec_accum_peak(int(reset)))
 
 
 def build(project: Project, files: dict[str, str]) -> Library:
@@ -150,8 +170,8 @@ TIE_LSBS = 8  # router scores this many activation LSBs apart may swap under fix
 @dataclass
 class CsimResult:
     output: torch.Tensor  # [B, T, dim] from the C simulation
-    reference: torch.Tensor  # the same from PyTorch
-    max_abs: float  # over the tokens not near a routing tie
+    reference: torch.Tensor  # the same from PyTorch, following the C++'s experts at near ties
+    max_abs: float  # over every token
     max_rel: float  # max_abs / max |reference|
     tolerance: float
     bad_routes: int
@@ -159,9 +179,11 @@ class CsimResult:
     build_seconds: float
     cached: bool
     compiler_output: str = ""
-    near_tie: torch.Tensor | None = None  # [B, T] bool: tokens a near-tie routing choice may reach
+    near_tie: torch.Tensor | None = None  # [B, T] bool: tokens whose router scores sit near a tie
     tie_margin: float = 0.0
-    near_tie_max_abs: float = 0.0  # max abs error over those tokens
+    flipped: torch.Tensor | None = None  # [B, T] bool: near-tie tokens the C++ sent to other experts
+    own_reference: torch.Tensor | None = None  # PyTorch with its own routing everywhere
+    accum_peak: float = 0.0  # the largest |value| a C++ accumulator was asked to take
 
     @property
     def ok(self) -> bool:
@@ -169,17 +191,18 @@ class CsimResult:
 
     def summary(self) -> str:
         build = "cached build" if self.cached else f"built in {self.build_seconds:.1f} s"
-        ties = 0 if self.near_tie is None else int(self.near_tie.sum())
-        scope = f", over the {self.output.shape[0] * self.output.shape[1] - ties} tokens not near a routing tie" * bool(ties)
+        b, t = self.output.shape[:2]
         lines = [*(f"warning: {w}" for w in self.warnings),
-                 f"C simulation vs PyTorch over {self.output.shape[0]} x {self.output.shape[1]} tokens ({build}):",
-                 (f"  max abs error {self.max_abs:.3e}, max rel error {self.max_rel:.3e} (abs / max |PyTorch|){scope}, "
-                 f"tolerance {self.tolerance:.3e}: {'ok' if self.ok else 'EXCEEDED'}")]
+                 f"C simulation vs PyTorch over {b} x {t} tokens ({build}):",
+                 (f"  max abs error {self.max_abs:.3e}, max rel error {self.max_rel:.3e} (abs / max |PyTorch|) over "
+                  f"all {b * t} tokens, tolerance {self.tolerance:.3e}: {'ok' if self.ok else 'EXCEEDED'}")]
+        ties = 0 if self.near_tie is None else int(self.near_tie.sum())
+        flips = 0 if self.flipped is None else int(self.flipped.sum())
         if ties:
-            lines.append(f"  {ties} tokens are reached by a router choice whose k-th and next scores lie within "
-                         f"{self.tie_margin:.2e} ({TIE_LSBS} activation LSBs), where fixed-point rounding may pick the "
-                         f"other expert: their max abs error {self.near_tie_max_abs:.3e} "
-                         f"({'within' if self.near_tie_max_abs <= self.tolerance else 'beyond'} the tolerance)")
+            lines.append(f"  {ties} {'token sits' if ties == 1 else 'tokens sit'} near a routing tie (a router's k-th and next scores within "
+                         f"{self.tie_margin:.2e}, {TIE_LSBS} activation LSBs), where fixed-point rounding may pick the "
+                         f"other expert; the PyTorch reference takes the C++'s experts there ({flips} of them "
+                         "differ from PyTorch's own choice), so they are checked too")
         if self.bad_routes:
             lines.append(f"  {self.bad_routes} tokens had routing ids outside their expert range")
         return "\n".join(lines)
@@ -193,48 +216,69 @@ def tolerance(config: HlsConfig, layers: int) -> float:
     return per_block * max(1, layers) + 4 * config.activations.lsb
 
 
-def near_ties(model, graph, example: dict, margin: float) -> torch.Tensor:
-    """[T] bool: the tokens of one sequence that a near-tie router choice can reach. A token is near
-    a tie when its router's k-th and (k+1)-th logits (softmax and sigmoid keep their order) lie
-    within `margin`; the choice then reaches the token itself, and through a later attention
-    sublayer the later tokens of the sequence (all of them if that attention is not causal)."""
+def following_routes(model, project: Project, example: dict, chosen: list[dict[int, list[int]]],
+                     margin: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch on one sequence, taking at every learned router the C++'s experts (`chosen[i]`: token
+    -> experts of the i-th `route_top_k` step) for the tokens whose k-th and (k+1)-th logits lie within
+    `margin` (softmax and sigmoid keep their order), where fixed-point rounding may pick the other
+    expert; elsewhere PyTorch routes by itself, so a C++ choice away from a near tie still shows as
+    an error. Returns (output [T, dim], near-tie tokens [T], tokens routed differently [T])."""
+    import sys
+
+    module = sys.modules[type(model).__module__]
+    original = getattr(module, "route_top_k", None)
+    steps = [s for s in project.steps if s.kind == "route_top_k"]
     T = example["x"].shape[0]
-    tied = torch.zeros(T, dtype=torch.bool)
-    routers = {graph.op(n).name: graph.op(n) for n in graph.nodes() if graph.op(n).kind == "router"}
-    groups = {graph.op(n).name.rsplit(".", 1)[0]: graph.op(n).modalities for n in graph.nodes()
-              if graph.op(n).kind == "select_tokens"}
-    first = {}  # layer -> earliest near-tie token
+    near = torch.zeros(T, dtype=torch.bool)
+    flipped = torch.zeros(T, dtype=torch.bool)
+    if original is None or not steps:
+        return S.reference(model, example), near, flipped
+    calls = iter(zip(steps, chosen))
 
-    def hook(name, op):
-        def record(_module, _inputs, logits):
-            k = op.router.k
-            if logits.shape[-1] <= k or not logits.numel():
-                return
-            top = logits.detach().topk(k + 1, dim=-1).values
-            close = (top[:, k - 1] - top[:, k]) <= margin
-            modalities = groups.get(name.rsplit(".", 1)[0])
-            rows = torch.arange(T) if modalities is None else torch.nonzero(
-                torch.isin(example["modality"], torch.tensor(modalities))).squeeze(1)
-            hit = rows[close]
-            if hit.numel():
-                tied[hit] = True
-                layer = int(name.split(".")[1])
-                first[layer] = min(first.get(layer, T), int(hit.min()))
-        return record
+    def route_top_k(logits, k, score="softmax", renormalize=False, scale=1.0, bias=None):
+        w, ids, probs = original(logits, k, score=score, renormalize=renormalize, scale=scale, bias=bias)
+        step, cpp = next(calls, (None, None))
+        E = logits.shape[1]
+        if step is None or E != step.args["experts"] or k != step.args["k"] or bias is not None:
+            raise HlsToolError("internal error: the PyTorch routers do not match the project's (this is a bug)")
+        members = torch.tensor([(step.args["mask"] >> int(m)) & 1 for m in example["modality"]], dtype=torch.bool)
+        if logits.shape[0] == T:  # every token scored, the group's kept
+            rows = torch.arange(T)
+        elif logits.shape[0] == int(members.sum()):  # the group's tokens only
+            rows = torch.nonzero(members).squeeze(1)
+        else:
+            raise HlsToolError("internal error: a router scores rows the project does not know (this is a bug)")
+        if k >= E or not logits.numel():
+            return w, ids, probs
+        z = logits.detach().to(torch.float32)
+        top = z.topk(k + 1, dim=-1).values
+        close = (top[:, k - 1] - top[:, k]) <= margin
+        ids = ids.clone()
+        changed = False
+        for r in torch.nonzero(close & members[rows]).squeeze(1).tolist():
+            t = int(rows[r])
+            near[t] = True
+            picked = cpp.get(t, [])
+            if len(picked) == k and set(picked) != set(ids[r].tolist()):
+                order = sorted(picked, key=lambda e: (-float(z[r, e]), e))
+                ids[r] = torch.tensor(order, dtype=ids.dtype)
+                flipped[t] = changed = True
+        if changed:  # route_top_k's weights, at the C++'s experts
+            w = probs.gather(-1, ids)
+            if renormalize:
+                w = w / (w.sum(dim=-1, keepdim=True) + (1e-20 if score == "sigmoid" else 0.0))
+            if scale != 1.0:
+                w = w * scale
+        return w, ids, probs
 
-    handles = [model.get_submodule(state_key(name)).register_forward_hook(hook(name, op))
-               for name, op in routers.items()]
+    module.route_top_k = route_top_k
     try:
-        S.reference(model, example)
+        out = S.reference(model, example)
     finally:
-        for h in handles:
-            h.remove()
-    attention = [(graph.op(n).layer, graph.op(n).causal) for n in graph.nodes() if graph.op(n).kind == "attention"]
-    for layer, t in first.items():
-        later = [causal for at, causal in attention if at is not None and at > layer]
-        if later:
-            tied[t if all(later) else 0:] = True
-    return tied
+        module.route_top_k = original
+    if next(calls, None) is not None:
+        raise HlsToolError("internal error: the PyTorch model skipped a router of the project (this is a bug)")
+    return out, near, flipped
 
 
 def calibrate(model, example: dict, config: HlsConfig) -> list[str]:
@@ -328,22 +372,40 @@ def run(path: str, x: torch.Tensor | None = None, modality: torch.Tensor | None 
                            f"[{int(task.min())}, {int(task.max())}]")
     library = build(project, files)
     margin = TIE_LSBS * cfg.activations.lsb
-    outs, refs, ties, bad, warnings = [], [], [], 0, []
+    route_queues = [[name for name, _ in project.queues].index(st.args["queue"]) for st in project.steps
+                    if st.kind == "route_top_k"]
+    outs, refs, owns, ties, flips, bad, warnings, peak = [], [], [], [], [], 0, [], 0.0
     for i in range(b):
         example = {"x": x[i], "modality": modality[i], "task": task[i]}
+        library.accum_peak(reset=True)
         y, n_bad = library.run(x[i], modality[i], task[i])
+        peak = max(peak, library.accum_peak(reset=True))
         outs.append(y)
         bad += n_bad
-        refs.append(S.reference(model, example) if n_bad == 0 else torch.full_like(y, float("nan")))
-        ties.append(near_ties(model, comp.graph, example, margin))
+        if n_bad == 0:
+            chosen = [library.routes(q) for q in route_queues]
+            ref, near, flipped = following_routes(model, project, example, chosen, margin)
+            own = S.reference(model, example) if bool(flipped.any()) else ref
+        else:
+            ref = own = torch.full_like(y, float("nan"))
+            near = flipped = torch.zeros(t, dtype=torch.bool)
+        refs.append(ref)
+        owns.append(own)
+        ties.append(near)
+        flips.append(flipped)
         for w in calibrate(model, example, cfg):
             if w not in warnings:
                 warnings.append(w)
-    out, ref, tied = torch.stack(outs), torch.stack(refs), torch.stack(ties)
+    acc = cfg.accumulators
+    if peak > acc.max:
+        warnings.append(f"sums in the C simulation reach |{peak:.4g}| (at least: a saturated sum stops growing) but "
+                        f"accumulators {acc} hold at most {acc.max:.4g}: sums will "
+                        f"{'saturate' if acc.overflow == 'saturate' else 'wrap around'}")
+    out, ref = torch.stack(outs), torch.stack(refs)
     err = (out - ref).abs().amax(-1) if out.numel() else torch.zeros(b, t)  # [B, T]
-    free = err[~tied]
-    max_abs = float("inf") if bad else float(free.max()) if free.numel() else 0.0
+    max_abs = float("inf") if bad else float(err.max()) if err.numel() else 0.0
     scale = float(ref.abs().max()) if not bad and ref.numel() else 1.0
     return CsimResult(out, ref, max_abs, max_abs / max(scale, 1e-30), tolerance(cfg, len(comp.spec.layers)), bad,
-                      warnings, library.build_seconds, library.cached, library.compiler_output, near_tie=tied,
-                      tie_margin=margin, near_tie_max_abs=float(err[tied].max()) if bool(tied.any()) else 0.0)
+                      warnings, library.build_seconds, library.cached, library.compiler_output,
+                      near_tie=torch.stack(ties), tie_margin=margin, flipped=torch.stack(flips),
+                      own_reference=torch.stack(owns), accum_peak=peak)

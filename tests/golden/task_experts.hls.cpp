@@ -186,6 +186,33 @@ int task_experts_load_weights(const char *dir) {
     return 0;
 }
 
+template <unsigned EXPERTS>
+static int moec_copy_routes(const moec::queues<EXPERTS> &q, int *token, int *expert, int capacity) {
+    int n = 0;
+    for (unsigned e = 0; e < EXPERTS; e++) {
+        for (int j = 0; j < q.count[e]; j++, n++) {
+            if (n >= capacity) return -1;
+            token[n] = q.token[e][j];
+            expert[n] = int(e);
+        }
+    }
+    return n;
+}
+
+int task_experts_routes(int queue, int *token, int *expert, int capacity) {
+    switch (queue) {
+    case 0: return moec_copy_routes(moec_q0, token, expert, capacity);
+    case 1: return moec_copy_routes(moec_q1, token, expert, capacity);
+    default: return -1;
+    }
+}
+
+double task_experts_accum_peak(int reset) {
+    double peak = moec::accum_peak();
+    if (reset) moec::accum_peak() = 0.0;
+    return peak;
+}
+
 int task_experts_csim(const input_t x[MOEC_MAX_TOKENS * MOEC_DIM], const int modality[MOEC_MAX_TOKENS],
     const int task[MOEC_MAX_TOKENS], int n_tokens, result_t y[MOEC_MAX_TOKENS * MOEC_DIM]) {
     return ::task_experts(x, modality, task, n_tokens, y);

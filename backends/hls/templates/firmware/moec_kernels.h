@@ -25,6 +25,24 @@
 #define MOEC_ERF std::erf
 #endif
 
+#ifndef __SYNTHESIS__
+namespace moec {
+// C simulation only: the largest |value| an accumulator (accum_t) was asked to take, before its
+// rounding and overflow; moec csim reads it to warn when accum_t saturates or wraps.
+inline double &accum_peak() {
+    static double peak = 0.0;
+    return peak;
+}
+inline void note_sum(double v) {
+    if (v < 0) v = -v;
+    if (v > accum_peak()) accum_peak() = v;
+}
+}  // namespace moec
+#define MOEC_NOTE_SUM(v) moec::note_sum(v)
+#else
+#define MOEC_NOTE_SUM(v) ((void)0)
+#endif
+
 namespace moec {
 
 // ---- activations -------------------------------------------------------------------------
@@ -66,6 +84,7 @@ Blocks:
     Init:
         for (unsigned l = 0; l < C::lanes; l++) {
 #pragma HLS UNROLL
+            MOEC_NOTE_SUM((C::bias && o0 + l < C::n_out) ? b[o0 + l].to_double() : 0.0);
             acc[l] = (C::bias && o0 + l < C::n_out) ? accum_t(b[o0 + l]) : accum_t(0);
         }
         unsigned row = o0;  // index of w[i][o0]
@@ -76,7 +95,10 @@ Blocks:
         Lanes:
             for (unsigned l = 0; l < C::lanes; l++) {
 #pragma HLS UNROLL
-                if (o0 + l < C::n_out) acc[l] += xi * w[row + l];
+                if (o0 + l < C::n_out) {
+                    MOEC_NOTE_SUM(acc[l].to_double() + xi.to_double() * w[row + l].to_double());
+                    acc[l] += xi * w[row + l];
+                }
             }
         }
     Store:
@@ -112,8 +134,13 @@ Blocks:
 #pragma HLS UNROLL
                 if (o0 + l < C::n_out) {
                     tern_t t = w[row + l];
-                    if (t == 1) acc[l] += xi;
-                    else if (t == -1) acc[l] -= xi;
+                    if (t == 1) {
+                        MOEC_NOTE_SUM(acc[l].to_double() + xi.to_double());
+                        acc[l] += xi;
+                    } else if (t == -1) {
+                        MOEC_NOTE_SUM(acc[l].to_double() - xi.to_double());
+                        acc[l] -= xi;
+                    }
                 }
             }
         }
@@ -121,6 +148,7 @@ Blocks:
         for (unsigned l = 0; l < C::lanes; l++) {
 #pragma HLS PIPELINE II=1
             if (o0 + l < C::n_out) {
+                MOEC_NOTE_SUM(acc[l].to_double() * scale.to_double());
                 accum_t scaled = acc[l] * scale;
                 out[o0 + l] = C::bias ? act_t(scaled + b[o0 + l]) : act_t(scaled);
             }
@@ -249,6 +277,7 @@ Queries:
             Dot:
                 for (unsigned d = 0; d < HEAD_DIM; d++) {
 #pragma HLS PIPELINE II=1
+                    MOEC_NOTE_SUM(dot.to_double() + q[t][h * HEAD_DIM + d].to_double() * k[s][kh * HEAD_DIM + d].to_double());
                     dot += q[t][h * HEAD_DIM + d] * k[s][kh * HEAD_DIM + d];
                 }
                 float score = dot.to_float() * scale;
