@@ -1144,7 +1144,7 @@ class Elaborator:
             v = int(v)
         if not _is_number(v) or (kind == "int" and not isinstance(v, int)):
             self.d.error("E0205", f"`{key}` must be {'an integer' if kind == 'int' else 'a number'}, got {_show(v)}",
-                         expr.loc)
+                         expr.loc, f"`{key}`: {meaning}")
             return BAD
         if not low <= v <= high:
             self.d.error("E0206", f"`{key}` must lie in [{low}, {high}], got {v}", expr.loc, f"`{key}`: {meaning}")

@@ -71,7 +71,7 @@ def load_program(path: str, diags: Diagnostics, text: str | None = None) -> Prog
         for imp in file.imports:
             target = os.path.join(os.path.dirname(file_path), imp.path)
             if not imp.path:
-                diags.error("E0301", "empty import path", imp.loc)
+                diags.error("E0301", "empty import path", imp.loc, 'name the file, e.g. `import "common.moe"`')
                 continue
             visit(target, stack + [key], imp.loc, None)
         program.files.append(file)
