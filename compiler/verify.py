@@ -49,7 +49,8 @@ def verify(graph: Graph) -> None:
         if op.kind not in ARITY:
             raise IRError(f"%{node}: unknown op kind `{op.kind}`")
         ins, outs = ARITY[op.kind]
-        n_in = len(graph.inputs(node))
+        inputs = graph.inputs(node)
+        n_in = len(inputs)
         if ins is not None and n_in not in ins:
             raise IRError(f"%{node} ({op.kind} {op.name}): {n_in} inputs, expected {' or '.join(map(str, ins))}")
         if graph.num_outputs(node) != outs:
@@ -58,7 +59,7 @@ def verify(graph: Graph) -> None:
             raise IRError(f"%{node} ({op.kind} {op.name}): input ports are not 0..{n_in - 1}")
         types = graph.types(node)
         if types is not None:
-            in_types = [graph.type_of(v) for v in graph.inputs(node)]
+            in_types = [graph.type_of(v) for v in inputs]
             if all(t is not None for t in in_types) and tuple(infer(op, in_types)) != types:
                 raise IRError(f"%{node} ({op.kind} {op.name}): stored types do not re-infer")
         if op.kind in counts:
