@@ -83,3 +83,25 @@ def test_train_with_plan_needs_torchrun(tmp_path, capsys):
     os.environ.pop("WORLD_SIZE", None)
     assert main(["train", path, "--plan", str(plan), "--steps", "2"]) == 1
     assert "torchrun" in capsys.readouterr().err
+
+
+def _balance_rank(rank, world):
+    from moec.backends.pytorch.routers import BalancedRouter
+
+    router = BalancedRouter(8, 4, rate=0.1).train()
+    ids = torch.tensor([[0, 1]] * 5) if rank == 0 else torch.tensor([[2, 3], [2, 0]])
+    router.observe(ids)
+    router.update_bias()
+    return router.score_bias.tolist()
+
+
+def test_balancing_bias_updates_from_every_rank_tokens():
+    """Data- or expert-parallel training: each rank's router counts its own tokens, and the bias
+    update must use the global counts, or the ranks' copies of the bias drift apart."""
+    from moec.backends.pytorch.routers import BalancedRouter
+
+    biases = ep.run_ranks(_balance_rank, 2, timeout=60)
+    single = BalancedRouter(8, 4, rate=0.1).train()
+    single.observe(torch.tensor([[0, 1]] * 5 + [[2, 3], [2, 0]]))
+    single.update_bias()
+    assert biases[0] == biases[1] == single.score_bias.tolist()

@@ -618,8 +618,9 @@ class BalancedRouter(nn.Linear):
 
     In training, ``observe(expert_ids)`` counts the tokens routed to each expert; the training
     loop's ``model.after_step()`` calls ``update_bias()``, which applies ``update_balance_bias``
-    with ``rate`` and clears the counts. The bias is a buffer: saved in the state dict, never
-    trained by gradients."""
+    with ``rate`` and clears the counts. Under ``torch.distributed`` (data or expert parallel) the
+    counts are summed over every rank first, so each rank applies the same update from the global
+    batch. The bias is a buffer: saved in the state dict, never trained by gradients."""
 
     def __init__(self, dim: int, num_experts: int, rate: float):
         super().__init__(dim, num_experts, bias=False)
@@ -639,6 +640,8 @@ class BalancedRouter(nn.Linear):
                 self.routed.index_add_(0, valid, torch.ones_like(valid, dtype=self.routed.dtype))
 
     def update_bias(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.routed)  # every rank's tokens: one bias on every rank
         if self.routed.sum() > 0:
             update_balance_bias(self.score_bias, self.routed, self.rate)
         self.routed.zero_()
