@@ -237,8 +237,21 @@ def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float
     except (OSError, ValueError) as exc:
         print(f"moec: error: cannot read placement plan `{plan_path}`: {exc}", file=sys.stderr)
         return 1
+    from moec.backends import BackendError
+    from moec.backends.pytorch.codegen import render
+
+    world = int(os.environ["WORLD_SIZE"])
+    try:  # the plan must fit the model: checked before any rank waits for the others
+        render(compile_model(path).graph, path, plan=plan)
+    except BackendError as exc:
+        print(f"moec: error: {exc}", file=sys.stderr)
+        return 1
+    if plan["num_devices"] != world:
+        print(f"moec: error: the plan `{plan_path}` places experts on {plan['num_devices']} devices, but "
+              f"torchrun started {world} ranks (--nproc_per_node={plan['num_devices']})", file=sys.stderr)
+        return 1
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     try:
         model = moec.load(path, seed=seed, plan=plan, rank=rank, world_size=world)
         ep_modules = [m for m in model.modules() if hasattr(m, "sync_replica_grads")]

@@ -1170,6 +1170,40 @@ def _moe_layers(graph) -> list[dict]:
     return out
 
 
+def check_plan(plan, graph) -> None:
+    """Raise PlacementError unless `plan` (a `moec place` plan, as loaded from its JSON) places
+    exactly this model's MoE layers: each layer by name, every expert at least once, the same
+    number of slots on every device."""
+    if not isinstance(plan, dict) or not isinstance(plan.get("layers"), list):
+        raise PlacementError("not a placement plan: expected a JSON object with `num_devices` and `layers` "
+                             "(write one with `moec place FILE -n DEVICES -o PLAN.json`)")
+    n = plan.get("num_devices")
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PlacementError(f"the plan's `num_devices` must be a positive integer, got {n!r}")
+    entries = {}
+    for entry in plan["layers"]:
+        if not (isinstance(entry, dict) and isinstance(entry.get("name"), str) and isinstance(entry.get("phy2log"), list)
+                and all(isinstance(e, int) and not isinstance(e, bool) for e in entry["phy2log"])):
+            raise PlacementError("every layer of the plan needs a `name` and a `phy2log` list of expert ids")
+        entries[entry["name"]] = entry["phy2log"]
+    layers = _moe_layers(graph)
+    names = [layer["name"] for layer in layers]
+    if sorted(entries) != sorted(names):
+        raise PlacementError(f"the plan places MoE layers {', '.join(sorted(entries)) or 'none'} but the model has "
+                             f"{', '.join(names) or 'none'}: it was made for another model "
+                             "(write one with `moec place FILE -n DEVICES -o PLAN.json`)")
+    for layer in layers:
+        phy2log, experts = entries[layer["name"]], sum(g["experts"] for g in layer["groups"])
+        if sorted(set(phy2log)) != list(range(experts)):
+            ids = sorted(set(phy2log))
+            placed = f"{len(ids)} experts (ids {ids[0]}..{ids[-1]})" if ids else "no experts"
+            raise PlacementError(f"the plan's layer {layer['name']} places {placed} but the layer has {experts} "
+                                 f"(ids 0..{experts - 1}): the plan was made for another model")
+        if len(phy2log) % n:
+            raise PlacementError(f"the plan's layer {layer['name']} has {len(phy2log)} expert slots, which do not "
+                                 f"divide over its {n} devices")
+
+
 def load_profile(profile) -> list[list[float]]:
     """Tokens per expert per MoE layer from a `moec train --profile` file, its dict or the lists."""
     source = "routing profile"

@@ -105,3 +105,41 @@ def test_balancing_bias_updates_from_every_rank_tokens():
     single.observe(torch.tensor([[0, 1]] * 5 + [[2, 3], [2, 0]]))
     single.update_bias()
     assert biases[0] == biases[1] == single.score_bias.tolist()
+
+
+@pytest.mark.parametrize(("plan", "message"), [
+    ([1, 2], "not a placement plan"),
+    ({}, "not a placement plan"),
+    ({"num_devices": 2, "layers": [{"name": "layers.0.moe"}]}, "needs a `name` and a `phy2log`"),
+    ({"num_devices": 0, "layers": []}, "`num_devices` must be a positive integer"),
+    ("moma", "it was made for another model"),
+    ({"num_devices": 2, "layers": [{"name": f"layers.{i}.moe", "phy2log": list(range(16))} for i in range(2)]},
+     "places 16 experts (ids 0..15) but the layer has 8 (ids 0..7)"),
+    ({"num_devices": 3, "layers": [{"name": f"layers.{i}.moe", "phy2log": list(range(8))} for i in range(2)]},
+     "has 8 expert slots, which do not divide over its 3 devices"),
+])
+def test_a_plan_that_does_not_fit_the_model_is_refused(tmp_path, capsys, plan, message):
+    import json
+
+    if plan == "moma":
+        assert main(["place", os.path.join(EXAMPLES, "moma.moe"), "-n", "2", "-o", str(tmp_path / "moma.json")]) == 0
+        plan = json.loads((tmp_path / "moma.json").read_text())
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    capsys.readouterr()
+    rc = main(["compile", os.path.join(EXAMPLES, "mixtral.moe"), "--plan", str(tmp_path / "plan.json"),
+               "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("moec: error: placement plan: ") and message in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_with_a_plan_for_other_devices_is_refused_before_starting(tmp_path, capsys, monkeypatch):
+    """Checked before the ranks wait for each other (no process group is started)."""
+    from moec.train import _run_expert_parallel
+
+    path = os.path.join(EXAMPLES, "mixtral.moe")
+    assert main(["place", path, "-n", "4", "-o", str(tmp_path / "plan4.json")]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _run_expert_parallel(path, 1, 32, 16, 1e-3, 0, str(tmp_path / "plan4.json")) == 1
+    assert "places experts on 4 devices, but torchrun started 2 ranks" in capsys.readouterr().err

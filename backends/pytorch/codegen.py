@@ -22,6 +22,7 @@ from moec import __version__
 from moec import ops as O
 from moec.backends import BackendError
 from moec.ir import Graph, Value
+from moec.passes.place_experts import PlacementError, check_plan
 
 # The runtime modules shipped next to every generated file: module -> (source file, names it exports),
 # in import order (each after the runtime modules it imports: moec.load imports them in this order)
@@ -1022,6 +1023,11 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
         raise BackendError("the expert-parallel form has no static variant")
     if plan is not None and graph.find("expert_gemm"):
         raise BackendError("the expert-parallel form needs the fused pipeline (drop --pipeline unfused)")
+    if plan is not None:
+        try:
+            check_plan(plan, graph)
+        except PlacementError as exc:
+            raise BackendError(f"placement plan: {exc}") from None
     emitter = _StaticBlockEmitter if static else _BlockEmitter
     inp = graph.op(graph.find("input")[0])
     blocks, layers = emit_blocks(
