@@ -1164,6 +1164,12 @@ class Elaborator:
                 if not isinstance(v, str):
                     self.d.error("E0205", "`memory` must be a string such as \"80GB\"", s.value.loc, 'e.g. `memory = "80GB"`')
                     continue
+                try:
+                    K.parse_bytes(v)
+                except ValueError as exc:
+                    self.d.error("E0205", str(exc).split(": expected")[0], s.value.loc, 'e.g. `memory = "80GB"` or "512MiB" '
+                                 "(KB/MB/GB/TB are powers of 1000, KiB/MiB/GiB/TiB powers of 1024)")
+                    continue
             elif not isinstance(v, int) or isinstance(v, bool) or v < (1 if key == "devices" else 0):
                 self.d.error("E0207" if isinstance(v, int) and not isinstance(v, bool) else "E0205",
                              f"`{key}` must be a {'positive' if key == 'devices' else 'non-negative'} integer, "

@@ -7,6 +7,8 @@ lowering for it), not changing the grammar.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 REQUIRED = object()
@@ -257,3 +259,30 @@ HLS_NUMBERS = {
 HLS_STRINGS = {"part": 'FPGA part for the Vitis HLS script, e.g. "xcu250-figd2104-2L-e"'}
 HLS_SETTINGS = {**HLS_PRECISIONS, **{k: v[3] for k, v in HLS_NUMBERS.items()}, **HLS_STRINGS}
 HLS_MAX_WIDTH = 64
+
+
+# Memory sizes (`placement { memory = "80GB" }`, `moec place --memory`).
+_UNITS = {"": 1, "b": 1,
+          "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12,
+          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
+          "ti": 2**40, "tib": 2**40}
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str | float) -> int:
+    """'80GB' -> 80*10**9, '512MiB' -> 512*2**20, '1.5G', '4096' (bytes). Raises ValueError on bad input."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+        unit = 1
+    else:
+        m = _SIZE.match(str(text))
+        if not m or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"invalid memory size {text!r}: expected a number with an optional unit, "
+                             "e.g. 80GB, 512MiB, 1.5G or 4096 (bytes; KB/MB/GB/TB are powers of 1000, "
+                             "KiB/MiB/GiB/TiB powers of 1024)")
+        value, unit = float(m.group(1)), _UNITS[m.group(2).lower()]
+    n = int(value * unit)
+    if not math.isfinite(value) or n <= 0:
+        raise ValueError(f"invalid memory size {text!r}: must be positive")
+    return n

@@ -65,6 +65,8 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+from moec.dsl.kinds import parse_bytes
+
 from .manager import Pass, PassContext
 
 __all__ = [
@@ -89,33 +91,6 @@ __all__ = [
 
 class PlacementError(ValueError):
     """The placement problem is invalid or has no solution (message says why and what to change)."""
-
-
-# ---- sizes --------------------------------------------------------------------------------------
-_UNITS = {"": 1, "b": 1,
-          "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12,
-          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
-          "ti": 2**40, "tib": 2**40}
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
-
-
-def parse_bytes(text: str | float) -> int:
-    """'80GB' -> 80*10**9, '512MiB' -> 512*2**20, '1.5G', '4096' (bytes). Raises ValueError on bad input."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        value = float(text)
-        unit = 1
-    else:
-        m = _SIZE.match(str(text))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"invalid memory size {text!r}: expected a number with an optional unit, "
-                             "e.g. 80GB, 512MiB, 1.5G or 4096 (bytes; KB/MB/GB/TB are powers of 1000, "
-                             "KiB/MiB/GiB/TiB powers of 1024)")
-        value, unit = float(m.group(1)), _UNITS[m.group(2).lower()]
-    n = int(value * unit)
-    if not math.isfinite(value) or n <= 0:
-        raise ValueError(f"invalid memory size {text!r}: must be positive")
-    return n
 
 
 def parse_modality_devices(text: str) -> dict[str, list[int]]:

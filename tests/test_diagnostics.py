@@ -712,3 +712,13 @@ def test_common_mistakes_come_with_a_hint(tmp_path, src, hint):
     d, _ = diags_of(tmp_path, src)
     assert d.items and all(item.hint for item in d.items), d.render()
     assert any(hint in item.hint for item in d.items), d.render()
+
+
+@pytest.mark.parametrize(("memory", "message"), [("abc", "invalid memory size 'abc'"),
+                                                 ("0GB", "invalid memory size '0GB': must be positive")])
+def test_placement_memory_is_checked(tmp_path, memory, message):
+    src = ("model m { input(dim = 8); block b { moe { experts 4 x glu(8, 16); router top_k(k = 1) } }; layers { b }; "
+           f'placement {{ memory = "{memory}" }} }}')
+    d, _ = diags_of(tmp_path, src)
+    diag = only(d, "E0205")
+    assert diag.message == message and "80GB" in diag.hint
