@@ -143,3 +143,21 @@ def test_train_with_a_plan_for_other_devices_is_refused_before_starting(tmp_path
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert _run_expert_parallel(path, 1, 32, 16, 1e-3, 0, str(tmp_path / "plan4.json")) == 1
     assert "places experts on 4 devices, but torchrun started 2 ranks" in capsys.readouterr().err
+
+
+def test_load_full_state_dict_of_the_package_loads_a_generated_rank_model(tmp_path):
+    """The generated module imports its own copy of the runtime (`moec_expert_parallel`): the
+    package's `load_full_state_dict` recognises its expert modules too."""
+    import json
+
+    path = os.path.join(EXAMPLES, "mixtral.moe")
+    assert main(["place", path, "-n", "2", "-o", str(tmp_path / "plan.json")]) == 0
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    model = moec.load(path, plan=plan, rank=1, world_size=2)
+    single = moec.load(path, seed=3)
+    ep.load_full_state_dict(model, single.state_dict())
+    experts = [(n, m) for n, m in model.named_modules() if hasattr(m, "load_from_full")]
+    assert experts
+    for name, module in experts:
+        full = single.get_submodule(name).up_proj
+        torch.testing.assert_close(module.up_proj, full[module.local_expert_ids], rtol=0, atol=0)

@@ -370,11 +370,12 @@ class ExpertParallelExperts(nn.Module):
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict, strict: bool = True):
-    """Load a single-device state dict into a model whose expert modules are ``ExpertParallelExperts``."""
+    """Load a single-device state dict into a model whose expert modules are ``ExpertParallelExperts``
+    (of this module or of the copy a generated model imports: recognised by ``load_from_full``)."""
     rest = dict(state_dict)
     ep_keys = set()
     for prefix, module in model.named_modules():
-        if isinstance(module, ExpertParallelExperts):
+        if callable(getattr(module, "load_from_full", None)):
             pre = f"{prefix}." if prefix else ""
             sub = {name: rest.pop(pre + name) for name, _ in module._params() if pre + name in rest}
             ep_keys.update(pre + name for name, _ in module._params())
