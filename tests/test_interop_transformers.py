@@ -322,3 +322,100 @@ def test_load_bare_decoder_model():
         assert (model(x).output - hf.model(inputs_embeds=x).last_hidden_state).abs().max().item() < ATOL
     back = H.to_hf(model.state_dict(), H.config_dict(hf.config), prefix="")
     assert set(back) == set(hf.model.state_dict()) - {"embed_tokens.weight"}
+
+
+# ---- checkpoints that disagree with the config, and output files ------------------------------------
+@pytest.fixture(scope="module")
+def mixtral_ckpt(tmp_path_factory):
+    """A saved tiny Mixtral (config.json + model.safetensors, per-expert linears on disk)."""
+    path = tmp_path_factory.mktemp("ckpt") / "mixtral"
+    hf_model("mixtral", seed=6).save_pretrained(path)
+    return path
+
+
+def _import(capsys, *args) -> tuple[int, str]:
+    from moec.cli import main
+
+    code = main(["import", "hf", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def _listing(path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+@pytest.mark.parametrize("layout", ["fused", "per_expert"])
+def test_from_hf_checks_shapes_against_the_generated_module(layout):
+    """A state dict whose experts are narrower than the config says: ValueError naming the
+    checkpoint tensor, its shape and the config's, whichever layout the experts are stored in."""
+    hf = hf_model("mixtral")
+    config = H.config_dict(hf.config)
+    wider = {**config, "intermediate_size": 128}
+    expected = H.meta_state_dict(H.config_to_moe(wider))
+    assert all(t.is_meta for t in expected.values())
+    assert H.from_hf(hf.state_dict(), config, expected=H.meta_state_dict(H.config_to_moe(config))).keys() == \
+        expected.keys()
+    moec_state = H.from_hf(hf.state_dict(), config)
+    sd = H.to_hf(moec_state, config, experts=layout)
+    name = ("model.layers.0.mlp.experts.gate_up_proj [8, 192, 64]" if layout == "fused" else
+            "model.layers.0.block_sparse_moe.experts.0.w1.weight [96, 64]")
+    want = "[8, 256, 64]" if layout == "fused" else "[128, 64]"
+    with pytest.raises(ValueError) as info:
+        H.from_hf(sd, wider, expected=expected)
+    tensor, shape = name.split(" ", 1)
+    assert f"tensor `{tensor}` has shape {shape}, but the config gives {want}" in str(info.value)
+
+
+def test_import_command_rejects_weights_that_disagree_with_the_config(tmp_path, capsys, mixtral_ckpt):
+    config = _config_file(tmp_path, "mixtral", intermediate_size=80)
+    out = tmp_path / "out"
+    code, err = _import(capsys, config, "-o", out / "m.moe", "--weights", mixtral_ckpt, "--state", out / "m.pt")
+    assert code == 1, err
+    assert err.startswith("moec: error: tensor `model.layers.0.block_sparse_moe.experts.0.w1.weight` has shape "
+                          "[96, 64], but the config gives [80, 64]"), err
+    assert not out.exists()
+
+
+def test_import_command_file_errors_write_nothing(tmp_path, capsys, mixtral_ckpt, monkeypatch):
+    """Unreadable weights and unwritable outputs: `moec: error:` naming the user's path (never a
+    temporary file), exit 1, and nothing written, not even the output whose path was fine."""
+    ckpt = str(mixtral_ckpt)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("x")
+    cases = [  # (arguments after the config, text the error must hold)
+        (["-o", "m.moe", "--weights", f"{ckpt}/config.json", "--state", "m.pt"],
+         f"--weights `{ckpt}/config.json` is not a safetensors file"),
+        (["-o", "m.moe", "--weights", ckpt, "--state", "adir"], "--state `adir` is a directory"),
+        (["-o", "adir", "--weights", ckpt, "--state", "m.pt"], "-o `adir` is a directory"),
+        (["-o", "m.moe", "--weights", ckpt, "--state", "afile/m.pt"], "is not a directory"),
+        (["-o", "afile/sub/m.moe"], "is not a directory"),
+        (["-o", "m.pt", "--weights", ckpt, "--state", "m.pt"], "name the same file `m.pt`"),
+    ]
+    before = _listing(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for args, message in cases:
+        code, err = _import(capsys, ckpt, *args)
+        assert code == 1 and err.startswith("moec: error: ") and message in err, (args, err)
+        assert "internal error" not in err and ".tmp" not in err, err
+        assert _listing(tmp_path) == before, args  # no output, no temporary file
+
+
+def test_import_command_writes_both_outputs_or_neither(tmp_path, capsys, mixtral_ckpt, monkeypatch):
+    """A failure while writing the state dict leaves neither file, no temporary file and no
+    directory made for them; the error names the user's path. Without failure both are written."""
+    def full_disk(obj, f, *a, **kw):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "new" / "dir"
+    args = [mixtral_ckpt, "-o", out / "m.moe", "--weights", mixtral_ckpt, "--state", out / "state" / "m.pt"]
+    with monkeypatch.context() as m:
+        m.setattr(torch, "save", full_disk)
+        code, err = _import(capsys, *args)
+    assert code == 1 and err.startswith(f"moec: error: cannot write `{out / 'state' / 'm.pt'}`: "), err
+    assert "No space left on device" in err and ".tmp" not in err, err
+    assert _listing(tmp_path) == []
+    code, err = _import(capsys, *args)
+    assert code == 0, err
+    assert _listing(tmp_path) == ["new", "new/dir", "new/dir/m.moe", "new/dir/state", "new/dir/state/m.pt"]
+    assert set(torch.load(out / "state" / "m.pt")) == set(H.meta_state_dict((out / "m.moe").read_text()))

@@ -505,27 +505,60 @@ def _prefix(keys) -> str:
     return "model." if "model.norm.weight" in keys else ""
 
 
-def from_hf(state_dict: dict, config: dict) -> dict:
+def _shape(t) -> str:
+    return f"[{', '.join(str(n) for n in t.shape)}]"
+
+
+def _check_shapes(rule: Rule, names: list[str], tensors: list, expected: dict) -> None:
+    """Each checkpoint tensor of `rule` against the shape the generated module's tensors give it
+    (converted back to transformers' layout); ValueError naming the first that differs."""
+    missing = [k for k in rule.moec if k not in expected]
+    if missing:  # the rules and the generated module disagree: a moec bug, not the checkpoint's
+        raise RuntimeError(f"the generated module has no `{missing[0]}`")
+    wanted = TRANSFORMS[rule.kind][1]([expected[k] for k in rule.moec])
+    for name, got, want in zip(names, tensors, wanted):
+        if tuple(got.shape) != tuple(want.shape):
+            moec_names = ", ".join(f"`{k}`" for k in rule.moec)
+            raise ValueError(f"tensor `{name}` has shape {_shape(got)}, but the config gives {_shape(want)} "
+                             f"(moec {moec_names})")
+
+
+def _expert_layout(state_dict, p: dict) -> str:
+    """How a transformers state dict stores routed experts: "fused" (3-D `experts.gate_up_proj` /
+    `experts.down_proj`) or "per_expert" (one linear each)."""
+    if "moe" not in p["layer_kinds"] or any(k.endswith("experts.gate_up_proj") for k in state_dict):
+        return "fused"
+    return "per_expert"
+
+
+def from_hf(state_dict: dict, config: dict, expected: dict | None = None) -> dict:
     """A transformers state dict (of `XForCausalLM` or the bare `XModel`, fused or per-expert
     experts) as the generated module's state dict. Embeddings and LM head are skipped; any other
-    key not consumed, or any missing one, raises KeyError naming it."""
+    key not consumed, or any missing one, raises KeyError naming it.
+
+    `expected` is the generated module's state dict (e.g. `meta_state_dict(...)`: only shapes are
+    read): with it every checkpoint tensor's shape is checked before conversion, and a tensor
+    whose shape differs from the one the config gives raises ValueError naming it and both shapes."""
     table, p, _ = describe(config)
     prefix = _prefix(state_dict)
-    fused = any(k.endswith("experts.gate_up_proj") for k in state_dict)
-    if "moe" not in p["layer_kinds"]:
-        fused = True
     out, used = {}, set()
-    for rule in rules(table, p, "fused" if fused else "per_expert"):
+    for rule in rules(table, p, _expert_layout(state_dict, p)):
         names = [prefix + k for k in rule.hf]
         missing = [n for n in names if n not in state_dict]
         if missing:
             raise KeyError(f"the transformers state dict has no `{missing[0]}`")
         used.update(names)
-        out.update(zip(rule.moec, TRANSFORMS[rule.kind][0]([state_dict[n] for n in names])))
+        tensors = [state_dict[n] for n in names]
+        if expected is not None:
+            _check_shapes(rule, names, tensors, expected)
+        out.update(zip(rule.moec, TRANSFORMS[rule.kind][0](tensors)))
     extra = sorted(k for k in state_dict if k not in used and not k.endswith(SKIPPED))
     if extra:
         raise KeyError(f"unexpected tensor `{extra[0]}` in the transformers state dict"
                        + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    if expected is not None and set(out) != set(expected):  # a moec bug: rules and module disagree
+        unconverted = sorted(set(expected) - set(out)) or sorted(set(out) - set(expected))
+        raise RuntimeError(f"converted state dict and generated module differ at `{unconverted[0]}`")
     return out
 
 
@@ -577,5 +610,30 @@ def load(hf_model, seed: int = 0, pipeline: str = "default"):
 
     config = config_dict(hf_model.config)
     model = moec.load(write_moe(config, os.path.join(cache_dir(), "imported")), seed=seed, pipeline=pipeline)
-    model.load_state_dict(from_hf(hf_model.state_dict(), config), strict=True)
+    model.load_state_dict(from_hf(hf_model.state_dict(), config, expected=model.state_dict()), strict=True)
     return model.train(hf_model.training)
+
+
+def meta_state_dict(text: str, source: str = "<imported>.moe") -> dict:
+    """The state dict of the module generated from `.moe` `text`, built on the meta device: every
+    tensor's name and shape, without memory or weights (what `from_hf(..., expected=)` checks a
+    checkpoint against). `source` names the text in diagnostics. Raises moec.CompileError on bad text."""
+    import torch
+    from moec.api import _import, cache_dir
+    from moec.backends import write_tree
+    from moec.backends.pytorch import module_name, render, runtime_files
+    from moec.driver import compile_model
+
+    comp = compile_model(source, text=text)
+    code = render(comp.graph, source)
+    runtimes = runtime_files()
+    digest = hashlib.sha256("".join([code, *runtimes.values()]).encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir(), digest)
+    module_file = os.path.join(out, f"{module_name(comp.graph.name)}.py")
+    if not os.path.exists(module_file):
+        write_tree(out, {os.path.basename(module_file): code, **runtimes})
+    for name in runtimes:  # the generated file imports them by these names
+        _import(name[:-3], os.path.join(out, name), replace=True)
+    module = _import(f"moec_generated_{digest}", module_file)
+    with torch.device("meta"):
+        return module.Model(seed=0).state_dict()
