@@ -92,22 +92,31 @@ def cmd_report(args) -> int:
     from moec.driver import compile_model
     from moec.report import format_report
 
+    if not args.file and not args.plan:
+        print("moec: error: give a .moe file, --plan PLAN.json, or both", file=sys.stderr)
+        return 1
+    plan = None
     if args.plan:
-        from moec.passes.place_experts import format_plan
-
         try:
             with open(args.plan) as fh:
                 plan = json.load(fh)
-            print(format_plan(plan))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError) as exc:
             print(f"moec: error: cannot read placement plan `{args.plan}`: {exc}", file=sys.stderr)
             return 1
-        if not args.file:
+    comp = compile_model(args.file, pipeline=args.pipeline) if args.file else None
+    if plan is not None:
+        from moec.passes.place_experts import PlacementError, check_plan, format_plan
+
+        try:
+            if comp is not None:
+                check_plan(plan, comp.graph)
+            text = format_plan(plan)
+        except (PlacementError, KeyError, TypeError) as exc:
+            print(f"moec: error: placement plan `{args.plan}`: {exc}", file=sys.stderr)
+            return 1
+        print(text)
+        if comp is None:
             return 0
-    if not args.file:
-        print("moec: error: give a .moe file, --plan PLAN.json, or both", file=sys.stderr)
-        return 1
-    comp = compile_model(args.file, pipeline=args.pipeline)
     if args.target == "hls":
         return _report_hls(comp, args.json)
     analysis = comp.results["analysis"]
