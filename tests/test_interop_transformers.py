@@ -390,6 +390,7 @@ def test_import_command_file_errors_write_nothing(tmp_path, capsys, mixtral_ckpt
         (["-o", "m.moe", "--weights", ckpt, "--state", "afile/m.pt"], "is not a directory"),
         (["-o", "afile/sub/m.moe"], "is not a directory"),
         (["-o", "m.pt", "--weights", ckpt, "--state", "m.pt"], "name the same file `m.pt`"),
+        (["-o", "m.moe", "--state", "m.pt"], "--state needs --weights"),
     ]
     before = _listing(tmp_path)
     monkeypatch.chdir(tmp_path)

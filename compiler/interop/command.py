@@ -124,6 +124,9 @@ def run(args) -> int:
     if args.weights and not args.state:
         print("moec: error: --weights needs --state OUT.pt (where to write the converted weights)", file=sys.stderr)
         return 1
+    if args.state and not args.weights:
+        print("moec: error: --state needs --weights CKPT... (the checkpoint to convert)", file=sys.stderr)
+        return 1
     try:
         out = _check_output(args.out, "-o")
         state_path = _check_output(args.state, "--state") if args.weights else None
