@@ -1023,15 +1023,15 @@ def render(graph: Graph, source: str, static: bool = False, plan: dict | None = 
         raise BackendError("the expert-parallel form has no static variant")
     if plan is not None and graph.find("expert_gemm"):
         raise BackendError("the expert-parallel form needs the fused pipeline (drop --pipeline unfused)")
-    if plan is not None:
-        try:
-            check_plan(plan, graph)
-        except PlacementError as exc:
-            raise BackendError(f"placement plan: {exc}") from None
     emitter = _StaticBlockEmitter if static else _BlockEmitter
     inp = graph.op(graph.find("input")[0])
     blocks, layers = emit_blocks(
         graph, lambda nodes, view: emitter(graph, nodes, view, expert_parallel=plan is not None).emit())
+    if plan is not None:  # after the blocks, which name the features the form lacks
+        try:
+            check_plan(plan, graph)
+        except PlacementError as exc:
+            raise BackendError(f"placement plan: {exc}") from None
     final = [n for n in graph.find("norm") if graph.op(n).layer is None]
     env = jinja2.Environment(loader=jinja2.FunctionLoader(_template), trim_blocks=True, lstrip_blocks=True,
                              keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
