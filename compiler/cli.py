@@ -114,14 +114,17 @@ def cmd_report(args) -> int:
         except (PlacementError, KeyError, TypeError) as exc:
             print(f"moec: error: placement plan `{args.plan}`: {exc}", file=sys.stderr)
             return 1
-        print(text)
+        if not args.json:
+            print(text)
         if comp is None:
+            if args.json:
+                print(json.dumps(plan, indent=2))
             return 0
     if args.target == "hls":
         return _report_hls(comp, args.json)
     analysis = comp.results["analysis"]
-    if args.json:
-        print(json.dumps(analysis, indent=2))
+    if args.json:  # one JSON document: the analysis, with the plan under "placement" when given
+        print(json.dumps(analysis if plan is None else {**analysis, "placement": plan}, indent=2))
     else:
         print(format_report(analysis))
     return 0

@@ -518,3 +518,18 @@ def test_profile_rows_lead_with_attention_expert_counts(tmp_path):
     graph = compile_model(str(path)).graph
     problem = problem_from_graph(graph, devices=2, profile=[[5, 6, 7], [1, 2, 3, 40, 30, 20, 10]])
     assert [layer.load for layer in problem.layers] == [[40, 30, 20, 10]]
+
+
+def test_report_json_with_a_plan_is_one_document(tmp_path, capsys):
+    """`report --json --plan`: the analysis with the plan under "placement", nothing else on stdout."""
+    from moec.cli import main
+
+    path = os.path.join(EXAMPLES, "mixtral.moe")
+    assert main(["place", path, "-n", "2", "-o", str(tmp_path / "plan.json")]) == 0
+    capsys.readouterr()
+    assert main(["report", path, "--plan", str(tmp_path / "plan.json"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["placement"] == json.loads((tmp_path / "plan.json").read_text())
+    assert report["model"] == "mixtral"
+    assert main(["report", "--plan", str(tmp_path / "plan.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == report["placement"]
