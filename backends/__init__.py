@@ -28,11 +28,16 @@ def check_output_dir(out_dir: str) -> str:
     path = os.path.abspath(out_dir)
     if os.path.lexists(path) and not os.path.isdir(path):
         raise OutputError(f"output path `{out_dir}` exists and is not a directory")
-    ancestor = os.path.dirname(path)
-    while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
-        ancestor = os.path.dirname(ancestor)
+    ancestor = nearest_existing(os.path.dirname(path))
     if not os.path.isdir(ancestor):
         raise OutputError(f"cannot write the output directory `{out_dir}`: `{ancestor}` is not a directory")
+    return path
+
+
+def nearest_existing(path: str) -> str:
+    """`path` itself or its nearest ancestor that exists (where a write would create the rest)."""
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
     return path
 
 

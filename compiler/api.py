@@ -37,28 +37,35 @@ def load(path: str, seed: int = 0, pipeline: str = "default", static: bool = Fal
     `plan` (a placement plan from `moec place`, or its path) gives the expert-parallel form: the
     returned model is rank `rank` of `world_size` in the torch.distributed `group` (default world).
     Raises moec.CompileError (with rendered diagnostics) on a bad file."""
-    from moec.backends import write_tree
-    from moec.backends.pytorch import module_name, render, runtime_files
+    from moec.backends.pytorch import render
     from moec.driver import compile_model
 
     comp = compile_model(path, pipeline=pipeline)
     if isinstance(plan, str):
         with open(plan) as fh:
             plan = json.load(fh)
-    code = render(comp.graph, path, static=static, plan=plan)
-    runtimes = runtime_files()
-    digest = hashlib.sha256("".join([code, *runtimes.values()]).encode()).hexdigest()[:16]
-    out = os.path.join(cache_dir(), digest)
-    module_file = os.path.join(out, f"{module_name(comp.graph.name)}.py")
-    if not os.path.exists(module_file):
-        write_tree(out, {os.path.basename(module_file): code, **runtimes})
-    for name in runtimes:  # the generated file imports them by these names
-        _import(name[:-3], os.path.join(out, name), replace=True)
-    module = _import(f"moec_generated_{digest}", module_file)
+    module = import_generated(comp.graph.name, render(comp.graph, path, static=static, plan=plan))
     if plan is not None:
         return module.Model(seed=seed, rank=rank, world_size=world_size, group=group)
     _check_fits_in_memory(comp.results["analysis"]["params"]["total"], path)
     return module.Model(seed=seed)
+
+
+def import_generated(model_name: str, code: str):
+    """Write generated `code` and the runtime modules it imports into the cache (a directory named
+    by their content hash, written once) and import them; returns the generated module."""
+    from moec.backends import write_tree
+    from moec.backends.pytorch import module_name, runtime_files
+
+    runtimes = runtime_files()
+    digest = hashlib.sha256("".join([code, *runtimes.values()]).encode()).hexdigest()[:16]
+    out = os.path.join(cache_dir(), digest)
+    module_file = os.path.join(out, f"{module_name(model_name)}.py")
+    if not os.path.exists(module_file):
+        write_tree(out, {os.path.basename(module_file): code, **runtimes})
+    for name in runtimes:  # the generated file imports them by these names
+        _import(name[:-3], os.path.join(out, name), replace=True)
+    return _import(f"moec_generated_{digest}", module_file)
 
 
 def _physical_memory() -> int | None:

@@ -31,24 +31,22 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(self.format_usage(), message)
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, ok, requirement: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"{requirement}: {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, lambda v: v > 0, "must be positive")
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 2**63): {value}")
-    return value
+    return _integer(text, lambda v: 0 <= v < 2**63, "must lie in [0, 2**63)")
 
 
 def _positive_float(text: str) -> float:

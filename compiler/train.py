@@ -241,8 +241,9 @@ def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float
     from moec.backends.pytorch.codegen import render
 
     world = int(os.environ["WORLD_SIZE"])
+    comp = compile_model(path)
     try:  # the plan must fit the model: checked before any rank waits for the others
-        render(compile_model(path).graph, path, plan=plan)
+        render(comp.graph, path, plan=plan)
     except BackendError as exc:
         print(f"moec: error: {exc}", file=sys.stderr)
         return 1
@@ -257,7 +258,7 @@ def _run_expert_parallel(path: str, steps: int, tokens: int, seq: int, lr: float
         ep_modules = [m for m in model.modules() if hasattr(m, "sync_replica_grads")]
         expert_params = {id(p) for m in ep_modules for p in m.parameters()}
         dense = [p for p in model.parameters() if id(p) not in expert_params]
-        data = SyntheticTask(model.d_model, len(model.modalities), seed, task_count(compile_model(path).graph))
+        data = SyntheticTask(model.d_model, len(model.modalities), seed, task_count(comp.graph))
         data.g.manual_seed(seed + 1000 * (rank + 1))  # each rank its own tokens, same teacher
         seq = max(1, min(seq, tokens))
         x, modality, task, target = data.batch(max(1, tokens // seq), seq)

@@ -13,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -223,8 +224,6 @@ def following_routes(model, project: Project, example: dict, chosen: list[dict[i
     `margin` (softmax and sigmoid keep their order), where fixed-point rounding may pick the other
     expert; elsewhere PyTorch routes by itself, so a C++ choice away from a near tie still shows as
     an error. Returns (output [T, dim], near-tie tokens [T], tokens routed differently [T])."""
-    import sys
-
     module = sys.modules[type(model).__module__]
     original = getattr(module, "route_top_k", None)
     steps = [s for s in project.steps if s.kind == "route_top_k"]

@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from moec.backends import nearest_existing
+
 
 def _read_config(path: str) -> dict:
     if os.path.isdir(path):
@@ -56,9 +58,7 @@ def _check_output(path: str, flag: str) -> str:
     full = os.path.abspath(path)
     if path.endswith(("/", os.sep)) or os.path.isdir(full):
         raise ValueError(f"{flag} `{path}` is a directory; name the file to write")
-    ancestor = os.path.dirname(full)
-    while not os.path.lexists(ancestor) and os.path.dirname(ancestor) != ancestor:
-        ancestor = os.path.dirname(ancestor)
+    ancestor = nearest_existing(os.path.dirname(full))
     if not os.path.isdir(ancestor):
         raise ValueError(f"cannot write {flag} `{path}`: `{ancestor}` is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):

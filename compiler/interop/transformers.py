@@ -619,21 +619,11 @@ def meta_state_dict(text: str, source: str = "<imported>.moe") -> dict:
     tensor's name and shape, without memory or weights (what `from_hf(..., expected=)` checks a
     checkpoint against). `source` names the text in diagnostics. Raises moec.CompileError on bad text."""
     import torch
-    from moec.api import _import, cache_dir
-    from moec.backends import write_tree
-    from moec.backends.pytorch import module_name, render, runtime_files
+    from moec.api import import_generated
+    from moec.backends.pytorch import render
     from moec.driver import compile_model
 
     comp = compile_model(source, text=text)
-    code = render(comp.graph, source)
-    runtimes = runtime_files()
-    digest = hashlib.sha256("".join([code, *runtimes.values()]).encode()).hexdigest()[:16]
-    out = os.path.join(cache_dir(), digest)
-    module_file = os.path.join(out, f"{module_name(comp.graph.name)}.py")
-    if not os.path.exists(module_file):
-        write_tree(out, {os.path.basename(module_file): code, **runtimes})
-    for name in runtimes:  # the generated file imports them by these names
-        _import(name[:-3], os.path.join(out, name), replace=True)
-    module = _import(f"moec_generated_{digest}", module_file)
+    module = import_generated(comp.graph.name, render(comp.graph, source))
     with torch.device("meta"):
         return module.Model(seed=0).state_dict()
